@@ -1,0 +1,58 @@
+"""attention_dispatch: one attention call, the fastest correct kernel on the machine.
+
+Importing this package does nothing else: no probing, no environment reads,
+no torch flags changed.  Backends are imported on first use.
+"""
+
+from ._backend import AttentionResult
+from ._backend import Backend
+from ._capabilities import Capabilities
+from ._decision import BackendVerdict
+from ._decision import Decision
+from ._dispatch import attention
+from ._dispatch import clear_cache
+from ._dispatch import explain
+from ._dispatch import explain_spec
+from ._errors import AttentionDispatchError
+from ._errors import AttentionInputError
+from ._errors import AttentionTypeError
+from ._errors import BackendRegistrationError
+from ._errors import BackendUnavailable
+from ._errors import PluginWarning
+from ._errors import UnknownBackendError
+from ._registry import get_backend
+from ._registry import list_backends
+from ._registry import register_backend
+from ._registry import unregister_backend
+from ._select import use_backend
+from ._spec import CallSpec
+from .attend import Attend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attend",
+    "AttentionDispatchError",
+    "AttentionInputError",
+    "AttentionResult",
+    "AttentionTypeError",
+    "Backend",
+    "BackendRegistrationError",
+    "BackendUnavailable",
+    "BackendVerdict",
+    "CallSpec",
+    "Capabilities",
+    "Decision",
+    "PluginWarning",
+    "UnknownBackendError",
+    "__version__",
+    "attention",
+    "clear_cache",
+    "explain",
+    "explain_spec",
+    "get_backend",
+    "list_backends",
+    "register_backend",
+    "unregister_backend",
+    "use_backend",
+]

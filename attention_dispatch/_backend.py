@@ -1,0 +1,80 @@
+"""The :class:`Backend` base class every adapter and plugin derives from."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+import torch
+
+from ._capabilities import Capabilities, capability_reasons, device_reasons
+from ._spec import CallSpec
+
+AttentionResult = tuple[torch.Tensor, Optional[torch.Tensor]]
+
+
+class Backend:
+    """An attention kernel behind the one contract.
+
+    Subclasses declare ``capabilities`` as class-level data and implement
+    :meth:`forward`.  They may refine :meth:`probe` (is the kernel usable on a
+    device at all: package installed, version, hardware) and :meth:`check`
+    (per-call limits the capabilities cannot express).  Reasons are strings
+    that state the actual and the allowed value.
+
+    ``forward`` always receives q, k, v in the ``bhsd`` view (a transposed view
+    of the caller's tensors when the caller used ``bshd``; ``k.is_contiguous()``
+    tells nothing about the caller's layout, ``spec.layout`` does) and must
+    return ``(out, lse)``: out as (B, Hq, Sq, Dv) (any strides), lse as
+    (B, Hq, Sq) float32 or None when ``return_lse`` is False.
+    """
+
+    name: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities]
+    #: Python distribution whose version is reported (e.g. "flash-attn-4").
+    package: ClassVar[Optional[str]] = None
+
+    def probe(self, device: torch.device) -> list[str]:
+        """Reasons this backend cannot run on ``device`` at all; [] if it can.
+
+        Called once per (backend, device) and cached by the registry.
+        """
+        return device_reasons(self.capabilities, device)
+
+    def check(self, spec: CallSpec) -> list[str]:
+        """Per-call reasons beyond the declared capabilities (override if needed)."""
+        return []
+
+    def supports(self, spec: CallSpec) -> list[str]:
+        """Every reason this backend refuses the call ``spec``; [] if it accepts."""
+        return capability_reasons(self.capabilities, spec) + self.check(spec)
+
+    def version(self) -> Optional[str]:
+        """Version of the underlying package, or None."""
+        if self.package is None:
+            return None
+        from importlib import metadata
+
+        try:
+            return metadata.version(self.package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    def describe(self) -> str:
+        """A short description for info tables (kernel name, version)."""
+        v = self.version()
+        return f"{self.package} {v}" if v else (self.package or "torch")
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        spec: CallSpec,
+        mask: Optional[torch.Tensor],
+        key_padding_mask: Optional[torch.Tensor],
+        dropout_p: float,
+        scale: float,
+    ) -> AttentionResult:
+        """Run the kernel.  See the class docstring for shapes."""
+        raise NotImplementedError

@@ -1,0 +1,138 @@
+"""Capabilities as data, and the one generic checker that turns them into reasons.
+
+Each backend declares a frozen :class:`Capabilities`; :func:`capability_reasons`
+compares it with a :class:`~attention_dispatch._spec.CallSpec` and returns one
+string per unsupported feature, stating the actual and the allowed value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ._spec import CallSpec
+
+_DTYPE_NAMES = {
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+    torch.float64: "float64",
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype))
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a kernel can do, declared once per backend class.
+
+    Attributes:
+        device_types: device types it runs on ("cpu", "cuda", ...).
+        dtypes: accepted input dtypes.
+        max_head_dim: largest head dim (q/k and v).
+        head_dim_multiple: head dims must be a multiple of this.
+        head_dims: if set, the only head dims accepted.
+        different_v_head_dim: accepts Dv != D.
+        min_compute_capability / max_compute_capability: CUDA (major, minor) range.
+        mask_kinds: subset of {"bool", "float"}: dense masks it can take.
+        key_padding: accepts key_padding_mask.
+        causal: accepts causal=True (bottom-right, any Sq/Sk).
+        dropout: applies dropout_p > 0.
+        lse: can return the log-sum-exp.
+        gqa: accepts Hq != Hkv.
+        backward: gradients flow through it.
+        native_layout: the layout the kernel reads without a copy.
+        empty_rows_exact: output 0 / lse -inf for rows with no allowed key
+            without help; if False the dispatcher restores that after the call.
+    """
+
+    device_types: frozenset[str]
+    dtypes: frozenset[torch.dtype]
+    max_head_dim: int = 1 << 30
+    head_dim_multiple: int = 1
+    head_dims: Optional[frozenset[int]] = None
+    different_v_head_dim: bool = True
+    min_compute_capability: Optional[tuple[int, int]] = None
+    max_compute_capability: Optional[tuple[int, int]] = None
+    mask_kinds: frozenset[str] = field(default_factory=lambda: frozenset({"bool", "float"}))
+    key_padding: bool = True
+    causal: bool = True
+    dropout: bool = True
+    lse: bool = True
+    gqa: bool = True
+    backward: bool = True
+    native_layout: str = "bhsd"
+    empty_rows_exact: bool = False
+
+    def summary(self) -> str:
+        """One line for tables: dtypes, head dims, features."""
+        feats = [f for f in ("causal", "dropout", "lse", "gqa", "key_padding", "backward")
+                 if getattr(self, f)]
+        feats += [f"{m}-mask" for m in sorted(self.mask_kinds)]
+        dts = "/".join(dtype_name(d) for d in sorted(self.dtypes, key=str))
+        return f"{dts}; D<={self.max_head_dim}; {', '.join(feats)}"
+
+
+def _head_dim_reasons(c: Capabilities, spec: CallSpec) -> list[str]:
+    out = []
+    dims = {("head_dim", spec.head_dim), ("head_dim_v", spec.head_dim_v)}
+    if spec.head_dim != spec.head_dim_v and not c.different_v_head_dim:
+        out.append(f"head_dim_v={spec.head_dim_v} != head_dim={spec.head_dim}; "
+                   "allowed: equal head dims for q/k and v")
+    for name, d in sorted(dims):
+        if d > c.max_head_dim:
+            out.append(f"{name}={d}; allowed: <= {c.max_head_dim}")
+        elif c.head_dims is not None and d not in c.head_dims:
+            out.append(f"{name}={d}; allowed: {sorted(c.head_dims)}")
+        elif d % c.head_dim_multiple:
+            out.append(f"{name}={d}; allowed: multiples of {c.head_dim_multiple}")
+    return out
+
+
+def _feature_reasons(c: Capabilities, spec: CallSpec) -> list[str]:
+    out = []
+    if spec.mask_kind != "none" and spec.mask_kind not in c.mask_kinds:
+        allowed = "/".join(sorted(c.mask_kinds)) or "none"
+        out.append(f"mask kind {spec.mask_kind}; allowed: {allowed}")
+    checks = (
+        (spec.key_padding, c.key_padding, "key_padding_mask given; not supported"),
+        (spec.causal, c.causal, "causal=True; not supported"),
+        (spec.dropout, c.dropout, "dropout_p > 0; this kernel cannot drop out"),
+        (spec.return_lse, c.lse, "return_lse=True; this kernel does not return the LSE"),
+        (spec.gqa, c.gqa, f"GQA (Hq={spec.heads_q}, Hkv={spec.heads_kv}); allowed: Hq == Hkv"),
+        (spec.requires_grad, c.backward, "gradients needed; this kernel is forward-only"),
+    )
+    out.extend(msg for wanted, have, msg in checks if wanted and not have)
+    return out
+
+
+def capability_reasons(c: Capabilities, spec: CallSpec) -> list[str]:
+    """Every reason ``c`` cannot take the call ``spec``; empty if it can."""
+    out = []
+    if spec.device_type not in c.device_types:
+        out.append(f"device {spec.device_type}; allowed: {'/'.join(sorted(c.device_types))}")
+    if spec.dtype not in c.dtypes:
+        allowed = "/".join(dtype_name(d) for d in sorted(c.dtypes, key=str))
+        out.append(f"dtype {dtype_name(spec.dtype)}; allowed: {allowed}")
+    return out + _head_dim_reasons(c, spec) + _feature_reasons(c, spec)
+
+
+def device_reasons(c: Capabilities, device: torch.device) -> list[str]:
+    """Reasons the kernel cannot run on ``device`` at all (type, compute capability)."""
+    if device.type not in c.device_types:
+        return [f"device {device.type}; allowed: {'/'.join(sorted(c.device_types))}"]
+    if device.type != "cuda":
+        return []
+    if not torch.cuda.is_available():
+        return ["CUDA is not available in this torch build or machine"]
+    cc = torch.cuda.get_device_capability(device)
+    lo, hi = c.min_compute_capability, c.max_compute_capability
+    if lo is not None and cc < lo:
+        return [f"compute capability sm{cc[0]}{cc[1]}; allowed: >= sm{lo[0]}{lo[1]}"]
+    if hi is not None and cc > hi:
+        return [f"compute capability sm{cc[0]}{cc[1]}; allowed: <= sm{hi[0]}{hi[1]}"]
+    return []

@@ -1,0 +1,210 @@
+"""attention(), explain() and the decision cache."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from typing import Any, NamedTuple, Optional, Union
+
+import torch
+
+from ._backend import Backend
+from ._decision import ACCEPTED, CHOSEN, REFUSED, SKIPPED, BackendVerdict, Decision
+from ._errors import BackendUnavailable
+from ._masks import alive_rows, zero_empty_rows
+from ._ranking import ranked
+from ._registry import REGISTRY
+from ._select import BackendArg, forget_env, forget_names, resolve
+from ._spec import CallSpec, validate
+
+logger = logging.getLogger("attention_dispatch")
+Tensor = torch.Tensor
+_MAX_ENTRIES = 4096
+
+
+class _Plan(NamedTuple):
+    """A cached decision: everything the hot path needs."""
+
+    backend: Backend
+    spec: CallSpec
+    scale: float
+    fix_rows: bool
+
+
+_plans: dict[tuple, _Plan] = {}
+_lock = threading.Lock()
+
+
+def clear_cache() -> None:
+    """Forget every cached decision and probe, and re-read the environment."""
+    with _lock:
+        _plans.clear()
+    REGISTRY.clear_probes()
+    forget_env()
+    forget_names()
+
+
+REGISTRY.listeners.append(clear_cache)
+
+
+def _meta(t: Any) -> Any:
+    if t is None:
+        return None
+    return (t.shape, t.dtype, t.device, t.requires_grad)
+
+
+def _candidates(selection: tuple[str, ...], device: torch.device) -> list[str]:
+    names = REGISTRY.names()
+    out: list[str] = []
+    for n in selection:
+        for c in (ranked(device, names) if n == "auto" else [n]):
+            if c not in out:
+                out.append(c)
+    return out
+
+
+def _verdicts(spec: CallSpec, selection: tuple[str, ...], everyone: bool
+              ) -> tuple[Optional[str], list[BackendVerdict]]:
+    cands = _candidates(selection, spec.device)
+    chosen: Optional[str] = None
+    verdicts = []
+    others = [n for n in REGISTRY.names() if n not in cands] if everyone else []
+    for rank, name in [(i, n) for i, n in enumerate(cands)] + [(None, n) for n in others]:
+        if chosen is not None and not everyone:
+            break
+        reasons = REGISTRY.probe(name, spec.device)
+        if not reasons:
+            inst, _ = REGISTRY.load(name)
+            try:
+                reasons = list(inst.supports(spec))  # type: ignore[union-attr]
+            except Exception as exc:
+                reasons = [f"supports() raised {type(exc).__name__}: {exc}"]
+        status = REFUSED if reasons else ACCEPTED
+        if rank is None and not reasons:
+            status = SKIPPED
+            reasons = ["not in the selection " + ",".join(selection)]
+        if status == ACCEPTED and chosen is None:
+            chosen, status = name, CHOSEN
+        verdicts.append(BackendVerdict(name, status, tuple(reasons), rank))
+    return chosen, verdicts
+
+
+def _decide(spec: CallSpec, selection: tuple[str, ...], scale: Optional[float]) -> _Plan:
+    chosen, verdicts = _verdicts(spec, selection, everyone=False)
+    if chosen is None:
+        raise BackendUnavailable(selection, {v.name: list(v.reasons) for v in verdicts})
+    inst, _ = REGISTRY.load(chosen)
+    assert inst is not None
+    logger.debug("attention_dispatch: %s chosen for %s (selection %s)", chosen, spec, selection)
+    fix = spec.may_have_empty_rows and not inst.capabilities.empty_rows_exact
+    eff_scale = float(scale) if scale is not None else 1.0 / math.sqrt(spec.head_dim)
+    return _Plan(inst, spec, eff_scale, fix)
+
+
+def _plan(q: Any, k: Any, v: Any, mask: Any, kpm: Any, causal: Any, dropout_p: Any,
+          scale: Any, layout: Any, backend: BackendArg, return_lse: Any) -> _Plan:
+    selection, _ = resolve(backend)
+    try:
+        key = (selection, layout, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype,
+               q.device, k.device, v.device, q.requires_grad, k.requires_grad,
+               v.requires_grad, torch.is_grad_enabled(), _meta(mask), _meta(kpm),
+               causal, dropout_p, scale, return_lse, type(dropout_p), type(scale), type(causal))
+        plan = _plans.get(key)
+    except (AttributeError, TypeError):  # not tensors / unhashable: validate() says what
+        key, plan = None, None
+    if plan is not None:
+        return plan
+    spec = validate(q, k, v, mask=mask, key_padding_mask=kpm,
+                    causal=causal, dropout_p=dropout_p, scale=scale, layout=layout,
+                    return_lse=return_lse)
+    plan = _decide(spec, selection, scale)
+    if key is not None:
+        with _lock:
+            if len(_plans) >= _MAX_ENTRIES:
+                _plans.clear()
+            _plans[key] = plan
+    return plan
+
+
+def _empty(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec) -> tuple[Tensor, Tensor]:
+    shape = (spec.batch, spec.heads_q, spec.seq_q)
+    out = q.new_zeros(shape + (spec.head_dim_v,))
+    if spec.requires_grad:  # zero, finite gradients
+        out = out + 0.0 * (q.sum() + k.sum() + v.sum())
+    return out, q.new_full(shape, float("-inf"), dtype=torch.float32)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
+              key_padding_mask: Optional[Tensor] = None, causal: bool = False,
+              dropout_p: float = 0.0, scale: Optional[float] = None, layout: str = "bhsd",
+              backend: BackendArg = "auto", return_lse: bool = False
+              ) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Scaled dot-product attention on the best backend that accepts the call.
+
+    Shapes (layout="bhsd"): q (B, Hq, Sq, D), k (B, Hkv, Sk, D),
+    v (B, Hkv, Sk, Dv) -> out (B, Hq, Sq, Dv).  layout="bshd" swaps the head
+    and sequence axes of q, k, v and out.  Hq % Hkv == 0; query head h reads
+    kv head h // (Hq // Hkv).
+
+    Args:
+        mask: bool (True = may attend) or float (added to the scores, -inf
+            allowed), broadcastable to (B, Hq, Sq, Sk).
+        key_padding_mask: bool (B, Sk), True = real key.
+        causal: query i may attend key j iff j <= i + (Sk - Sq) (bottom-right).
+        dropout_p: dropout on the attention weights, applied exactly when > 0.
+        scale: score scale, default 1/sqrt(D).
+        backend: "auto", a name, "a,b" or a list (first that accepts; "auto"
+            expands to the ranking).  "auto" defers to :func:`use_backend`,
+            then ATTENTION_DISPATCH_BACKEND.
+        return_lse: also return lse (B, Hq, Sq) float32, natural log.
+
+    Rows with no key they may attend give 0 (lse -inf, zero gradients).
+
+    Equivalent math (float64 reference)::
+
+        s = scale * q @ k.transpose(-1, -2) + float_mask
+        s = s.masked_fill(~(bool_mask & key_padding & causal_bottom_right), -inf)
+        out = dropout(softmax(s, -1)) @ v        # rows of all -inf -> 0
+        lse = logsumexp(s, -1)
+
+    Raises:
+        AttentionInputError / AttentionTypeError: bad input, before any kernel.
+        BackendUnavailable: the selection names no backend that accepts the call.
+    """
+    plan = _plan(q, k, v, mask, key_padding_mask, causal, dropout_p, scale, layout, backend,
+                 return_lse)
+    spec = plan.spec
+    if layout == "bshd":
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if spec.seq_q == 0 or spec.seq_k == 0:
+        out, lse = _empty(q, k, v, spec)
+    else:
+        out, lse = plan.backend.forward(q, k, v, spec=spec, mask=mask,
+                                        key_padding_mask=key_padding_mask,
+                                        dropout_p=float(dropout_p), scale=plan.scale)
+        if plan.fix_rows:
+            out, lse = zero_empty_rows(out, lse, alive_rows(spec, mask, key_padding_mask))
+    if layout == "bshd":
+        out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out  # type: ignore[return-value]
+
+
+def explain(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
+            key_padding_mask: Optional[Tensor] = None, causal: bool = False,
+            dropout_p: float = 0.0, scale: Optional[float] = None, layout: str = "bhsd",
+            backend: BackendArg = "auto", return_lse: bool = False) -> Decision:
+    """Which backend :func:`attention` would run for these arguments, and, for
+    every registered backend, whether it accepts the call or the exact reasons
+    why not.  Nothing runs; the decision cache is not touched."""
+    selection, source = resolve(backend)
+    spec = validate(q, k, v, mask=mask, key_padding_mask=key_padding_mask, causal=causal,
+                    dropout_p=dropout_p, scale=scale, layout=layout, return_lse=return_lse)
+    return explain_spec(spec, selection, source)
+
+
+def explain_spec(spec: CallSpec, selection: tuple[str, ...] = ("auto",),
+                 source: str = "argument") -> Decision:
+    """:func:`explain` for a :class:`CallSpec` (no tensors needed)."""
+    chosen, verdicts = _verdicts(spec, selection, everyone=True)
+    return Decision(chosen, selection, source, spec, tuple(verdicts))

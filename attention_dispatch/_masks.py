@@ -1,0 +1,100 @@
+"""Mask helpers shared by adapters: bottom-right causal, combined masks,
+additive biases, rows that have no key to attend, GQA expansion."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._spec import CallSpec
+
+Tensor = torch.Tensor
+
+
+def causal_keep(seq_q: int, seq_k: int, device: torch.device) -> Tensor:
+    """(Sq, Sk) bool, True where query i may attend key j: j <= i + (Sk - Sq)."""
+    i = torch.arange(seq_q, device=device).unsqueeze(-1)
+    j = torch.arange(seq_k, device=device)
+    return j <= i + (seq_k - seq_q)
+
+
+def keep_mask(spec: CallSpec, mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+              causal: Optional[bool] = None) -> Optional[Tensor]:
+    """Bool mask (True = may attend) from a bool ``mask``, the padding mask and,
+    if ``causal`` (default: ``spec.causal``), the bottom-right causal mask.
+
+    The result broadcasts to (B, Hq, Sq, Sk); None when nothing is masked.
+    A float ``mask`` is not included: use :func:`additive_bias`.
+    """
+    causal = spec.causal if causal is None else causal
+    keep: Optional[Tensor] = None
+    if mask is not None and mask.dtype == torch.bool:
+        keep = mask
+    if key_padding_mask is not None:
+        kp = key_padding_mask[:, None, None, :]
+        keep = kp if keep is None else keep & kp
+    if causal:
+        c = causal_keep(spec.seq_q, spec.seq_k, spec.device)
+        keep = c if keep is None else keep & c
+    return keep
+
+
+def additive_bias(spec: CallSpec, mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                  dtype: torch.dtype, causal: Optional[bool] = None) -> Optional[Tensor]:
+    """Float bias (0 / -inf, plus a float ``mask``) equivalent to the masks of the call."""
+    keep = keep_mask(spec, mask, key_padding_mask, causal)
+    bias: Optional[Tensor] = None
+    if keep is not None:
+        bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+        bias = bias.masked_fill(~keep, float("-inf"))
+    if mask is not None and mask.dtype != torch.bool:
+        m = mask.to(dtype)
+        bias = m if bias is None else bias + m
+    return bias
+
+
+def alive_rows(spec: CallSpec, mask: Optional[Tensor],
+               key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """Bool (B|1, Hq|1, Sq), True where the query row has at least one key it may
+    attend; None when every row does (known from the shapes alone)."""
+    if not spec.may_have_empty_rows:
+        return None
+    if mask is None and key_padding_mask is not None and spec.causal:
+        # first real key per batch row; row i is alive iff first <= i + offset
+        idx = torch.arange(spec.seq_k, device=spec.device)
+        big = torch.where(key_padding_mask, idx, spec.seq_k).amin(-1)  # (B,)
+        i = torch.arange(spec.seq_q, device=spec.device)
+        return (big[:, None] <= i + spec.causal_offset)[:, None, :]
+    keep = keep_mask(spec, mask, key_padding_mask)
+    if mask is not None and mask.dtype != torch.bool:
+        finite = mask > float("-inf")
+        keep = finite if keep is None else keep & finite
+    if keep is None:
+        return None
+    while keep.dim() < 4:
+        keep = keep.unsqueeze(0)
+    return keep.any(-1)
+
+
+def zero_empty_rows(out: Tensor, lse: Optional[Tensor], alive: Optional[Tensor]
+                    ) -> tuple[Tensor, Optional[Tensor]]:
+    """out (B, Hq, Sq, Dv) -> 0 and lse -> -inf where ``alive`` is False.
+
+    The gradient of the zeroed rows is zero, so a kernel's garbage there never
+    reaches q, k or v.
+    """
+    if alive is None:
+        return out, lse
+    out = out.masked_fill(~alive.unsqueeze(-1), 0.0)
+    if lse is not None:
+        lse = lse.masked_fill(~alive, float("-inf"))
+    return out, lse
+
+
+def expand_kv(t: Tensor, heads_q: int) -> Tensor:
+    """(B, Hkv, S, D) -> (B, Hq, S, D): query head h reads kv head h // (Hq // Hkv)."""
+    groups = heads_q // t.shape[1]
+    if groups == 1:
+        return t
+    return t.repeat_interleave(groups, dim=1)

@@ -1,0 +1,52 @@
+"""The static auto ranking per device family, kept as data.
+
+Source of the CUDA rankings: measurements on an H100 SXM (sm90), torch
+2.11+cu130, 2026-11-24, bf16, head dim 128, n=16384 (fwd TFLOP/s non-causal /
+causal): flash-attn (FA4) 716/648, sdpa-cudnn 588/589, xformers 363/328,
+sdpa-flash 328/296, sdpa-mem-efficient 176/163; decode (Sq=1, GQA 32/8,
+Sk=8192): sdpa-cudnn 351 us, FA4 358 us, sdpa-flash 398 us, xformers 403 us.
+CPU: torch's CPU flash kernel is 4-7x faster than math (bench/overhead.py
+and the conformance timings).  sm80/sm100/other CUDA follow the same order
+with cuDNN demoted where it is not the fastest (sm80: FA2 first).
+"""
+
+from __future__ import annotations
+
+import torch
+
+RANKINGS: dict[str, tuple[str, ...]] = {
+    "sm90": ("flash-attn", "sdpa-cudnn", "xformers", "sdpa-flash", "flex",
+             "sdpa-mem-efficient", "math"),
+    "sm100": ("flash-attn", "sdpa-cudnn", "xformers", "sdpa-flash", "flex",
+              "sdpa-mem-efficient", "math"),
+    "sm80": ("flash-attn", "sdpa-flash", "xformers", "sdpa-cudnn", "flex",
+             "sdpa-mem-efficient", "math"),
+    "cuda": ("flash-attn", "xformers", "sdpa-flash", "sdpa-mem-efficient", "sdpa-cudnn",
+             "flex", "math"),
+    "cpu": ("sdpa-flash", "flex", "math"),
+    "other": ("math",),
+}
+
+
+def device_family(device: torch.device) -> str:
+    """"cpu", "sm90", "sm100", "sm80", "cuda" (other CUDA) or "other"."""
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return {9: "sm90", 10: "sm100", 8: "sm80"}.get(major, "cuda")
+    return "other"
+
+
+def ranked(device: torch.device, registered: list[str]) -> list[str]:
+    """Registered backends in auto order for ``device``: the family's ranking,
+    with backends it does not name (plugins) placed just before ``math``."""
+    order = [n for n in RANKINGS[device_family(device)] if n in registered]
+    extra = [n for n in registered if n not in order and n not in _ALL_RANKED]
+    if "math" in order:
+        i = order.index("math")
+        return order[:i] + extra + order[i:]
+    return order + extra
+
+
+_ALL_RANKED = frozenset(n for r in RANKINGS.values() for n in r)

@@ -1,0 +1,204 @@
+"""Input validation and the call signature (:class:`CallSpec`).
+
+:func:`validate` checks every argument of :func:`attention_dispatch.attention`
+and returns a :class:`CallSpec`, the hashable description of the call that
+capability checks read.  Nothing here runs a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ._errors import AttentionInputError, AttentionTypeError
+
+LAYOUTS = ("bhsd", "bshd")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """What a backend needs to know to accept or refuse a call.
+
+    Shapes are given in the contract's terms whatever the layout:
+    q (batch, heads_q, seq_q, head_dim), k (batch, heads_kv, seq_k, head_dim),
+    v (batch, heads_kv, seq_k, head_dim_v).
+    ``mask_kind`` is "none", "bool" or "float".
+    """
+
+    device_type: str
+    device_index: Optional[int]
+    dtype: torch.dtype
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seq_q: int
+    seq_k: int
+    head_dim: int
+    head_dim_v: int
+    layout: str = "bhsd"
+    mask_kind: str = "none"
+    key_padding: bool = False
+    causal: bool = False
+    dropout: bool = False
+    return_lse: bool = False
+    requires_grad: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.device_type, self.device_index)
+
+    @property
+    def gqa(self) -> bool:
+        """True when several query heads share a key/value head."""
+        return self.heads_q != self.heads_kv
+
+    @property
+    def may_have_empty_rows(self) -> bool:
+        """Whether some query row could have no key it may attend."""
+        return (
+            self.mask_kind != "none"
+            or self.key_padding
+            or (self.causal and self.seq_q > self.seq_k)
+        )
+
+    @property
+    def causal_offset(self) -> int:
+        """Bottom-right causal: query i sees key j iff j <= i + causal_offset."""
+        return self.seq_k - self.seq_q
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _check_tensor(name: str, t: Any) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise AttentionTypeError(name, "a torch.Tensor", type(t).__name__)
+    if t.dim() != 4:
+        raise AttentionInputError(
+            name, "a 4-D tensor", f"{t.dim()}-D tensor of shape {_shape(t)}"
+        )
+    if t.dtype not in FLOAT_DTYPES:
+        raise AttentionTypeError(
+            name, "a floating dtype (float16, bfloat16, float32, float64)", str(t.dtype)
+        )
+
+
+def _to_bhsd(t: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
+    b, x, y, d = t.shape
+    return (b, x, y, d) if layout == "bhsd" else (b, y, x, d)
+
+
+def _check_qkv(q: Any, k: Any, v: Any, layout: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise AttentionTypeError(name, f"dtype {q.dtype} (as q)", str(t.dtype),
+                                     "cast q, k and v to one dtype")
+        if t.device != q.device:
+            raise AttentionInputError(name, f"device {q.device} (as q)", str(t.device),
+                                      "move q, k and v to one device")
+    names = "(B, H, S, D)" if layout == "bhsd" else "(B, S, H, D)"
+    B, Hq, Sq, D = _to_bhsd(q, layout)
+    _, Hkv, Sk, Dk = _to_bhsd(k, layout)
+    vb, vh, vs, _ = _to_bhsd(v, layout)
+    if k.shape[0] != B or v.shape[0] != B:
+        raise AttentionInputError("k", f"batch size {B} (as q)",
+                                  f"k {_shape(k)}, v {_shape(v)}")
+    if Dk != D:
+        raise AttentionInputError("k", f"head dim {D} (as q's last axis)", f"{Dk}")
+    if (vh, vs) != (Hkv, Sk):
+        raise AttentionInputError("v", f"heads and sequence of k, {names} with H={Hkv}, S={Sk}",
+                                  f"shape {_shape(v)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise AttentionInputError("k", f"a number of heads dividing q's {Hq} (GQA/MQA)",
+                                  f"{Hkv} heads")
+    if D == 0:
+        raise AttentionInputError("q", "head dim >= 1", "0")
+
+
+def _check_mask(mask: Any, b: int, h: int, sq: int, sk: int, device: torch.device,
+                dtype: torch.dtype) -> str:
+    if mask is None:
+        return "none"
+    if not isinstance(mask, torch.Tensor):
+        raise AttentionTypeError("mask", "a bool or float torch.Tensor or None", type(mask).__name__)
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise AttentionTypeError("mask", "dtype bool (True = may attend) or a float dtype (added to scores)",
+                                 str(mask.dtype))
+    full = (b, h, sq, sk)
+    ok = 2 <= mask.dim() <= 4 and all(
+        m in (1, f) for m, f in zip(reversed(mask.shape), reversed(full))
+    )
+    if not ok:
+        raise AttentionInputError(
+            "mask", f"a shape broadcastable to (B, Hq, Sq, Sk) = {full}", _shape(mask),
+            "for a (B, Sk) padding mask pass key_padding_mask=")
+    if mask.device != device:
+        raise AttentionInputError("mask", f"device {device} (as q)", str(mask.device))
+    return "bool" if mask.dtype == torch.bool else "float"
+
+
+def _check_kpm(kpm: Any, b: int, sk: int, device: torch.device) -> bool:
+    if kpm is None:
+        return False
+    if not isinstance(kpm, torch.Tensor):
+        raise AttentionTypeError("key_padding_mask", "a bool torch.Tensor of shape (B, Sk) or None",
+                                 type(kpm).__name__)
+    if kpm.dtype != torch.bool:
+        raise AttentionTypeError("key_padding_mask", "dtype torch.bool (True = real key)",
+                                 str(kpm.dtype), "use key_padding_mask.bool()")
+    if tuple(kpm.shape) != (b, sk):
+        raise AttentionInputError("key_padding_mask", f"shape (B, Sk) = ({b}, {sk})", _shape(kpm))
+    if kpm.device != device:
+        raise AttentionInputError("key_padding_mask", f"device {device} (as q)", str(kpm.device))
+    return True
+
+
+def _check_scalars(causal: Any, dropout_p: Any, scale: Any, return_lse: Any) -> None:
+    if not isinstance(causal, bool):
+        raise AttentionTypeError("causal", "a bool", type(causal).__name__)
+    if not isinstance(return_lse, bool):
+        raise AttentionTypeError("return_lse", "a bool", type(return_lse).__name__)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise AttentionTypeError("dropout_p", "a float in [0, 1)", type(dropout_p).__name__)
+    if not 0.0 <= dropout_p < 1.0:
+        raise AttentionInputError("dropout_p", "a float in [0, 1)", repr(dropout_p))
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise AttentionTypeError("scale", "a finite float or None", type(scale).__name__)
+        if not math.isfinite(scale):
+            raise AttentionInputError("scale", "a finite float or None", repr(scale))
+
+
+def validate(q: Any, k: Any, v: Any, *, mask: Any = None, key_padding_mask: Any = None,
+             causal: Any = False, dropout_p: Any = 0.0, scale: Any = None,
+             layout: Any = "bhsd", return_lse: Any = False) -> CallSpec:
+    """Check every argument of an attention call and describe it.
+
+    Raises:
+        AttentionInputError / AttentionTypeError: naming the argument, the
+            expected value and what came.
+    """
+    if layout not in LAYOUTS:
+        raise AttentionInputError("layout", "'bhsd' or 'bshd'", repr(layout))
+    _check_qkv(q, k, v, layout)
+    _check_scalars(causal, dropout_p, scale, return_lse)
+    B, Hq, Sq, D = _to_bhsd(q, layout)
+    _, Hkv, Sk, _ = _to_bhsd(k, layout)
+    Dv = v.shape[-1]
+    mask_kind = _check_mask(mask, B, Hq, Sq, Sk, q.device, q.dtype)
+    kpm = _check_kpm(key_padding_mask, B, Sk, q.device)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                        or (mask is not None and mask.requires_grad))
+    return CallSpec(
+        device_type=q.device.type, device_index=q.device.index, dtype=q.dtype,
+        batch=B, heads_q=Hq, heads_kv=Hkv, seq_q=Sq, seq_k=Sk, head_dim=D, head_dim_v=Dv,
+        layout=layout, mask_kind=mask_kind, key_padding=kpm, causal=causal,
+        dropout=dropout_p > 0, return_lse=return_lse, requires_grad=grad,
+    )

@@ -1,0 +1,1 @@
+"""Built-in adapters, one kernel per module.  Imported lazily by the registry."""

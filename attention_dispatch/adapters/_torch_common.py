@@ -1,0 +1,54 @@
+"""Translation helpers shared by the adapters of torch's fused SDPA kernels."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._masks import additive_bias
+from .._spec import CallSpec
+
+Tensor = torch.Tensor
+
+
+def top_left_causal_flag(spec: CallSpec, other_masks: bool) -> tuple[bool, bool]:
+    """Translate bottom-right causal for a kernel whose ``is_causal`` is top-left.
+
+    Returns ``(is_causal, causal_in_bias)``: use the kernel flag only where the
+    two alignments agree (Sq == Sk) and no other mask is given; with Sq == 1 the
+    bottom-right mask admits every key, so nothing is masked at all.
+    """
+    if not spec.causal or spec.seq_q == 1:
+        return False, False
+    if spec.seq_q == spec.seq_k and not other_masks:
+        return True, False
+    return False, True
+
+
+def torch_bias(spec: CallSpec, mask: Optional[Tensor], kpm: Optional[Tensor],
+               dtype: torch.dtype, causal_in_bias: bool) -> Optional[Tensor]:
+    """Additive bias in ``dtype`` with the masks the kernel cannot take natively."""
+    if mask is None and kpm is None and not causal_in_bias:
+        return None
+    return additive_bias(spec, mask, kpm, dtype, causal=causal_in_bias)
+
+
+def aligned_bias(bias: Tensor, spec: CallSpec, align: int) -> Tensor:
+    """Expand ``bias`` to (B, Hq, Sq, Sk) on storage whose rows are padded to a
+    multiple of ``align`` elements (the memory-efficient kernel's rule)."""
+    while bias.dim() < 4:
+        bias = bias.unsqueeze(0)
+    b = spec.batch if bias.shape[0] != 1 else 1
+    h = spec.heads_q if bias.shape[1] != 1 else 1
+    pad = (-spec.seq_k) % align
+    store = bias.new_empty(b, h, spec.seq_q, spec.seq_k + pad)
+    store[..., : spec.seq_k] = bias
+    return store[..., : spec.seq_k].expand(spec.batch, spec.heads_q, spec.seq_q, spec.seq_k)
+
+
+def half_only_on_cuda(spec: CallSpec) -> list[str]:
+    """The fused CUDA kernels take float16/bfloat16 only."""
+    if spec.device_type == "cuda" and spec.dtype not in (torch.float16, torch.bfloat16):
+        return [f"dtype {str(spec.dtype).replace('torch.', '')} on CUDA; allowed: float16/bfloat16"]
+    return []

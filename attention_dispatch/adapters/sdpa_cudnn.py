@@ -1,0 +1,66 @@
+"""``sdpa-cudnn``: cuDNN's fused attention through torch, called directly.
+
+``aten._scaled_dot_product_cudnn_attention``: float16/bfloat16, sm80+, head
+dims multiples of 8 up to 128, dropout, LSE, additive bias.  Its ``is_causal``
+is top-left, so it is used only where that equals bottom-right (Sq == Sk);
+other causal calls put the causal mask into the bias.  cuDNN returns garbage
+for query rows with no allowed key: the dispatcher zeroes them (and their
+gradients), which costs nothing for calls that cannot have such rows.
+
+Equivalent math: see :mod:`attention_dispatch.adapters.math`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._backend import AttentionResult, Backend
+from .._capabilities import Capabilities
+from .._masks import expand_kv
+from .._spec import CallSpec
+from ._torch_common import aligned_bias, top_left_causal_flag, torch_bias
+
+Tensor = torch.Tensor
+
+
+class SdpaCudnnBackend(Backend):
+    """cuDNN attention (torch's sdpa-cudnn kernel)."""
+
+    capabilities = Capabilities(
+        device_types=frozenset({"cuda"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16}),
+        max_head_dim=128,
+        head_dim_multiple=8,
+        different_v_head_dim=False,
+        min_compute_capability=(8, 0),
+    )
+
+    def describe(self) -> str:
+        cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        return f"torch {torch.__version__} cuDNN {cudnn}"
+
+    def probe(self, device: torch.device) -> list[str]:
+        out = super().probe(device)
+        if not out and not torch.backends.cudnn.is_available():
+            out.append("cuDNN is not available in this torch build")
+        return out
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
+                mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                dropout_p: float, scale: float) -> AttentionResult:
+        k = expand_kv(k, spec.heads_q)
+        v = expand_kv(v, spec.heads_q)
+        masked = mask is not None or key_padding_mask is not None
+        is_causal, in_bias = top_left_causal_flag(spec, masked)
+        bias = torch_bias(spec, mask, key_padding_mask, q.dtype, in_bias)
+        if bias is not None:
+            bias = aligned_bias(bias, spec, 8)
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, bias, spec.return_lse or spec.requires_grad, dropout_p, is_causal,
+            False, scale=scale)
+        out, lse = res[0], res[1]
+        if spec.return_lse:
+            lse = lse.reshape(spec.batch, spec.heads_q, spec.seq_q).float()
+        return out, (lse if spec.return_lse else None)

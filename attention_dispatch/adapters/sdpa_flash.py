@@ -1,0 +1,68 @@
+"""``sdpa-flash``: torch's flash-attention kernels, called directly.
+
+* CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` - takes an
+  additive mask (bool masks, key padding and non-square causal are turned
+  into one), native GQA, no dropout, Dv == D.
+* CUDA: ``aten._scaled_dot_product_flash_attention`` (FA2 vendored in torch,
+  sm80+) - no mask of any kind, causal is bottom-right natively, dropout,
+  float16/bfloat16, head dim a multiple of 8 up to 256, GQA by expanding K/V.
+
+Equivalent math: see :mod:`attention_dispatch.adapters.math`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._backend import AttentionResult, Backend
+from .._capabilities import Capabilities
+from .._masks import expand_kv
+from .._spec import CallSpec
+from ._torch_common import half_only_on_cuda, top_left_causal_flag, torch_bias
+
+Tensor = torch.Tensor
+
+
+class SdpaFlashBackend(Backend):
+    """torch's flash kernels (CPU flash kernel; FA2 on CUDA)."""
+
+    capabilities = Capabilities(
+        device_types=frozenset({"cpu", "cuda"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+        different_v_head_dim=False,
+        min_compute_capability=(8, 0),
+        dropout=True,
+    )
+
+    def describe(self) -> str:
+        return f"torch {torch.__version__} flash kernel"
+
+    def check(self, spec: CallSpec) -> list[str]:
+        if spec.device_type == "cpu":
+            return ["dropout_p > 0; torch's CPU flash kernel cannot drop out"] if spec.dropout else []
+        out = half_only_on_cuda(spec)
+        if spec.mask_kind != "none" or spec.key_padding:
+            out.append("a mask or key_padding_mask; torch's CUDA flash kernel takes no attn_mask")
+        if spec.head_dim > 256 or spec.head_dim % 8:
+            out.append(f"head_dim={spec.head_dim} on CUDA; allowed: multiples of 8 up to 256")
+        return out
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
+                mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                dropout_p: float, scale: float) -> AttentionResult:
+        if spec.device_type == "cpu":
+            masked = mask is not None or key_padding_mask is not None
+            is_causal, in_bias = top_left_causal_flag(spec, masked)
+            bias = torch_bias(spec, mask, key_padding_mask, q.dtype, in_bias)
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale)
+        else:
+            k = expand_kv(k, spec.heads_q)
+            v = expand_kv(v, spec.heads_q)
+            res = torch.ops.aten._scaled_dot_product_flash_attention(
+                q, k, v, dropout_p=dropout_p, is_causal=spec.causal,
+                return_debug_mask=False, scale=scale)
+            out, lse = res[0], res[1]
+        return out, (lse.float() if spec.return_lse else None)

@@ -1,0 +1,60 @@
+"""``sdpa-mem-efficient``: torch's memory-efficient (cutlass) CUDA kernel.
+
+Called as ``aten._efficient_attention_forward`` on (B, S, H, D) views, the entry
+torch itself uses for bottom-right causal (``custom_mask_type=2``), so causal
+needs no materialised mask for any Sq/Sk.  Masks and key padding become one
+additive bias on storage padded to 16 elements per row (the kernel's alignment
+rule).  Dropout, LSE, Dv != D; GQA by expanding K/V.
+
+Equivalent math: see :mod:`attention_dispatch.adapters.math`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._backend import AttentionResult, Backend
+from .._capabilities import Capabilities
+from .._masks import expand_kv
+from .._spec import CallSpec
+from ._torch_common import aligned_bias, torch_bias
+
+Tensor = torch.Tensor
+
+_NO_CAUSAL, _CAUSAL_BOTTOM_RIGHT = 0, 2
+
+
+class SdpaMemEfficientBackend(Backend):
+    """torch's memory-efficient attention on CUDA."""
+
+    capabilities = Capabilities(
+        device_types=frozenset({"cuda"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        max_head_dim=512,
+        head_dim_multiple=8,
+        min_compute_capability=(5, 0),
+    )
+
+    def describe(self) -> str:
+        return f"torch {torch.__version__} memory-efficient kernel"
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
+                mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                dropout_p: float, scale: float) -> AttentionResult:
+        k = expand_kv(k, spec.heads_q)
+        v = expand_kv(v, spec.heads_q)
+        bias = torch_bias(spec, mask, key_padding_mask, q.dtype, causal_in_bias=False)
+        if bias is not None:
+            bias = aligned_bias(bias, spec, 16)
+        res = torch.ops.aten._efficient_attention_forward(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            bias=bias, cu_seqlens_q=None, cu_seqlens_k=None,
+            max_seqlen_q=None, max_seqlen_k=None, dropout_p=dropout_p,
+            custom_mask_type=_CAUSAL_BOTTOM_RIGHT if spec.causal else _NO_CAUSAL,
+            compute_log_sumexp=spec.return_lse or spec.requires_grad, scale=scale)
+        out, lse = res[0].transpose(1, 2), res[1]
+        if spec.return_lse:
+            lse = lse[..., : spec.seq_q].float()
+        return out, (lse if spec.return_lse else None)

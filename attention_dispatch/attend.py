@@ -1,0 +1,67 @@
+"""``Attend``: drop-in replacement for the seed's attention module.
+
+The seed (recurrent-memory-transformer-pytorch) had ``Attend(dropout, causal,
+use_flash)`` with ``forward(q, k, v, mask=None)``; this keeps that interface and
+routes through :func:`attention_dispatch.attention`.
+
+One deliberate difference: a query row whose keys are all masked gives 0.
+The seed gave a uniform average over the masked keys in its math path
+(it filled with -finfo.max) and NaN in its fused path.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ._dispatch import attention
+from ._errors import AttentionInputError
+
+Tensor = torch.Tensor
+
+
+class Attend(nn.Module):
+    """Attention over (b, h, n, d) tensors with the seed's arguments.
+
+    Args:
+        dropout: dropout on the attention weights, applied in training only.
+        causal: bottom-right causal mask (the seed's ``triu(j - i + 1)``).
+        backend: as in :func:`attention_dispatch.attention`.
+        use_flash: the seed's switch, kept so old code runs: False means
+            ``backend="math"``; True means ``backend`` (auto by default).
+
+    forward(q, k, v, mask=None):
+        q (b, h, i, d); k, v (b, h, j, d) or (b, j, d) (one kv head shared by
+        all query heads, as in the seed); mask either (b, j) bool key padding
+        (True = keep) or a bool mask broadcastable to (b, h, i, j).
+        Returns (b, h, i, d).
+    """
+
+    def __init__(self, dropout: float = 0.0, causal: bool = False,
+                 backend: Union[str, Sequence[str]] = "auto",
+                 use_flash: Optional[bool] = None) -> None:
+        super().__init__()
+        self.dropout = float(dropout)
+        self.causal = causal
+        self.backend = "math" if use_flash is False else backend
+        self.use_flash = use_flash
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        if isinstance(k, Tensor) and k.dim() == 3:
+            k = k.unsqueeze(1)
+        if isinstance(v, Tensor) and v.dim() == 3:
+            v = v.unsqueeze(1)
+        kpm = None
+        if mask is not None and isinstance(mask, Tensor) and mask.dim() == 2:
+            kpm, mask = mask, None
+        elif mask is not None and isinstance(mask, Tensor) and mask.dtype != torch.bool:
+            raise AttentionInputError("mask", "a bool mask (True = keep), (b, j) or 4-D",
+                                      str(mask.dtype))
+        return attention(q, k, v, mask=mask, key_padding_mask=kpm, causal=self.causal,
+                         dropout_p=self.dropout if self.training else 0.0,
+                         backend=self.backend)  # type: ignore[return-value]
+
+    def extra_repr(self) -> str:
+        return f"dropout={self.dropout}, causal={self.causal}, backend={self.backend!r}"

@@ -1,0 +1,283 @@
+"""Conformance suite for backends: an independent float64 reference, a case
+matrix and a checker, public so plugin authors can test their own backends.
+
+Example (in a plugin's tests)::
+
+    import pytest
+    from attention_dispatch import testing
+
+    @pytest.mark.parametrize("case", testing.default_cases(), ids=str)
+    def test_conformance(case):
+        testing.check_backend("my-kernel", case, device="cpu")
+
+The accuracy rule of the contract: for the output (and each gradient),
+``max|backend - ref| <= 2 * max|math - ref| + atol(dtype)`` where ``ref`` is
+:func:`reference_attention` in float64 and ``math`` is the ``math`` backend in
+the case's dtype.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def atol(dtype: torch.dtype) -> float:
+    """The small absolute slack of the accuracy rule for ``dtype``."""
+    return ATOL[dtype]
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
+                        key_padding_mask: Optional[Tensor] = None, causal: bool = False,
+                        scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """Float64 attention written plainly from the contract, (B, H, S, D) layout.
+
+    Returns (out, lse).  Rows with no key they may attend give out 0, lse -inf,
+    and zero gradients.  Independent of the package's adapters on purpose.
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    heads = torch.arange(Hq) // (Hq // Hkv)
+    k, v = k[:, heads], v[:, heads]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    s = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    allowed = torch.ones(B, Hq, Sq, Sk, dtype=torch.bool, device=q.device)
+    if mask is not None and mask.dtype == torch.bool:
+        allowed = allowed & mask
+    if mask is not None and mask.dtype != torch.bool:
+        s = s + mask.double()
+        allowed = allowed & (mask.double() > float("-inf"))
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    if causal:
+        i = torch.arange(Sq, device=q.device)[:, None]
+        j = torch.arange(Sk, device=q.device)[None, :]
+        allowed = allowed & (j <= i + (Sk - Sq))
+    row_ok = allowed.any(-1, keepdim=True)
+    s = torch.where(allowed, s, torch.full_like(s, float("-inf")))
+    s_safe = torch.where(row_ok, s, torch.zeros_like(s))
+    p = torch.where(row_ok, torch.softmax(s_safe, -1), torch.zeros_like(s))
+    out = torch.einsum("bhij,bhjd->bhid", p, v)
+    lse = torch.where(row_ok[..., 0], torch.logsumexp(s_safe, -1),
+                      torch.full_like(s[..., 0], float("-inf")))
+    return out, lse
+
+
+@dataclass(frozen=True)
+class Case:
+    """One conformance case.  ``mask`` is one of "none", "bool", "float",
+    "padding", "bool+padding", "float+padding"; ``empty_rows`` forces some
+    query rows to have no allowed key."""
+
+    batch: int = 2
+    heads_q: int = 4
+    heads_kv: int = 4
+    seq_q: int = 16
+    seq_k: int = 16
+    head_dim: int = 32
+    head_dim_v: Optional[int] = None
+    dtype: torch.dtype = torch.float32
+    layout: str = "bhsd"
+    mask: str = "none"
+    causal: bool = False
+    empty_rows: bool = False
+    grad: bool = False
+    lse: bool = False
+    scale: Optional[float] = None
+
+    def __str__(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        parts = [dt, self.layout, f"b{self.batch}", f"h{self.heads_q}/{self.heads_kv}",
+                 f"q{self.seq_q}k{self.seq_k}", f"d{self.head_dim}"]
+        if self.head_dim_v:
+            parts.append(f"dv{self.head_dim_v}")
+        parts.append(f"mask-{self.mask}")
+        for flag in ("causal", "empty_rows", "grad", "lse"):
+            if getattr(self, flag):
+                parts.append(flag)
+        if self.scale is not None:
+            parts.append(f"scale{self.scale}")
+        return "-".join(parts)
+
+
+def default_cases(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16,
+                                                    torch.float16),
+                  head_dims: tuple[int, ...] = (32,)) -> list[Case]:
+    """The case matrix: layouts; Sq<Sk, Sq=Sk, Sq>Sk with causal; GQA and MQA;
+    every mask kind alone and with causal; empty rows with gradients; lse."""
+    cases: list[Case] = []
+    shapes = [(16, 16), (7, 19), (19, 7), (1, 33)]
+    heads = [(4, 4), (4, 2), (4, 1)]
+    for dtype, d in itertools.product(dtypes, head_dims):
+        base = Case(dtype=dtype, head_dim=d)
+        for (sq, sk), causal, layout in itertools.product(shapes, (False, True), ("bhsd", "bshd")):
+            cases.append(replace(base, seq_q=sq, seq_k=sk, causal=causal, layout=layout))
+        for hq, hkv in heads[1:]:
+            cases.append(replace(base, heads_q=hq, heads_kv=hkv, causal=True, seq_q=9, seq_k=13))
+        for mask, causal in itertools.product(
+                ("bool", "float", "padding", "bool+padding", "float+padding"), (False, True)):
+            cases.append(replace(base, mask=mask, causal=causal, seq_q=11, seq_k=21))
+        for mask in ("bool", "padding", "float"):
+            cases.append(replace(base, mask=mask, empty_rows=True, grad=True))
+        cases.append(replace(base, causal=True, seq_q=12, seq_k=5, grad=True))  # empty rows
+        cases.append(replace(base, grad=True, causal=True, seq_q=10, seq_k=14,
+                             heads_kv=2, layout="bshd"))
+        cases.append(replace(base, grad=True, mask="bool+padding", seq_q=8, seq_k=24))
+        cases.append(replace(base, lse=True, causal=True, seq_q=6, seq_k=10))
+        cases.append(replace(base, lse=True, mask="padding", empty_rows=True))
+        cases.append(replace(base, scale=0.3, mask="float"))
+        cases.append(replace(base, head_dim_v=2 * d))
+    return cases
+
+
+def make_inputs(case: Case, device: Any = "cpu", seed: int = 0) -> dict[str, Any]:
+    """Random q, k, v (in the case's layout) and masks for ``case``."""
+    g = torch.Generator().manual_seed(seed)
+    dv = case.head_dim_v or case.head_dim
+
+    def rnd(h: int, s: int, d: int) -> Tensor:
+        t = torch.randn(case.batch, h, s, d, generator=g)
+        if case.layout == "bshd":
+            t = t.transpose(1, 2).contiguous()
+        return t.to(device=device, dtype=case.dtype)
+
+    b, sq, sk = case.batch, case.seq_q, case.seq_k
+    kw: dict[str, Any] = dict(q=rnd(case.heads_q, sq, case.head_dim),
+                              k=rnd(case.heads_kv, sk, case.head_dim),
+                              v=rnd(case.heads_kv, sk, dv))
+    mask = None
+    if case.mask.startswith("bool"):
+        mask = torch.rand(b, 1, sq, sk, generator=g) > 0.3
+        if case.empty_rows:
+            mask[:, :, sq // 2] = False
+    elif case.mask.startswith("float"):
+        mask = torch.randn(b, case.heads_q, sq, sk, generator=g).to(case.dtype)
+        mask = mask.masked_fill(torch.rand(b, case.heads_q, sq, sk, generator=g) < 0.2,
+                                float("-inf"))
+        if case.empty_rows:
+            mask[:, :, 1] = float("-inf")
+    kpm = None
+    if case.mask.endswith("padding"):
+        lens = torch.randint(1, sk + 1, (b,), generator=g)
+        if case.empty_rows:
+            lens[0] = 0
+        kpm = torch.arange(sk)[None, :] < lens[:, None]
+    kw["mask"] = None if mask is None else mask.to(device)
+    kw["key_padding_mask"] = None if kpm is None else kpm.to(device)
+    kw["causal"] = case.causal
+    kw["scale"] = case.scale
+    return kw
+
+
+def _bhsd(t: Tensor, layout: str) -> Tensor:
+    return t.transpose(1, 2) if layout == "bshd" else t
+
+
+def _run(backend: str, case: Case, inputs: dict[str, Any], grad_out: Optional[Tensor]
+         ) -> tuple[Tensor, Optional[Tensor], list[Tensor]]:
+    from . import attention
+
+    q, k, v = (inputs[n].detach().clone().requires_grad_(case.grad) for n in "qkv")
+    res = attention(q, k, v, mask=inputs["mask"], key_padding_mask=inputs["key_padding_mask"],
+                    causal=case.causal, scale=case.scale, layout=case.layout,
+                    backend=backend, return_lse=case.lse)
+    out, lse = res if case.lse else (res, None)
+    grads: list[Tensor] = []
+    if case.grad:
+        out.backward(grad_out.to(out.dtype))
+        grads = [q.grad, k.grad, v.grad]
+    return _bhsd(out, case.layout), lse, [_bhsd(g_, case.layout) for g_ in grads]
+
+
+def _max_err(a: Tensor, b: Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return (a.double() - b.double()).abs().max().item()
+
+
+@dataclass
+class CheckResult:
+    """Errors of one backend on one case, beside math's, and the bound."""
+
+    backend: str
+    case: Case
+    errors: dict[str, float]
+    math_errors: dict[str, float]
+    bounds: dict[str, float]
+
+    @property
+    def ok(self) -> bool:
+        return all(self.errors[n] <= self.bounds[n] for n in self.errors)
+
+
+def reference_for(case: Case, inputs: dict[str, Any], grad_out: Optional[Tensor]
+                  ) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Float64 reference output, lse and (if ``case.grad``) gradients, bhsd."""
+    q, k, v = (_bhsd(inputs[n], case.layout).detach().cpu().double().requires_grad_(case.grad)
+               for n in "qkv")
+    mask, kpm = inputs["mask"], inputs["key_padding_mask"]
+    out, lse = reference_attention(q, k, v, mask=None if mask is None else mask.cpu(),
+                                   key_padding_mask=None if kpm is None else kpm.cpu(),
+                                   causal=case.causal, scale=case.scale)
+    grads = []
+    if case.grad:
+        out.backward(grad_out.double())
+        grads = [q.grad, k.grad, v.grad]
+    return out.detach(), lse.detach(), grads
+
+
+def check_backend(backend: str, case: Case, device: Any = "cpu", seed: int = 0) -> CheckResult:
+    """Run ``backend`` on ``case`` and assert the contract's accuracy rule for
+    the output, the lse (if requested) and the gradients (if requested).
+
+    Raises AssertionError with every error and bound on a violation, and
+    propagates BackendUnavailable when the backend refuses the case.
+    """
+    inputs = make_inputs(case, device, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    dv = case.head_dim_v or case.head_dim
+    grad_out = None
+    if case.grad:
+        grad_out = torch.randn(case.batch, case.heads_q, case.seq_q, dv, generator=g)
+        grad_out_dev = grad_out.to(device)
+        if case.layout == "bshd":
+            grad_out_dev = grad_out_dev.transpose(1, 2).contiguous()
+    ref_out, ref_lse, ref_grads = reference_for(case, inputs, grad_out)
+    got = _run(backend, case, inputs, grad_out_dev if case.grad else None)
+    base = _run("math", case, inputs, grad_out_dev if case.grad else None)
+    names = ["out"] + (["lse"] if case.lse else []) + (["dq", "dk", "dv"] if case.grad else [])
+
+    def flat(res: tuple) -> list[Tensor]:
+        out, lse, grads = res
+        return [out.cpu()] + ([lse.cpu()] if case.lse else []) + [x.cpu() for x in grads]
+
+    refs = [ref_out] + ([ref_lse] if case.lse else []) + ref_grads
+    errors, math_errors, bounds = {}, {}, {}
+    for name, a, m, r in zip(names, flat(got), flat(base), refs):
+        if name == "lse":  # -inf exactly where the reference has it, then compare the rest
+            dead = torch.isneginf(r)
+            if not torch.equal(torch.isneginf(a), dead):
+                errors[name] = float("inf")
+            a, m, r = (x.double().masked_fill(dead, 0.0) for x in (a, m, r))
+        errors.setdefault(name, _max_err(a, r))
+        math_errors[name] = _max_err(m, r)
+        scale = 1.0 + (r.abs().max().item() if r.numel() else 0.0)
+        bounds[name] = 2 * math_errors[name] + atol(case.dtype) * scale
+    result = CheckResult(backend, case, errors, math_errors, bounds)
+    if not result.ok:
+        rows = [f"  {n}: error {errors[n]:.3g} > bound {bounds[n]:.3g} (math {math_errors[n]:.3g})"
+                for n in names if errors[n] > bounds[n]]
+        raise AssertionError(f"backend {backend!r} violates the contract on {case}:\n"
+                             + "\n".join(rows))
+    return result
