@@ -74,7 +74,8 @@ class Capabilities:
                  if getattr(self, f)]
         feats += [f"{m}-mask" for m in sorted(self.mask_kinds)]
         dts = "/".join(dtype_name(d) for d in sorted(self.dtypes, key=str))
-        return f"{dts}; D<={self.max_head_dim}; {', '.join(feats)}"
+        dims = f"D<={self.max_head_dim}" if self.max_head_dim < (1 << 30) else "any D"
+        return f"{dts}; {dims}; {', '.join(feats)}"
 
 
 def _head_dim_reasons(c: Capabilities, spec: CallSpec) -> list[str]:

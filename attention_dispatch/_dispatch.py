@@ -15,12 +15,13 @@ from ._errors import BackendUnavailable
 from ._masks import alive_rows, zero_empty_rows
 from ._ranking import ranked
 from ._registry import REGISTRY
-from ._select import BackendArg, forget_env, forget_names, resolve
+from ._select import AUTO, BackendArg, _context, env_selection, forget_env, forget_names, resolve
 from ._spec import CallSpec, validate
 
 logger = logging.getLogger("attention_dispatch")
 Tensor = torch.Tensor
 _MAX_ENTRIES = 4096
+_grad_enabled = torch.is_grad_enabled
 
 
 class _Plan(NamedTuple):
@@ -30,6 +31,8 @@ class _Plan(NamedTuple):
     spec: CallSpec
     scale: float
     fix_rows: bool
+    empty: bool  # Sq == 0 or Sk == 0: zeros without a kernel
+    dropout_p: float
 
 
 _plans: dict[tuple, _Plan] = {}
@@ -90,7 +93,8 @@ def _verdicts(spec: CallSpec, selection: tuple[str, ...], everyone: bool
     return chosen, verdicts
 
 
-def _decide(spec: CallSpec, selection: tuple[str, ...], scale: Optional[float]) -> _Plan:
+def _decide(spec: CallSpec, selection: tuple[str, ...], scale: Optional[float],
+            dropout_p: float) -> _Plan:
     chosen, verdicts = _verdicts(spec, selection, everyone=False)
     if chosen is None:
         raise BackendUnavailable(selection, {v.name: list(v.reasons) for v in verdicts})
@@ -99,26 +103,17 @@ def _decide(spec: CallSpec, selection: tuple[str, ...], scale: Optional[float]) 
     logger.debug("attention_dispatch: %s chosen for %s (selection %s)", chosen, spec, selection)
     fix = spec.may_have_empty_rows and not inst.capabilities.empty_rows_exact
     eff_scale = float(scale) if scale is not None else 1.0 / math.sqrt(spec.head_dim)
-    return _Plan(inst, spec, eff_scale, fix)
+    return _Plan(inst, spec, eff_scale, fix, spec.seq_q == 0 or spec.seq_k == 0,
+                 float(dropout_p))
 
 
-def _plan(q: Any, k: Any, v: Any, mask: Any, kpm: Any, causal: Any, dropout_p: Any,
-          scale: Any, layout: Any, backend: BackendArg, return_lse: Any) -> _Plan:
-    selection, _ = resolve(backend)
-    try:
-        key = (selection, layout, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype,
-               q.device, k.device, v.device, q.requires_grad, k.requires_grad,
-               v.requires_grad, torch.is_grad_enabled(), _meta(mask), _meta(kpm),
-               causal, dropout_p, scale, return_lse, type(dropout_p), type(scale), type(causal))
-        plan = _plans.get(key)
-    except (AttributeError, TypeError):  # not tensors / unhashable: validate() says what
-        key, plan = None, None
-    if plan is not None:
-        return plan
-    spec = validate(q, k, v, mask=mask, key_padding_mask=kpm,
-                    causal=causal, dropout_p=dropout_p, scale=scale, layout=layout,
-                    return_lse=return_lse)
-    plan = _decide(spec, selection, scale)
+def _plan_slow(key: Optional[tuple], selection: tuple[str, ...], q: Any, k: Any, v: Any,
+               mask: Any, kpm: Any, causal: Any, dropout_p: Any, scale: Any, layout: Any,
+               return_lse: Any) -> _Plan:
+    """Cache miss: validate, decide, remember."""
+    spec = validate(q, k, v, mask=mask, key_padding_mask=kpm, causal=causal,
+                    dropout_p=dropout_p, scale=scale, layout=layout, return_lse=return_lse)
+    plan = _decide(spec, selection, scale, dropout_p)
     if key is not None:
         with _lock:
             if len(_plans) >= _MAX_ENTRIES:
@@ -172,17 +167,34 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
         AttentionInputError / AttentionTypeError: bad input, before any kernel.
         BackendUnavailable: the selection names no backend that accepts the call.
     """
-    plan = _plan(q, k, v, mask, key_padding_mask, causal, dropout_p, scale, layout, backend,
-                 return_lse)
+    # hot path: build the key, one dict lookup, one kernel call
+    if backend == "auto":
+        selection = _context.get() or env_selection() or AUTO
+    else:
+        selection = resolve(backend)[0]
+    try:
+        key = (selection, layout, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype,
+               q.device, k.device, v.device,
+               _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+               None if mask is None else _meta(mask),
+               None if key_padding_mask is None else _meta(key_padding_mask),
+               causal, dropout_p, scale, return_lse,
+               type(causal), type(dropout_p), type(scale), type(return_lse))
+        plan = _plans.get(key)
+    except (AttributeError, TypeError):  # not tensors, unhashable: validate() says what
+        key, plan = None, None
+    if plan is None:
+        plan = _plan_slow(key, selection, q, k, v, mask, key_padding_mask, causal, dropout_p,
+                          scale, layout, return_lse)
     spec = plan.spec
     if layout == "bshd":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if spec.seq_q == 0 or spec.seq_k == 0:
+    if plan.empty:
         out, lse = _empty(q, k, v, spec)
     else:
         out, lse = plan.backend.forward(q, k, v, spec=spec, mask=mask,
                                         key_padding_mask=key_padding_mask,
-                                        dropout_p=float(dropout_p), scale=plan.scale)
+                                        dropout_p=plan.dropout_p, scale=plan.scale)
         if plan.fix_rows:
             out, lse = zero_empty_rows(out, lse, alive_rows(spec, mask, key_padding_mask))
     if layout == "bshd":

@@ -31,7 +31,12 @@ def torch_bias(spec: CallSpec, mask: Optional[Tensor], kpm: Optional[Tensor],
     """Additive bias in ``dtype`` with the masks the kernel cannot take natively."""
     if mask is None and kpm is None and not causal_in_bias:
         return None
-    return additive_bias(spec, mask, kpm, dtype, causal=causal_in_bias)
+    bias = additive_bias(spec, mask, kpm, dtype, causal=causal_in_bias)
+    # torch's kernels take 2-D or 4-D masks only; the contract allows any
+    # mask broadcastable to (B, Hq, Sq, Sk), e.g. a 3-D (Hq, Sq, Sk) one
+    if bias is not None and bias.dim() == 3:
+        bias = bias.unsqueeze(0)
+    return bias
 
 
 def aligned_bias(bias: Tensor, spec: CallSpec, align: int) -> Tensor:
