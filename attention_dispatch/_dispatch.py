@@ -152,7 +152,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
         backend: "auto", a name, "a,b" or a list (first that accepts; "auto"
             expands to the ranking).  "auto" defers to :func:`use_backend`,
             then ATTENTION_DISPATCH_BACKEND.
-        return_lse: also return lse (B, Hq, Sq) float32, natural log.
+        return_lse: also return lse (B, Hq, Sq) float32, natural log, detached
+            (it carries no gradient on any backend).
 
     Rows with no key they may attend give 0 (lse -inf, zero gradients).
 
@@ -199,7 +200,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
             out, lse = zero_empty_rows(out, lse, alive_rows(spec, mask, key_padding_mask))
     if layout == "bshd":
         out = out.transpose(1, 2)
-    return (out, lse) if return_lse else out  # type: ignore[return-value]
+    if return_lse:
+        return out, lse.detach()  # type: ignore[union-attr]  # no kernel differentiates it
+    return out
 
 
 def explain(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,

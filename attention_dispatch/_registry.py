@@ -124,8 +124,7 @@ class Registry:
                 cls = _import_target(cls)
             cls = _check_backend_class(entry.name, cls)
             inst = cls()
-            if not type(inst).name:
-                inst.name = entry.name  # type: ignore[misc]
+            inst.name = entry.name  # type: ignore[misc]  # the registered name wins
             entry.instance = inst
         except Exception as exc:  # a broken plugin must never break the others
             entry.error = f"failed to load ({entry.source}): {type(exc).__name__}: {exc}"

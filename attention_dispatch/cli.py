@@ -1,6 +1,8 @@
 """The ``attention-dispatch`` command (also ``python -m attention_dispatch``).
 
     attention-dispatch info
+    attention-dispatch bench [--quick] [--device cuda] [--shapes ...] [--out DIR]
+    attention-dispatch rank results.json
     attention-dispatch explain --shape B,H,S,D [--kv-heads N] [--seq-k SK] [--dtype bf16]
                                [--causal] [--mask bool|float|padding] [--device cuda]
                                [--dropout P] [--lse] [--grad] [--layout bhsd|bshd]
@@ -17,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from ._dispatch import explain_spec
+from .bench import command as bench_command
 from ._errors import AttentionDispatchError
 from ._registry import REGISTRY, list_backends
 from ._select import normalize, resolve
@@ -147,13 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--grad", action="store_true")
     e.add_argument("--layout", choices=["bhsd", "bshd"], default="bhsd")
     e.add_argument("--backend", default=None, help="name or comma separated list")
+    bench_command.add_parser(sub)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"info": cmd_info, "explain": cmd_explain}[args.command](args)
+        commands = {"info": cmd_info, "explain": cmd_explain, "bench": bench_command.cmd_bench,
+                    "rank": bench_command.cmd_rank}
+        return commands[args.command](args)
     except AttentionDispatchError as exc:
         print(f"attention-dispatch: {exc}", file=sys.stderr)
         return 2

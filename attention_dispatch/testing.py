@@ -191,11 +191,27 @@ def _run(backend: str, case: Case, inputs: dict[str, Any], grad_out: Optional[Te
                     causal=case.causal, scale=case.scale, layout=case.layout,
                     backend=backend, return_lse=case.lse)
     out, lse = res if case.lse else (res, None)
+    _check_result(case, out, lse)
     grads: list[Tensor] = []
     if case.grad:
         out.backward(grad_out.to(out.dtype))
         grads = [q.grad, k.grad, v.grad]
     return _bhsd(out, case.layout), lse, [_bhsd(g_, case.layout) for g_ in grads]
+
+
+def _check_result(case: Case, out: Tensor, lse: Optional[Tensor]) -> None:
+    """dtype, shape and layout of out and lse, as the contract states them."""
+    dv = case.head_dim_v or case.head_dim
+    want = (case.batch, case.heads_q, case.seq_q, dv)
+    if case.layout == "bshd":
+        want = (case.batch, case.seq_q, case.heads_q, dv)
+    if out.dtype != case.dtype or tuple(out.shape) != want:
+        raise AssertionError(f"{case}: out {tuple(out.shape)} {out.dtype}; expected {want} "
+                             f"{case.dtype}")
+    if lse is not None and (lse.dtype != torch.float32
+                            or tuple(lse.shape) != (case.batch, case.heads_q, case.seq_q)):
+        raise AssertionError(f"{case}: lse {tuple(lse.shape)} {lse.dtype}; expected "
+                             f"{(case.batch, case.heads_q, case.seq_q)} float32")
 
 
 def _max_err(a: Tensor, b: Tensor) -> float:

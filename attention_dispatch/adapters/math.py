@@ -31,8 +31,11 @@ def safe_softmax(s: Tensor) -> tuple[Tensor, Tensor]:
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
     e = torch.exp(s - m)
     denom = e.sum(-1, keepdim=True)
-    p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
-    lse = (torch.log(denom) + m).squeeze(-1)
+    alive = denom > 0
+    safe = torch.where(alive, denom, torch.ones_like(denom))
+    p = e / safe
+    # log of a safe denominator, then -inf: finite gradients through lse too
+    lse = (torch.log(safe) + m).masked_fill(~alive, float("-inf")).squeeze(-1)
     return p, lse
 
 

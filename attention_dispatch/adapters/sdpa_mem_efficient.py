@@ -4,7 +4,9 @@ Called as ``aten._efficient_attention_forward`` on (B, S, H, D) views, the entry
 torch itself uses for bottom-right causal (``custom_mask_type=2``), so causal
 needs no materialised mask for any Sq/Sk.  Masks and key padding become one
 additive bias on storage padded to 16 elements per row (the kernel's alignment
-rule).  Dropout, LSE, Dv != D; GQA by expanding K/V.
+rule).  Its bottom-right mode is wrong when Sq > Sk (measured on an H100,
+torch 2.11: errors of ~3 on rows that have keys), so those causal calls put the
+causal mask into the bias instead.  Dropout, LSE, Dv != D; GQA by expanding K/V.
 
 Equivalent math: see :mod:`attention_dispatch.adapters.math`.
 """
@@ -45,14 +47,16 @@ class SdpaMemEfficientBackend(Backend):
                 dropout_p: float, scale: float) -> AttentionResult:
         k = expand_kv(k, spec.heads_q)
         v = expand_kv(v, spec.heads_q)
-        bias = torch_bias(spec, mask, key_padding_mask, q.dtype, causal_in_bias=False)
+        causal_in_bias = spec.causal and spec.seq_q > spec.seq_k
+        bias = torch_bias(spec, mask, key_padding_mask, q.dtype, causal_in_bias)
         if bias is not None:
             bias = aligned_bias(bias, spec, 16)
         res = torch.ops.aten._efficient_attention_forward(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             bias=bias, cu_seqlens_q=None, cu_seqlens_k=None,
             max_seqlen_q=None, max_seqlen_k=None, dropout_p=dropout_p,
-            custom_mask_type=_CAUSAL_BOTTOM_RIGHT if spec.causal else _NO_CAUSAL,
+            custom_mask_type=(_CAUSAL_BOTTOM_RIGHT if spec.causal and not causal_in_bias
+                              else _NO_CAUSAL),
             compute_log_sumexp=spec.return_lse or spec.requires_grad, scale=scale)
         out, lse = res[0].transpose(1, 2), res[1]
         if spec.return_lse:

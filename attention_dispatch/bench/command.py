@@ -1,0 +1,67 @@
+"""The ``bench`` and ``rank`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import torch
+
+from .._registry import list_backends
+from .._select import normalize
+from . import report
+from .cases import DTYPES, MASKS, MODES, parse_shapes
+from .run import run
+
+
+def add_parser(sub: Any) -> None:
+    b = sub.add_parser("bench", help="time and check every backend on this machine")
+    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    b.add_argument("--dtype", default="bf16", help="comma list of " + ",".join(DTYPES))
+    b.add_argument("--shapes", default="default", help="quick, default, decode or B,H,S,D;...")
+    b.add_argument("--kv-heads", type=int, default=0, help="GQA: kv heads for --shapes B,H,S,D")
+    b.add_argument("--causal", default="both", choices=["both", "true", "false"])
+    b.add_argument("--mask", default="none", help="comma list of " + ",".join(MASKS))
+    b.add_argument("--mode", default="fwd", help="comma list of " + ",".join(MODES))
+    b.add_argument("--backends", default=None, help="comma list (default: every registered)")
+    b.add_argument("--quick", action="store_true", help="the quick preset (< 60 s on a CPU)")
+    b.add_argument("--no-check", action="store_true", help="skip the correctness checks")
+    b.add_argument("--out", default="bench-results", help="folder for JSON, CSV and PNG")
+    r = sub.add_parser("rank", help="print the auto ranking that bench results imply")
+    r.add_argument("results", help="a results.json written by bench")
+
+
+def _list(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if bad:
+        raise SystemExit(f"{flag}: expected values of {', '.join(allowed)}; got {', '.join(bad)}")
+    return items
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    device = torch.device(a.device)
+    causal = {"both": [False, True], "true": [True], "false": [False]}[a.causal]
+    shapes = "quick" if a.quick else a.shapes
+    cases = parse_shapes(shapes, _list(a.dtype, tuple(DTYPES), "--dtype"), causal,
+                         _list(a.mask, MASKS, "--mask"), _list(a.mode, MODES, "--mode"),
+                         a.kv_heads, device)
+    backends = list(normalize("--backends", a.backends)) if a.backends else list_backends()
+    env = report.environment(device)
+    rows = run(cases, [b for b in backends if b != "auto"], device, check=not a.no_check, meta=env)
+    print(report.table(rows))
+    print(report.summary(rows))
+    paths = report.write(rows, a.out, env)
+    print("wrote " + ", ".join(paths.values()))
+    return 0 if all(r.get("correct") is not False for r in rows) else 1
+
+
+def cmd_rank(a: argparse.Namespace) -> int:
+    with open(a.results) as f:
+        data = json.load(f)
+    order = report.ranking_from(data["rows"])
+    env = data["environment"]
+    print(f"# from {a.results}: {env['device_name']}, torch {env['torch']}, {env['date']}")
+    print(json.dumps(order))
+    return 0

@@ -1,0 +1,162 @@
+"""Run benchmark cases: correctness, timing, memory, first-call latency."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from typing import Any, Callable, Optional
+
+import torch
+
+from .. import testing
+from .._dispatch import attention, explain
+from .._errors import BackendUnavailable
+from .cases import DTYPES, BenchCase
+
+Row = dict[str, Any]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _once_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device,
+                     budget_s: float = 0.6, max_reps: int = 60) -> dict[str, float]:
+    """Milliseconds per call of each function, measured in interleaved rounds
+    (so drifting clocks or a busy host hit all alike): the median of the rounds
+    on CUDA (events), the minimum on CPU (wall clock; interference only adds)."""
+    once = {n: _once_ms(f, device) for n, f in fns.items()}
+    reps = int(min(max_reps, max(3, budget_s * 1e3 / max(sum(once.values()), 1e-3))))
+    samples: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(reps):
+        for n, f in fns.items():
+            samples[n].append(_once_ms(f, device))
+    pick = statistics.median if device.type == "cuda" else min
+    return {n: pick(s) for n, s in samples.items()}
+
+
+def correctness(case: BenchCase, backend: str, device: torch.device) -> tuple[bool, str]:
+    """The contract's accuracy rule on a reduced copy of the case (same dtype,
+    head dim, GQA ratio, mask kind, causal and mode; at most 2 x 4 heads x 256)."""
+    ratio = case.heads_q // case.heads_kv
+    hq = max(ratio, min(case.heads_q, 4))
+    small = testing.Case(
+        batch=min(case.batch, 2), heads_q=hq, heads_kv=hq // ratio,
+        seq_q=min(case.seq_q, 256), seq_k=min(case.seq_k, 256), head_dim=case.head_dim,
+        dtype=DTYPES[case.dtype], causal=case.causal, grad=case.mode == "fwd+bwd",
+        mask={"none": "none", "padding": "padding", "bool": "bool"}[case.mask])
+    try:
+        res = testing.check_backend(backend, small, device)
+    except AssertionError as exc:
+        return False, str(exc).splitlines()[-1].strip()
+    worst = max(res.errors, key=lambda n: res.errors[n] / max(res.bounds[n], 1e-30))
+    return True, f"{worst} err {res.errors[worst]:.2g} <= {res.bounds[worst]:.2g}"
+
+
+def _call(case: BenchCase, kw: dict[str, Any], backend: str) -> Callable[[], Any]:
+    if case.mode == "fwd":
+        return lambda: attention(**kw, backend=backend)
+    grad = torch.randn_like(kw["q"][..., :1]).expand_as(kw["q"]).contiguous()
+
+    def step() -> None:
+        for t in ("q", "k", "v"):
+            kw[t].grad = None
+        attention(**kw, backend=backend).backward(grad)
+
+    return step
+
+
+def first_call(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
+    """First-call milliseconds (JIT and caches included) and peak memory (CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    first = (time.perf_counter() - t0) * 1e3
+    peak = None
+    if device.type == "cuda":
+        fn()
+        peak = round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
+    return {"first_call_ms": round(first, 3), "peak_mb": peak}
+
+
+def accepted(case: BenchCase, backends: list[str], device: torch.device) -> tuple[list[str], str]:
+    """Backends of ``backends`` that accept the case, and auto's choice."""
+    d = explain(**case.inputs(device, requires_grad=case.mode == "fwd+bwd"))
+    ok = {v.name for v in d.verdicts if not v.reasons}
+    return [b for b in backends if b in ok], d.backend or ""
+
+
+def run_case(case: BenchCase, backends: list[str], device: torch.device, check: bool,
+             meta: dict[str, Any]) -> list[Row]:
+    """Every accepting backend and auto on one case; auto_over_best on every row."""
+    names, chosen = accepted(case, backends, device)
+    kw = case.inputs(device, requires_grad=case.mode == "fwd+bwd")
+    rows: dict[str, Row] = {}
+    fns = {}
+    for name in names + ["auto"]:
+        row: Row = {**asdict(case), "case": case.label(), "backend": name, **meta,
+                    "chosen": chosen if name == "auto" else name, "ms": None, "tflops": None}
+        rows[name] = row
+        try:
+            fn = _call(case, kw, name)
+            row.update(first_call(fn, device))
+            ok, detail = correctness(case, row["chosen"], device) if check else (True, "not checked")
+            row.update(correct=ok, check=detail)
+            fns[name] = fn
+        except (BackendUnavailable, RuntimeError) as exc:
+            row.update(correct=False, check=f"{type(exc).__name__}: {exc}"[:200])
+    for name, ms in time_interleaved(fns, device).items():
+        rows[name].update(ms=round(ms, 4), tflops=round(case.flops / (ms * 1e-3) / 1e12, 3))
+    timed = [r["ms"] for n, r in rows.items() if n != "auto" and r["ms"] and r["correct"]]
+    auto = rows["auto"]["ms"]
+    ratio = round(min(timed) / auto, 4) if timed and auto else None
+    for r in rows.values():
+        r["auto_over_best"] = ratio
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return list(rows.values())
+
+
+def progress(i: int, n: int, label: str, t0: float) -> None:
+    """A one-line live progress bar on stderr."""
+    width = 30
+    done = int(width * i / max(n, 1))
+    eta = (time.perf_counter() - t0) / max(i, 1) * (n - i)
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} eta {eta:5.0f}s  "
+                     f"{label[:60]:<60}")
+    sys.stderr.flush()
+    if i == n:
+        sys.stderr.write("\n")
+
+
+def run(cases: list[BenchCase], backends: list[str], device: torch.device, check: bool = True,
+        meta: Optional[dict[str, Any]] = None, show_progress: bool = True) -> list[Row]:
+    rows: list[Row] = []
+    t0 = time.perf_counter()
+    for i, case in enumerate(cases):
+        if show_progress:
+            progress(i, len(cases), case.label(), t0)
+        rows += run_case(case, backends, device, check, meta or {})
+    if show_progress:
+        progress(len(cases), len(cases), "done", t0)
+    return rows

@@ -1,0 +1,124 @@
+"""Shared fixtures for the attention_dispatch test suite.
+
+* every test starts and ends with an empty decision cache and without the
+  ATTENTION_DISPATCH_BACKEND / ATTENTION_DISPATCH_PLUGINS variables;
+* tests marked ``gpu`` (the marker is registered in pyproject.toml) are
+  skipped when torch sees no CUDA device;
+* ``spy_backend`` registers a backend that records every forward call and
+  removes it again afterwards.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Iterator
+
+import pytest
+import torch
+
+import attention_dispatch as ad
+from attention_dispatch.testing import reference_attention
+
+ENV_VARS = ("ATTENTION_DISPATCH_BACKEND", "ATTENTION_DISPATCH_PLUGINS")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip every test marked ``gpu`` when no CUDA device is available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _clean_dispatch_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fresh decision cache and no selection/plugin variables for every test."""
+    for var in ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    ad.clear_cache()
+    yield
+    ad.clear_cache()
+
+
+class SpyBackend(ad.Backend):
+    """A CPU backend computing the float64 reference (no dropout) and
+    recording every call: ``calls`` holds (thread id, spec) tuples."""
+
+    capabilities = ad.Capabilities(
+        device_types=frozenset({"cpu"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+        dropout=False,
+        empty_rows_exact=True,
+    )
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, ad.CallSpec]] = []
+        self._lock = threading.Lock()
+
+    def forward(self, q, k, v, *, spec, mask, key_padding_mask, dropout_p, scale):
+        with self._lock:
+            self.calls.append((threading.get_ident(), spec))
+        out, lse = reference_attention(q, k, v, mask=mask, key_padding_mask=key_padding_mask,
+                                       causal=spec.causal, scale=scale)
+        return out.to(q.dtype), (lse.float() if spec.return_lse else None)
+
+
+@pytest.fixture
+def register_temp() -> Iterator[Callable[..., Any]]:
+    """``register_temp(name, cls_or_path, replace=False)``: register a backend
+    for the duration of one test.  At teardown the registry is put back as it
+    was (same names, same order, the same instances), whatever happened."""
+    from attention_dispatch._registry import REGISTRY
+
+    REGISTRY.names()  # entry points are discovered before the snapshot
+    with REGISTRY._lock:
+        entries = dict(REGISTRY._entries)
+        plugin_errors = dict(REGISTRY.plugin_errors)
+
+    def register(name: str, target: Any, *, replace: bool = False) -> Any:
+        REGISTRY.register(name, target, replace=replace)
+        return target
+
+    yield register
+    with REGISTRY._lock:
+        REGISTRY._entries.clear()
+        REGISTRY._entries.update(entries)
+        REGISTRY.plugin_errors.clear()
+        REGISTRY.plugin_errors.update(plugin_errors)
+    ad.clear_cache()
+
+
+@pytest.fixture
+def spy_backend(register_temp: Callable[..., Any]) -> SpyBackend:
+    """A registered :class:`SpyBackend` named "spy"; returns its instance."""
+    register_temp("spy", SpyBackend)
+    inst = ad.get_backend("spy")
+    assert isinstance(inst, SpyBackend)
+    return inst
+
+
+@pytest.fixture
+def spy_class() -> type:
+    """The :class:`SpyBackend` class, to register several spies."""
+    return SpyBackend
+
+
+def cpu_backends() -> list[str]:
+    """Registered backends whose probe accepts the CPU (math always does)."""
+    out = []
+    for name in ad.list_backends():
+        try:
+            if not ad.get_backend(name).probe(torch.device("cpu")):
+                out.append(name)
+        except ad.AttentionDispatchError:
+            continue  # failed to load: explain() reports it, test_registry covers that
+    ad.clear_cache()
+    return out
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test taking ``cpu_backend`` runs once per backend available on the CPU."""
+    if "cpu_backend" in metafunc.fixturenames:
+        metafunc.parametrize("cpu_backend", cpu_backends())
