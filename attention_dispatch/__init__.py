@@ -4,6 +4,7 @@ Importing this package does nothing else: no probing, no environment reads,
 no torch flags changed.  Backends are imported on first use.
 """
 
+from ._autotune import autotune
 from ._backend import AttentionResult
 from ._backend import Backend
 from ._capabilities import Capabilities
@@ -47,6 +48,7 @@ __all__ = [
     "UnknownBackendError",
     "__version__",
     "attention",
+    "autotune",
     "clear_cache",
     "explain",
     "explain_spec",

@@ -162,3 +162,41 @@ def choose(spec: CallSpec, eligible: list[str], timer: Callable[[str], Optional[
     best = min(good, key=lambda n: good[n]) if good else eligible[0]
     store(device, bucket, {"backend": best, "ms": {n: t for n, t in times.items()}})
     return best
+
+
+def reduced_case(spec: CallSpec) -> Any:
+    """A small conformance case with the call's dtype, head dims, GQA ratio,
+    masks and flags, for the correctness half of "fastest correct"."""
+    from . import testing
+
+    ratio = spec.heads_q // spec.heads_kv
+    hq = max(ratio, min(spec.heads_q, 4))
+    mask = {"none": "none", "bool": "bool", "float": "float"}[spec.mask_kind]
+    if spec.key_padding:
+        mask = "padding" if mask == "none" else f"{mask}+padding"
+    return testing.Case(batch=min(spec.batch, 2), heads_q=hq, heads_kv=hq // ratio,
+                        seq_q=min(spec.seq_q, 64), seq_k=min(spec.seq_k, 64),
+                        head_dim=spec.head_dim,
+                        head_dim_v=spec.head_dim_v if spec.head_dim_v != spec.head_dim else None,
+                        dtype=spec.dtype, layout=spec.layout, mask=mask, causal=spec.causal,
+                        lse=spec.return_lse)
+
+
+def timer_for(spec: CallSpec, run: Callable[[str], Any], repeats: int = 10
+              ) -> Callable[[str], Optional[float]]:
+    """``timer(name)``: correctness on a reduced case, then the median ms of
+    ``run(name)`` (the real call, without gradients) after one warm-up call."""
+    from . import testing
+    from .bench.run import time_interleaved
+
+    def timer(name: str) -> Optional[float]:
+        try:
+            testing.check_backend(name, reduced_case(spec), spec.device)
+            with torch.no_grad():
+                run(name)
+                return time_interleaved({name: lambda: run(name)}, spec.device,
+                                        budget_s=0.2, max_reps=repeats)[name]
+        except Exception:  # incorrect or failing: not a candidate
+            return None
+
+    return timer

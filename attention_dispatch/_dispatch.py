@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -9,6 +10,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 import torch
 
+from . import _autotune, _compile
 from ._backend import Backend
 from ._decision import ACCEPTED, CHOSEN, REFUSED, SKIPPED, BackendVerdict, Decision
 from ._errors import BackendUnavailable
@@ -45,6 +47,7 @@ def clear_cache() -> None:
         _plans.clear()
     REGISTRY.clear_probes()
     forget_env()
+    _autotune.forget_env()
     forget_names()
 
 
@@ -107,6 +110,29 @@ def _decide(spec: CallSpec, selection: tuple[str, ...], scale: Optional[float],
                  float(dropout_p))
 
 
+def _autotuned(plan: _Plan, selection: tuple[str, ...], args: tuple) -> _Plan:
+    """Replace the ranked choice by the fastest correct eligible backend."""
+    spec = plan.spec
+    _, verdicts = _verdicts(spec, selection, everyone=True)
+    eligible = [v.name for v in verdicts if v.rank is not None and not v.reasons]
+    q, k, v, mask, kpm, layout = args
+    if layout == "bshd":
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def run(name: str) -> Any:
+        inst, _ = REGISTRY.load(name)
+        return inst.forward(q, k, v, spec=spec, mask=mask,  # type: ignore[union-attr]
+                            key_padding_mask=kpm, dropout_p=plan.dropout_p, scale=plan.scale)
+
+    best = _autotune.choose(spec, eligible, _autotune.timer_for(spec, run))
+    if best == plan.backend.name:
+        return plan
+    inst, _ = REGISTRY.load(best)
+    logger.debug("attention_dispatch: autotune picked %s over %s", best, plan.backend.name)
+    fix = spec.may_have_empty_rows and not inst.capabilities.empty_rows_exact  # type: ignore
+    return plan._replace(backend=inst, fix_rows=fix)
+
+
 def _plan_slow(key: Optional[tuple], selection: tuple[str, ...], q: Any, k: Any, v: Any,
                mask: Any, kpm: Any, causal: Any, dropout_p: Any, scale: Any, layout: Any,
                return_lse: Any) -> _Plan:
@@ -114,12 +140,29 @@ def _plan_slow(key: Optional[tuple], selection: tuple[str, ...], q: Any, k: Any,
     spec = validate(q, k, v, mask=mask, key_padding_mask=kpm, causal=causal,
                     dropout_p=dropout_p, scale=scale, layout=layout, return_lse=return_lse)
     plan = _decide(spec, selection, scale, dropout_p)
+    if "auto" in selection and _autotune.enabled():
+        plan = _autotuned(plan, selection, (q, k, v, mask, kpm, layout))
     if key is not None:
         with _lock:
             if len(_plans) >= _MAX_ENTRIES:
                 _plans.clear()
             _plans[key] = plan
     return plan
+
+
+def _plan_at_trace(backend: BackendArg, q: Tensor, k: Tensor, v: Tensor, mask: Any, kpm: Any,
+                   causal: Any, dropout_p: Any, scale: Any, layout: Any, return_lse: Any,
+                   device: torch.device) -> _Plan:
+    """The plan for a traced call, from meta tensors standing for the real ones."""
+    selection, _ = resolve(backend)
+    spec = validate(q, k, v, mask=mask, key_padding_mask=kpm, causal=causal,
+                    dropout_p=dropout_p, scale=scale, layout=layout, return_lse=return_lse)
+    spec = dataclasses.replace(spec, device_type=device.type, device_index=device.index)
+    return _decide(spec, selection, scale, dropout_p)
+
+
+_decide_constant = _compile.make_decider(_plan_at_trace)
+_compiling = torch.compiler.is_compiling
 
 
 def _empty(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec) -> tuple[Tensor, Tensor]:
@@ -168,6 +211,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
         AttentionInputError / AttentionTypeError: bad input, before any kernel.
         BackendUnavailable: the selection names no backend that accepts the call.
     """
+    if _compiling():  # torch.compile: decided at trace time, nothing left per call
+        plan = _compile._plans[_decide_constant(_compile.constant_key(
+            q, k, v, mask, key_padding_mask, causal, dropout_p, scale, layout, backend,
+            return_lse))]
+        return _run(plan, q, k, v, mask, key_padding_mask, layout, return_lse)
     # hot path: build the key, one dict lookup, one kernel call
     if backend == "auto":
         selection = _context.get() or env_selection() or AUTO
@@ -176,7 +224,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
     try:
         key = (selection, layout, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype,
                q.device, k.device, v.device,
-               _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+               _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                    or (mask is not None and mask.requires_grad)),
                None if mask is None else _meta(mask),
                None if key_padding_mask is None else _meta(key_padding_mask),
                causal, dropout_p, scale, return_lse,
@@ -187,6 +236,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
     if plan is None:
         plan = _plan_slow(key, selection, q, k, v, mask, key_padding_mask, causal, dropout_p,
                           scale, layout, return_lse)
+    return _run(plan, q, k, v, mask, key_padding_mask, layout, return_lse)
+
+
+def _run(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+         key_padding_mask: Optional[Tensor], layout: str, return_lse: bool
+         ) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Run a plan: layout views, the kernel, the empty-row fix, the result."""
     spec = plan.spec
     if layout == "bshd":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

@@ -24,6 +24,8 @@ BUILTINS: dict[str, str] = {
     "sdpa-flash": "attention_dispatch.adapters.sdpa_flash:SdpaFlashBackend",
     "sdpa-mem-efficient": "attention_dispatch.adapters.sdpa_mem_efficient:SdpaMemEfficientBackend",
     "sdpa-cudnn": "attention_dispatch.adapters.sdpa_cudnn:SdpaCudnnBackend",
+    "flash-attn": "attention_dispatch.adapters.flash_attn:FlashAttnBackend",
+    "xformers": "attention_dispatch.adapters.xformers:XformersBackend",
 }
 
 Target = Union[str, type]

@@ -46,6 +46,7 @@ class CallSpec:
     dropout: bool = False
     return_lse: bool = False
     requires_grad: bool = False
+    mask_grad: bool = False  # a float mask that needs a gradient (a learned bias)
 
     @property
     def device(self) -> torch.device:
@@ -201,4 +202,5 @@ def validate(q: Any, k: Any, v: Any, *, mask: Any = None, key_padding_mask: Any 
         batch=B, heads_q=Hq, heads_kv=Hkv, seq_q=Sq, seq_k=Sk, head_dim=D, head_dim_v=Dv,
         layout=layout, mask_kind=mask_kind, key_padding=kpm, causal=causal,
         dropout=dropout_p > 0, return_lse=return_lse, requires_grad=grad,
+        mask_grad=grad and mask is not None and mask.requires_grad,
     )

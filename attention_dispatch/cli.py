@@ -3,6 +3,8 @@
     attention-dispatch info
     attention-dispatch bench [--quick] [--device cuda] [--shapes ...] [--out DIR]
     attention-dispatch rank results.json
+    attention-dispatch tune --shapes B,H,S,D;... [--device cuda]
+    attention-dispatch cache show|clear
     attention-dispatch explain --shape B,H,S,D [--kv-heads N] [--seq-k SK] [--dtype bf16]
                                [--causal] [--mask bool|float|padding] [--device cuda]
                                [--dropout P] [--lse] [--grad] [--layout bhsd|bshd]
@@ -158,7 +160,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"info": cmd_info, "explain": cmd_explain, "bench": bench_command.cmd_bench,
-                    "rank": bench_command.cmd_rank}
+                    "rank": bench_command.cmd_rank, "tune": bench_command.cmd_tune,
+                    "cache": bench_command.cmd_cache}
         return commands[args.command](args)
     except AttentionDispatchError as exc:
         print(f"attention-dispatch: {exc}", file=sys.stderr)

@@ -3,9 +3,12 @@ directly, on tiny tensors, in one run.
 
     python bench/overhead.py [--device cpu|cuda] [--repeats 20000] [--json out.json]
 
-Reports host-side microseconds per call for: the chosen backend's forward()
-called directly (what auto runs after its cache lookup) and ad.attention with
-auto; the difference is the dispatcher's own cost.
+Modes, each "auto" beside "direct" (the chosen backend's forward() with the
+plan's arguments, what auto runs after its cache lookup):
+  eager     host-side microseconds per call;
+  compile   both wrapped in torch.compile(fullgraph=True): the dispatcher
+            resolves at trace time, so the compiled graphs are the same;
+  cudagraph (CUDA only) both captured in a CUDA graph and replayed.
 """
 
 from __future__ import annotations
@@ -16,63 +19,97 @@ import math
 import platform
 import statistics
 import time
+from typing import Any, Callable
 
 import torch
 
 import attention_dispatch as ad
 
 
-def _time(fn, repeats: int, rounds: int = 7) -> float:
-    """Median over rounds of the mean µs per call."""
+def _time_us(fn: Callable[[], Any], repeats: int, sync: Callable[[], None], rounds: int = 7
+             ) -> float:
+    """Median over rounds of the mean microseconds per call."""
+    fn()
     per_round = []
     for _ in range(rounds):
+        sync()
         t0 = time.perf_counter()
         for _ in range(repeats):
             fn()
+        sync()
         per_round.append((time.perf_counter() - t0) / repeats * 1e6)
     return statistics.median(per_round)
 
 
-def measure(device: str, repeats: int) -> dict:
+def _pair(auto: Callable[[], Any], direct: Callable[[], Any], repeats: int,
+          sync: Callable[[], None]) -> dict[str, float]:
+    # interleave a few times so drift hits both alike
+    a, d = [], []
+    for _ in range(3):
+        d.append(_time_us(direct, repeats, sync))
+        a.append(_time_us(auto, repeats, sync))
+    da, dd = min(a), min(d)
+    return {"direct_us": round(dd, 3), "auto_us": round(da, 3), "overhead_us": round(da - dd, 3)}
+
+
+def _graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def measure(device: str, repeats: int, modes: list[str]) -> dict[str, Any]:
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 1, 4, 8, device=device) for _ in range(3))
-    with torch.no_grad():
-        ad.attention(q, k, v)  # first call: decide and cache
-        decision = ad.explain(q, k, v)
-        backend = ad.get_backend(decision.backend)
-        fwd, spec, scale = backend.forward, decision.spec, 1.0 / math.sqrt(q.shape[-1])
+    dt = torch.float16 if device == "cuda" else torch.float32
+    q, k, v = (torch.randn(1, 1, 4, 64, device=device, dtype=dt) for _ in range(3))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    decision = ad.explain(q, k, v)
+    backend = ad.get_backend(decision.backend)
+    fwd, spec, scale = backend.forward, decision.spec, 1.0 / math.sqrt(q.shape[-1])
 
-        def direct() -> None:
-            fwd(q, k, v, spec=spec, mask=None, key_padding_mask=None, dropout_p=0.0, scale=scale)
+    def direct() -> Any:
+        return fwd(q, k, v, spec=spec, mask=None, key_padding_mask=None, dropout_p=0.0,
+                   scale=scale)[0]
 
-        def auto() -> None:
-            ad.attention(q, k, v)
+    def auto() -> Any:
+        return ad.attention(q, k, v)
 
-        for fn in (direct, auto):
-            _time(fn, repeats // 10, 1)  # warm-up
-        t_direct = _time(direct, repeats)
-        t_auto = _time(auto, repeats)
-    return {
+    out: dict[str, Any] = {
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
-        "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "backend": decision.backend,
-        "direct_us": round(t_direct, 3),
-        "auto_us": round(t_auto, 3),
-        "overhead_us": round(t_auto - t_direct, 3),
-        "date": time.strftime("%Y-%m-%d"),
-    }
+        "host": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "backend": decision.backend, "date": time.strftime("%Y-%m-%d")}
+    with torch.no_grad():
+        if "eager" in modes:
+            out["eager"] = _pair(auto, direct, repeats, sync)
+        if "compile" in modes:
+            ca = torch.compile(auto, fullgraph=True)
+            cd = torch.compile(direct, fullgraph=True)
+            out["compile"] = _pair(ca, cd, max(repeats // 4, 100), sync)
+        if "cudagraph" in modes and device == "cuda":
+            out["cudagraph"] = _pair(_graphed(auto), _graphed(direct), repeats, sync)
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=20000)
+    p.add_argument("--modes", default="eager,compile,cudagraph")
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    r = measure(a.device, a.repeats)
-    print(f"{r['device']} torch {r['torch']}: backend {r['backend']}: direct "
-          f"{r['direct_us']:.2f} us, auto {r['auto_us']:.2f} us, overhead {r['overhead_us']:.2f} us/call")
+    r = measure(a.device, a.repeats, a.modes.split(","))
+    print(f"{r['device']} ({r['host']}) torch {r['torch']}, backend {r['backend']}, {r['date']}")
+    for mode in ("eager", "compile", "cudagraph"):
+        if mode in r:
+            m = r[mode]
+            print(f"  {mode:<9} direct {m['direct_us']:7.2f} us  auto {m['auto_us']:7.2f} us  "
+                  f"overhead {m['overhead_us']:+.2f} us/call")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(r, f, indent=2)

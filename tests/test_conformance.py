@@ -120,3 +120,32 @@ def test_cuda_conformance(name, case):
         assert name != "math", reasons
         pytest.skip(f"{name} unavailable on cuda: {'; '.join(reasons)}")
     assert _check(name, case, "cuda").ok
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", GPU_BACKENDS + ("auto",))
+def test_cuda_float_mask_gradient(name, dtype):
+    """A float mask that requires grad (a learned bias) gets the right
+    gradient, or the backend refuses the call; auto always finds one."""
+    if name != "auto" and name not in ad.list_backends():
+        pytest.skip(f"{name} is not registered")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, s, 64, generator=g) for s in (33, 47, 47))
+    bias = torch.randn(1, 4, 33, 47, generator=g)
+    go = torch.randn(2, 4, 33, 64, generator=g)
+    dq, dk, dv, db = (t.to("cuda", dtype).requires_grad_() for t in (q, k, v, bias))
+    try:
+        out = ad.attention(dq, dk, dv, mask=db, causal=True, backend=name)
+    except ad.BackendUnavailable as exc:
+        assert name not in ("math", "auto"), exc
+        pytest.skip(f"{name} refuses: {exc.reasons}")
+    out.backward(go.to("cuda", dtype))
+    rq, rk, rv, rb = (t.double().requires_grad_() for t in (q, k, v, bias))
+    ref, _ = testing.reference_attention(rq, rk, rv, mask=rb, causal=True)
+    ref.backward(go.double())
+    tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
+    for got, want in ((out, ref), (dq.grad, rq.grad), (db.grad, rb.grad)):
+        assert got is not None
+        scale = 1.0 + want.abs().max().item()
+        assert (got.double().cpu() - want.detach()).abs().max().item() <= tol * scale

@@ -358,3 +358,68 @@ def test_different_value_head_dim_on_math():
     out = ad.attention(q, k, v, backend="math", causal=True)
     assert out.shape == (2, 4, 6, 24)
     assert_close_to_ref(out, reference_attention(q, k, v, causal=True)[0])
+
+
+# ------------------------------------------- float mask that needs a gradient
+
+
+def _learned_bias_call(backend, device="cpu", dtype=torch.float32):
+    q, k, v = (t.to(device) for t in qkv(hkv=2, sq=5, sk=9, dtype=dtype, grad=False))
+    bias = (rand(1, 4, 5, 9, seed=4) * 0.5).to(device=device, dtype=dtype).requires_grad_()
+    q.requires_grad_()
+    out = ad.attention(q, k, v, mask=bias, causal=True, backend=backend)
+    g = rand(*out.shape, seed=8).to(device=device, dtype=dtype)
+    out.backward(g)
+    qr = q.detach().cpu().double().requires_grad_()
+    br = bias.detach().cpu().double().requires_grad_()
+    ref, _ = reference_attention(qr, k.cpu(), v.cpu(), mask=br, causal=True)
+    ref.backward(g.cpu().double())
+    return out, ref, (q.grad, bias.grad), (qr.grad, br.grad)
+
+
+def test_float_mask_gradient(cpu_backend):
+    """A float mask that requires grad (a learned bias) gets its gradient, or
+    the backend refuses the call with a reason; it never crashes or drops it."""
+    try:
+        out, ref, (dq, dbias), (rq, rbias) = _learned_bias_call(cpu_backend)
+    except ad.BackendUnavailable as exc:
+        assert any("mask" in r for r in exc.reasons[cpu_backend]), exc
+        pytest.skip(f"{cpu_backend} refuses a mask that requires grad: {exc.reasons}")
+    assert_close_to_ref(out.detach(), ref.detach())
+    assert dbias is not None, "the mask's gradient was dropped"
+    torch.testing.assert_close(dbias.double(), rbias, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dq.double(), rq, atol=1e-5, rtol=1e-5)
+
+
+def test_float_mask_gradient_with_auto():
+    """auto never picks a backend that cannot differentiate the mask, also
+    when the same signature was planned under no_grad first."""
+    q, k, v = qkv(sq=5, sk=9)
+    bias = torch.zeros(1, 4, 5, 9, requires_grad=True)
+    with torch.no_grad():
+        ad.attention(q, k, v, mask=bias)
+        assert not ad.explain(q, k, v, mask=bias).spec.mask_grad
+    d = ad.explain(q, k, v, mask=bias)
+    assert d.spec.mask_grad and d.spec.requires_grad
+    out = ad.attention(q, k, v, mask=bias)
+    out.sum().backward()
+    assert bias.grad is not None and torch.isfinite(bias.grad).all()
+
+
+def test_kernels_without_mask_gradient_refuse_a_learned_bias():
+    """torch's CPU flash kernel and cuDNN attention cannot differentiate the
+    bias: they refuse such calls (checked on CallSpecs, no device needed)."""
+    def spec(device, **kw):
+        return ad.CallSpec(device_type=device, device_index=None, dtype=torch.bfloat16,
+                           batch=1, heads_q=4, heads_kv=4, seq_q=16, seq_k=16, head_dim=64,
+                           head_dim_v=64, mask_kind="float", **kw)
+
+    grad = dict(requires_grad=True, mask_grad=True)
+    flash = ad.get_backend("sdpa-flash")
+    assert any("requires grad" in r for r in flash.supports(spec("cpu", **grad)))
+    assert flash.supports(spec("cpu", requires_grad=True)) == []
+    cudnn = ad.get_backend("sdpa-cudnn")
+    assert any("requires grad" in r for r in cudnn.supports(spec("cuda", **grad)))
+    assert cudnn.supports(spec("cuda", requires_grad=True)) == []
+    # the memory-efficient kernel differentiates its bias
+    assert ad.get_backend("sdpa-mem-efficient").supports(spec("cuda", **grad)) == []

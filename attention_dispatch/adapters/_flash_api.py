@@ -8,12 +8,11 @@ Three APIs, newest first (the backend uses the first that accepts a call):
   ..., return_lse)`` and ``flash_attn_varlen_func(q, k, v, qv, cu_seqlens_q,
   cu_seqlens_k, max_seqlen_q, max_seqlen_k, min_seqlen_k, seqused_q, seqused_k,
   ..., softmax_scale, causal, ..., return_lse)`` both return ``(out, lse)``, lse
-  (B, H, Sq) float32 (natural log) for dense queries; autograd through out and
-  lse; no dropout.
+  (B, H, Sq) float32 (natural log) for dense queries; autograd; no dropout.
 * FA3 - ``flash_attn_interface`` (Hopper build ``flash_attn_3``), sm90.
   ``flash_attn_func(q, k, v, softmax_scale=None, causal=False, ...,
   return_attn_probs=False)`` returns ``out`` or ``(out, softmax_lse)`` (older
-  betas always returned the pair); the backward ignores the lse; no dropout.
+  betas always returned the pair); no dropout.
 * FA2 - ``flash_attn`` (distribution ``flash-attn`` >= 2.1), sm80+.
   ``flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
   window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
@@ -23,6 +22,8 @@ Three APIs, newest first (the backend uses the first that accepts a call):
 
 All take (B, S, H, D) tensors with a unit last stride, native GQA (query head
 h reads kv head h // (Hq // Hkv)) and bottom-right causal (j <= i + Sk - Sq).
+Their backward passes differentiate the output only; the contract's LSE is
+detached (the dispatcher returns ``lse.detach()``), so that is all it needs.
 
 Equivalent math: see :mod:`attention_dispatch.adapters.math`.
 """
@@ -66,7 +67,7 @@ FA3 = FlashApi("fa3", "FA3, flash_attn_interface", "flash_attn_interface",
 FA2 = FlashApi("fa2", "FA2, flash_attn", "flash_attn", ("flash-attn",))
 APIS: tuple[FlashApi, ...] = (FA4, FA3, FA2)
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _imports: dict[str, tuple[Optional[ModuleType], Optional[str]]] = {}
 
 
@@ -114,6 +115,33 @@ def installed(api: FlashApi) -> bool:
         return importlib.util.find_spec("flash_attn_interface") is not None
     except (ImportError, ValueError):
         return False
+
+
+def fa4_without_fa2() -> bool:
+    """flash_attn importable (flash-attn-4's namespace package) without FA2's
+    ``flash_attn.flash_attn_interface``: the layout that breaks xformers <= 0.0.35."""
+    return _has_submodule("flash_attn", "cute") and not _has_submodule("flash_attn",
+                                                                       "flash_attn_interface")
+
+
+def import_hiding_flash_attn(name: str) -> ModuleType:
+    """Import module ``name`` while ``flash_attn`` looks absent to it.
+
+    ``sys.modules["flash_attn"] = None`` makes ``importlib.util.find_spec("flash_attn")``
+    return None and ``import flash_attn`` fail, for the duration of this import only;
+    the previous entry is restored afterwards (nothing on disk changes).
+    """
+    missing = object()
+    with _lock:
+        saved = sys.modules.get("flash_attn", missing)
+        sys.modules["flash_attn"] = None  # type: ignore[assignment]
+        try:
+            return importlib.import_module(name)
+        finally:
+            if saved is missing:
+                sys.modules.pop("flash_attn", None)
+            else:
+                sys.modules["flash_attn"] = saved  # type: ignore[assignment]
 
 
 def load(api: FlashApi) -> tuple[Optional[ModuleType], Optional[str]]:
@@ -218,9 +246,6 @@ def _fa4_call_reasons(spec: CallSpec, cc: CC) -> list[str]:
                              or (d, dv) in ((192, 128), (256, 256))):
         out.append(f"head dims (D={d}, Dv={dv}) on sm{cc[0]}{cc[1]}; FA4 allowed: "
                    "both 8..128, or (192, 128), or (256, 256)")
-    if spec.requires_grad and spec.return_lse and cc[0] != 9 and (d, dv) == (256, 256):
-        out.append("gradients with return_lse=True at head dim 256 on sm100; "
-                   "FA4's hd256 backward takes no LSE gradient")
     return out
 
 
@@ -231,9 +256,6 @@ def _fa3_call_reasons(spec: CallSpec, cc: CC) -> list[str]:
     if spec.head_dim != spec.head_dim_v:
         out.append(f"head_dim_v={spec.head_dim_v} != head_dim={spec.head_dim}; "
                    "FA3 path allowed: equal head dims")
-    if spec.requires_grad and spec.return_lse:
-        out.append("return_lse=True with gradients; FA3's backward ignores the LSE "
-                   "(no gradient would flow through it)")
     return out
 
 
@@ -242,9 +264,6 @@ def _fa2_call_reasons(spec: CallSpec, cc: CC) -> list[str]:
     d = spec.head_dim
     if d != spec.head_dim_v:
         out.append(f"head_dim_v={spec.head_dim_v} != head_dim={d}; FA2 allowed: equal head dims")
-    if spec.requires_grad and spec.return_lse:
-        out.append("return_lse=True with gradients; FA2's backward ignores the LSE "
-                   "(no gradient would flow through it)")
     if spec.return_lse and spec.dropout:
         out.append("return_lse=True with dropout_p > 0; FA2 returns the LSE only through "
                    "return_attn_probs, which then materialises the (B, H, Sq, Sk) probabilities")

@@ -47,6 +47,12 @@ class SdpaCudnnBackend(Backend):
             out.append("cuDNN is not available in this torch build")
         return out
 
+    def check(self, spec: CallSpec) -> list[str]:
+        if spec.mask_grad:
+            return ["a float mask that requires grad; cuDNN attention gives no gradient "
+                    "for attn_bias"]
+        return []
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
                 mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
                 dropout_p: float, scale: float) -> AttentionResult:

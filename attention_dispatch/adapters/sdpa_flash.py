@@ -41,7 +41,11 @@ class SdpaFlashBackend(Backend):
 
     def check(self, spec: CallSpec) -> list[str]:
         if spec.device_type == "cpu":
-            return ["dropout_p > 0; torch's CPU flash kernel cannot drop out"] if spec.dropout else []
+            out = ["dropout_p > 0; torch's CPU flash kernel cannot drop out"] if spec.dropout else []
+            if spec.mask_grad:
+                out.append("a float mask that requires grad; torch's CPU flash kernel gives "
+                           "no gradient for attn_mask")
+            return out
         out = half_only_on_cuda(spec)
         if spec.mask_kind != "none" or spec.key_padding:
             out.append("a mask or key_padding_mask; torch's CUDA flash kernel takes no attn_mask")

@@ -8,10 +8,12 @@ from typing import Any
 
 import torch
 
+from .. import _autotune
+from .._dispatch import attention, clear_cache, explain
 from .._registry import list_backends
 from .._select import normalize
 from . import report
-from .cases import DTYPES, MASKS, MODES, parse_shapes
+from .cases import DTYPES, MASKS, MODES, BenchCase, parse_shapes
 from .run import run
 
 
@@ -30,6 +32,16 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--out", default="bench-results", help="folder for JSON, CSV and PNG")
     r = sub.add_parser("rank", help="print the auto ranking that bench results imply")
     r.add_argument("results", help="a results.json written by bench")
+    t = sub.add_parser("tune", help="fill the autotune cache ahead of time")
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--dtype", default="bf16")
+    t.add_argument("--shapes", required=True, help="quick, default, decode or B,H,S,D;...")
+    t.add_argument("--kv-heads", type=int, default=0)
+    t.add_argument("--causal", default="both", choices=["both", "true", "false"])
+    t.add_argument("--mask", default="none")
+    t.add_argument("--mode", default="fwd")
+    c = sub.add_parser("cache", help="show or clear the autotune cache")
+    c.add_argument("action", choices=["show", "clear"])
 
 
 def _list(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
@@ -40,13 +52,16 @@ def _list(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
     return items
 
 
+def _cases(a: argparse.Namespace, shapes: str) -> list[BenchCase]:
+    causal = {"both": [False, True], "true": [True], "false": [False]}[a.causal]
+    return parse_shapes(shapes, _list(a.dtype, tuple(DTYPES), "--dtype"), causal,
+                        _list(a.mask, MASKS, "--mask"), _list(a.mode, MODES, "--mode"),
+                        a.kv_heads, torch.device(a.device))
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     device = torch.device(a.device)
-    causal = {"both": [False, True], "true": [True], "false": [False]}[a.causal]
-    shapes = "quick" if a.quick else a.shapes
-    cases = parse_shapes(shapes, _list(a.dtype, tuple(DTYPES), "--dtype"), causal,
-                         _list(a.mask, MASKS, "--mask"), _list(a.mode, MODES, "--mode"),
-                         a.kv_heads, device)
+    cases = _cases(a, "quick" if a.quick else a.shapes)
     backends = list(normalize("--backends", a.backends)) if a.backends else list_backends()
     env = report.environment(device)
     rows = run(cases, [b for b in backends if b != "auto"], device, check=not a.no_check, meta=env)
@@ -64,4 +79,38 @@ def cmd_rank(a: argparse.Namespace) -> int:
     env = data["environment"]
     print(f"# from {a.results}: {env['device_name']}, torch {env['torch']}, {env['date']}")
     print(json.dumps(order))
+    return 0
+
+
+def cmd_tune(a: argparse.Namespace) -> int:
+    device = torch.device(a.device)
+    _autotune.autotune(True)
+    clear_cache()
+    for case in _cases(a, a.shapes):
+        kw = case.inputs(device, requires_grad=case.mode == "fwd+bwd")
+        attention(**kw)
+        print(f"{case.label()}: {explain(**kw).backend} (ranked) -> "
+              f"{_autotune.load(device)['decisions'].get(_bucket(kw), {}).get('backend', '-')}")
+    print(f"cache: {_autotune.cache_path(device)}")
+    return 0
+
+
+def _bucket(kw: dict[str, Any]) -> str:
+    return _autotune.bucket_key(explain(**kw).spec)
+
+
+def cmd_cache(a: argparse.Namespace) -> int:
+    if a.action == "clear":
+        for p in _autotune.clear():
+            print(f"removed {p}")
+        return 0
+    files = sorted(_autotune.cache_dir().glob("autotune-*.json")) \
+        if _autotune.cache_dir().is_dir() else []
+    if not files:
+        print(f"no autotune cache under {_autotune.cache_dir()}")
+    for p in files:
+        data = json.loads(p.read_text())
+        print(f"{p}: {json.dumps(data.get('environment', {}), sort_keys=True)}")
+        for bucket, entry in sorted(data.get("decisions", {}).items()):
+            print(f"  {bucket}: {entry.get('backend')}")
     return 0

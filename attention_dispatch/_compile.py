@@ -1,0 +1,66 @@
+"""torch.compile support: the decision is made once, at trace time.
+
+Under ``torch.compile`` (``fullgraph=True`` included) :func:`attention` does not
+run its eager cache (a ``ContextVar`` read and a dict keyed by tensors, which
+dynamo cannot trace).  It builds a key of Python constants (shapes, dtypes,
+devices, flags, the selection) and calls :func:`decide_constant`, which dynamo
+runs eagerly while tracing and folds into the graph as a constant
+(``_dynamo_marked_constant``, what ``torch._dynamo.assume_constant_result`` sets).
+The compiled graph holds only the chosen kernel: zero dispatch cost per call.
+
+Consequence: a compiled function keeps the backend chosen when it was traced;
+``use_backend``/environment changes apply after ``torch._dynamo.reset()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+_plans: list[Any] = []
+_index: dict[tuple, int] = {}
+
+
+def _meta_const(t: Any) -> Optional[tuple]:
+    if t is None:
+        return None
+    return (tuple(t.shape), str(t.dtype), t.requires_grad)
+
+
+def constant_key(q: Any, k: Any, v: Any, mask: Any, kpm: Any, causal: Any, dropout_p: Any,
+                 scale: Any, layout: Any, backend: Any, return_lse: Any) -> tuple:
+    """The call as Python constants (traceable: shapes, dtypes, flags)."""
+    sel = backend if isinstance(backend, str) or backend is None else tuple(backend)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return (sel, layout, tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype),
+            str(k.dtype), str(v.dtype), str(q.device), grad, _meta_const(mask),
+            _meta_const(kpm), causal, dropout_p, scale, return_lse)
+
+
+def _empty_like(shape: tuple, dtype: str, device: str, grad: bool = False) -> torch.Tensor:
+    dt = getattr(torch, dtype.replace("torch.", ""))
+    return torch.empty(shape, dtype=dt, device=device).requires_grad_(grad)
+
+
+def make_decider(plan_slow: Callable[..., Any]) -> Callable[[tuple], int]:
+    """``decide_constant(key) -> index`` into :data:`_plans`, run at trace time."""
+
+    def decide_constant(key: tuple) -> int:
+        if key in _index:
+            return _index[key]
+        sel, layout, qs, ks, vs, qd, kd, vd, dev, grad, mk, pk, causal, p, scale, lse = key
+        with torch.no_grad():
+            q = _empty_like(qs, qd, "meta")
+            k, v = _empty_like(ks, kd, "meta"), _empty_like(vs, vd, "meta")
+        q.requires_grad_(grad)
+        mask = None if mk is None else _empty_like(mk[0], mk[1], "meta")
+        kpm = None if pk is None else _empty_like(pk[0], pk[1], "meta")
+        plan = plan_slow(sel, q, k, v, mask, kpm, causal, p, scale, layout, lse,
+                         torch.device(dev))
+        _plans.append(plan)
+        _index[key] = len(_plans) - 1
+        return _index[key]
+
+    decide_constant._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return decide_constant

@@ -1,0 +1,214 @@
+"""``flash-attn``: one backend over the flash-attn family, whichever is installed.
+
+Per call the newest API that accepts it runs: FA4 (``flash_attn.cute``,
+sm90/sm100/sm110), then FA3 (``flash_attn_interface``, sm90), then FA2
+(``flash_attn`` >= 2.1, sm80+); see :mod:`._flash_api` for their signatures.
+
+Translation of the contract:
+
+* layout: the kernels read (B, S, H, D); they get ``q.transpose(1, 2)`` etc.,
+  views of the caller's tensors (no copy; for ``layout="bshd"`` the caller's
+  contiguous tensors themselves).
+* causal: passed as is; every API aligns it bottom-right (j <= i + Sk - Sq).
+  With Sq == 1 it admits every key and is dropped.
+* GQA: native (query head h reads kv head h // (Hq // Hkv)).
+* key_padding_mask: FA4 gets ``seqused_k`` (dense q, k, v, no copy when the
+  real keys are each row's first ones; otherwise they are gathered to the
+  front); FA3/FA2 get the varlen path: dense queries (``cu_seqlens_q = arange(B
+  + 1) * Sq``), the real keys packed with ``cu_seqlens_k`` from the mask, output
+  reshaped back to (B, Sq, H, Dv).  Causal with key padding (Sq > 1) is refused:
+  varlen kernels align causal to each row's real key count, the contract to the
+  padded Sk.
+* refused: dense bool/float masks, float32/float64, dropout on FA3/FA4, head
+  dims a kernel lacks, Dv != D on FA3/FA2, LSE with dropout on FA2.
+* rows with no allowed key are zeroed by the dispatcher (FA2 writes lse=+inf).
+
+Equivalent math (what every path computes)::
+
+    s = scale * q @ k.T                       # (B, Hq, Sq, Sk), kv head h // (Hq // Hkv)
+    s[~(key_padding & causal_bottom_right)] = -inf
+    out = dropout(softmax(s)) @ v;  lse = logsumexp(s, -1)
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from .._backend import AttentionResult, Backend
+from .._capabilities import Capabilities
+from .._spec import CallSpec
+from . import _flash_api as api_mod
+from ._flash_api import APIS, FA4, FlashApi
+from ._varlen import (CAUSAL_PADDING_REASON, causal_differs_with_padding, cu_seqlens,
+                      dense_cu_seqlens, key_lengths, lse_to_bhs, prefix_kv, unpad)
+
+Tensor = torch.Tensor
+Choice = tuple[FlashApi, ModuleType]
+_MAX_CHOICES = 4096
+
+
+@dataclass
+class _DeviceState:
+    """What the flash-attn family offers on one device."""
+
+    cc: Optional[tuple[int, int]]
+    usable: list[Choice] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+
+def _device_state(device: torch.device) -> _DeviceState:
+    cc = api_mod.cuda_capability(device)
+    if cc is None:
+        why = (f"device {device.type}; allowed: cuda" if device.type != "cuda"
+               else "CUDA is not available in this torch build or machine")
+        return _DeviceState(None, reasons=[why])
+    state = _DeviceState(cc)
+    for api in APIS:
+        if not api_mod.installed(api):
+            continue
+        mod, err = api_mod.load(api)
+        why = [err] if mod is None else api_mod.device_reasons(api, mod, cc)
+        if why:
+            state.reasons.extend(f"{api.label}: {w}" for w in why)
+        else:
+            state.usable.append((api, mod))  # type: ignore[arg-type]
+    return state
+
+
+class FlashAttnBackend(Backend):
+    """flash-attn FA4 / FA3 / FA2 kernels behind the contract (see module docstring)."""
+
+    package = "flash-attn-4"
+    capabilities = Capabilities(
+        device_types=frozenset({"cuda"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16}),
+        max_head_dim=256,
+        head_dim_multiple=8,
+        different_v_head_dim=True,
+        min_compute_capability=(8, 0),
+        mask_kinds=frozenset(),
+        native_layout="bshd",
+    )
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._states: dict[torch.device, _DeviceState] = {}
+        self._choices: dict[CallSpec, tuple[Optional[Choice], list[str]]] = {}
+
+    def forget(self) -> None:
+        """Drop cached imports, device states and per-call choices."""
+        api_mod.forget()
+        with self._lock:
+            self._states.clear()
+            self._choices.clear()
+
+    def _state(self, device: torch.device) -> _DeviceState:
+        with self._lock:
+            st = self._states.get(device)
+        if st is None:
+            st = _device_state(device)
+            with self._lock:
+                self._states[device] = st
+        return st
+
+    def probe(self, device: torch.device) -> list[str]:
+        """[] when some installed flash-attn API runs on ``device``; else why not."""
+        st = self._state(device)
+        if st.usable:
+            return []
+        if not any(api_mod.installed(a) for a in APIS):
+            return st.reasons + [api_mod.INSTALL_HINT]
+        return list(st.reasons)
+
+    def _choose(self, spec: CallSpec) -> tuple[Optional[Choice], list[str]]:
+        hit = self._choices.get(spec)
+        if hit is not None:
+            return hit
+        st = self._state(spec.device)
+        if not st.usable:
+            res: tuple[Optional[Choice], list[str]] = (None, self.probe(spec.device))
+        elif causal_differs_with_padding(spec.causal, spec.seq_q, spec.key_padding):
+            res = (None, [CAUSAL_PADDING_REASON])
+        else:
+            res = (None, [])
+            for api, mod in st.usable:
+                why = api_mod.call_reasons(api, spec, st.cc)  # type: ignore[arg-type]
+                if not why:
+                    res = ((api, mod), [])
+                    break
+                res[1].extend(f"{api.label}: {w}" for w in why)
+        with self._lock:
+            if len(self._choices) >= _MAX_CHOICES:
+                self._choices.clear()
+            self._choices[spec] = res
+        return res
+
+    def check(self, spec: CallSpec) -> list[str]:
+        """Reasons no usable flash-attn API takes ``spec`` (one per API, prefixed)."""
+        return list(self._choose(spec)[1])
+
+    def chosen_api(self, spec: CallSpec) -> Optional[str]:
+        """Label of the API that runs ``spec`` (e.g. "FA4, flash_attn.cute"), or None."""
+        choice = self._choose(spec)[0]
+        return choice[0].label if choice else None
+
+    def version(self) -> Optional[str]:
+        for api in APIS:
+            if api_mod.installed(api):
+                return api_mod.version(api, sys.modules.get(api.module))
+        return None
+
+    def describe(self) -> str:
+        """E.g. "flash-attn-4 4.0.0b36 (FA4, flash_attn.cute)"; every installed API."""
+        parts = []
+        for api in APIS:
+            if api_mod.installed(api):
+                v = api_mod.version(api, sys.modules.get(api.module)) or "version unknown"
+                parts.append(f"{api.dists[0]} {v} ({api.label})")
+        return " + ".join(parts) if parts else "flash-attn (not installed)"
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
+                mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                dropout_p: float, scale: float) -> AttentionResult:
+        """q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) bhsd views ->
+        (out (B, Hq, Sq, Dv) view of the kernel's bshd output, lse (B, Hq, Sq) or None)."""
+        choice, why = self._choose(spec)
+        if choice is None:
+            raise RuntimeError("flash-attn cannot run this call: " + "; ".join(why))
+        api, mod = choice
+        qs, ks, vs = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        causal = spec.causal and spec.seq_q > 1
+        kw = dict(causal=causal, scale=scale, need_lse=spec.return_lse)
+        if key_padding_mask is None:
+            out, lse = api_mod.call_dense(api, mod, qs, ks, vs, dropout_p=dropout_p, **kw)
+        elif api is FA4:
+            k2, v2, lengths = prefix_kv(ks, vs, key_padding_mask)
+            out, lse = api_mod.call_seqused(mod, qs, k2, v2, lengths, **kw)
+        else:
+            out, lse = _varlen(api, mod, qs, ks, vs, key_padding_mask, dropout_p, kw)
+        if spec.return_lse:
+            lse = lse_to_bhs(lse, spec.batch, spec.heads_q, spec.seq_q)  # type: ignore[arg-type]
+        return out.transpose(1, 2), (lse if spec.return_lse else None)
+
+
+def _varlen(api: FlashApi, mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, kpm: Tensor,
+            dropout_p: float, kw: dict) -> tuple[Tensor, Optional[Tensor]]:
+    """FA3/FA2 key padding: dense queries, real keys packed (bshd in, bshd out).
+
+    q (B, Sq, Hq, D) -> (B*Sq, Hq, D); k/v -> (total_k, Hkv, D) with cu_seqlens_k
+    from the mask.  Returns out (B, Sq, Hq, Dv) and the kernel's lse.
+    """
+    b, sq, hq, d = q.shape
+    lengths = key_lengths(kpm)
+    cu_q = dense_cu_seqlens(b, sq, q.device)
+    max_k = int(lengths.max())
+    out, lse = api_mod.call_varlen(api, mod, q.reshape(b * sq, hq, d), unpad(k, kpm),
+                                   unpad(v, kpm), cu_q, cu_seqlens(lengths), sq, max_k,
+                                   dropout_p=dropout_p, **kw)
+    return out.reshape(b, sq, hq, out.shape[-1]), lse

@@ -1,0 +1,190 @@
+"""Time every backend side by side on CUDA, through ``ad.attention(..., backend=name)``.
+
+Each row times every forced backend, ``backend="auto"`` (and, where the row
+has one, torch's default ``F.scaled_dot_product_attention`` choice) with CUDA
+events: warm-up, then the median of N repeats.  bfloat16, head dim 128.
+
+(a) long: B*S = 16384 tokens (B=1 S=16384, and other B x S splits), H=16,
+    causal and non-causal, fwd and fwd+bwd; TFLOP/s = 4*B*H*Sq*Sk*D / t for
+    fwd (half that for causal), 2.5x the fwd FLOPs for fwd+bwd.
+(b) key padding: B=4, S=8192, H=16, rows 2 and 3 with half their keys padded;
+    torch default = F.sdpa with the equivalent bool attn_mask.
+(c) decode: B=32, Hq=32, Hkv=8, Sq=1, Sk=8192; torch default = F.sdpa(enable_gqa=True).
+
+``auto/best`` is auto's time over the fastest forced backend's.  Usage::
+
+    python bench/gpu_bench.py --out bench-results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import attention_dispatch as ad
+
+DEFAULT_BACKENDS = "flash-attn,xformers,sdpa-cudnn,sdpa-flash,sdpa-mem-efficient"
+Tensor = torch.Tensor
+
+
+def time_ms(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
+    """Median milliseconds of ``fn`` over ``repeats`` runs, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    events = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def make(b: int, hq: int, hkv: int, sq: int, sk: int, d: int, layout: str,
+         grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Random bfloat16 q, k, v on CUDA in ``layout``."""
+    def rnd(h: int, s: int) -> Tensor:
+        shape = (b, h, s, d) if layout == "bhsd" else (b, s, h, d)
+        return torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_(grad)
+
+    return rnd(hq, sq), rnd(hkv, sk), rnd(hkv, sk)
+
+
+def runner(name: str, q: Tensor, k: Tensor, v: Tensor, kw: dict, bwd: bool
+           ) -> Callable[[], Any]:
+    """A closure running one attention call (and its backward when ``bwd``)."""
+    def fwd() -> Tensor:
+        return ad.attention(q, k, v, backend=name, **kw)
+
+    if not bwd:
+        return fwd
+    grad = torch.randn_like(fwd())
+    return lambda: torch.autograd.grad(fwd(), (q, k, v), grad)
+
+
+def measure(names: list[str], q: Tensor, k: Tensor, v: Tensor, kw: dict, bwd: bool,
+            args: argparse.Namespace, torch_default: Optional[Callable[[], Any]] = None
+            ) -> dict[str, Any]:
+    """{backend: ms or "refused: ..." / "error: ..."}, plus auto's choice and torch's default."""
+    res: dict[str, Any] = {}
+    for name in names + ["auto"]:
+        try:
+            res[name] = time_ms(runner(name, q, k, v, kw, bwd), args.warmup, args.repeats)
+        except ad.BackendUnavailable as exc:
+            res[name] = "refused: " + "; ".join(exc.reasons.get(name, ["?"]))
+        except Exception as exc:  # one broken backend must not stop the run
+            res[name] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        torch.cuda.empty_cache()
+    res["auto_choice"] = ad.explain(q, k, v, **kw).backend
+    if torch_default is not None:
+        res["torch-default"] = time_ms(torch_default, args.warmup, args.repeats)
+    best = [res[n] for n in names if isinstance(res[n], float)]
+    if best and isinstance(res["auto"], float):
+        res["auto/best"] = res["auto"] / min(best)
+    return res
+
+
+def long_rows(args: argparse.Namespace, names: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for shape in args.shapes.split(","):
+        b, s = (int(x) for x in shape.split("x"))
+        for causal in (False, True):
+            for bwd in (False, True):
+                q, k, v = make(b, 16, 16, s, s, 128, args.layout, bwd)
+                res = measure(names, q, k, v, dict(causal=causal, layout=args.layout), bwd, args)
+                flops = 4 * b * 16 * s * s * 128 * (0.5 if causal else 1.0) * (2.5 if bwd else 1.0)
+                res["tflops"] = {n: flops / (t * 1e-3) / 1e12 for n, t in res.items()
+                                 if isinstance(t, float) and n != "auto/best"}
+                rows.append(dict(section="long", B=b, S=s, H=16, D=128, causal=causal,
+                                 pass_="fwd+bwd" if bwd else "fwd", **res))
+                del q, k, v
+    return rows
+
+
+def padding_rows(args: argparse.Namespace, names: list[str]) -> list[dict[str, Any]]:
+    b, s = 4, 8192
+    kpm = torch.ones(b, s, dtype=torch.bool, device="cuda")
+    kpm[b // 2:, s // 2:] = False
+    rows = []
+    for bwd in (False, True):
+        q, k, v = make(b, 16, 16, s, s, 128, args.layout, bwd)
+        qb, kb, vb = ((t.transpose(1, 2) if args.layout == "bshd" else t) for t in (q, k, v))
+
+        def torch_default() -> Any:
+            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=kpm[:, None, None, :])
+            return torch.autograd.grad(out, (q, k, v), torch.ones_like(out)) if bwd else out
+
+        res = measure(names, q, k, v, dict(key_padding_mask=kpm, layout=args.layout), bwd, args,
+                      torch_default)
+        rows.append(dict(section="key-padding", B=b, S=s, H=16, D=128, causal=False,
+                         pass_="fwd+bwd" if bwd else "fwd", **res))
+    return rows
+
+
+def decode_rows(args: argparse.Namespace, names: list[str]) -> list[dict[str, Any]]:
+    q, k, v = make(32, 32, 8, 1, 8192, 128, args.layout, False)
+    qb, kb, vb = ((t.transpose(1, 2) if args.layout == "bshd" else t) for t in (q, k, v))
+    res = measure(names, q, k, v, dict(layout=args.layout), False, args,
+                  lambda: F.scaled_dot_product_attention(qb, kb, vb, enable_gqa=True))
+    return [dict(section="decode", B=32, Hq=32, Hkv=8, Sq=1, Sk=8192, D=128, pass_="fwd", **res)]
+
+
+def fmt(v: Any, unit: str) -> str:
+    if isinstance(v, float):
+        return f"{v * 1000:.0f}us" if unit == "us" else f"{v:.2f}ms"
+    return "refused" if str(v).startswith("refused") else "error"
+
+
+def print_table(rows: list[dict[str, Any]], names: list[str]) -> None:
+    cols = names + ["auto", "torch-default"]
+    print("row".ljust(38) + "".join(c[:12].rjust(13) for c in cols) + "  auto/best  auto->")
+    for r in rows:
+        unit = "us" if r["section"] == "decode" else "ms"
+        label = f"{r['section']} B={r['B']} " + (f"S={r['S']} " if "S" in r else "") + \
+            ("causal " if r.get("causal") else "") + r["pass_"]
+        cells = "".join(fmt(r[c], unit).rjust(13) if c in r else "-".rjust(13) for c in cols)
+        ratio = f"{r['auto/best']:.2f}" if "auto/best" in r else "-"
+        print(label.ljust(38) + cells + ratio.rjust(11) + f"  {r['auto_choice']}")
+        if "tflops" in r:
+            print(" " * 38 + "".join((f"{r['tflops'][c]:.0f}TF" if c in r["tflops"] else "")
+                                     .rjust(13) for c in cols))
+
+
+def main(argv: Any = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="gpu-bench.json", help="JSON results path")
+    p.add_argument("--backends", default=DEFAULT_BACKENDS)
+    p.add_argument("--shapes", default="1x16384,4x4096,16x1024", help="BxS for section (a)")
+    p.add_argument("--layout", default="bshd", choices=("bshd", "bhsd"))
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--sections", default="long,padding,decode")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
+    names = [n for n in args.backends.split(",") if n]
+    sections = {"long": long_rows, "padding": padding_rows, "decode": decode_rows}
+    rows = [r for s in args.sections.split(",") for r in sections[s](args, names)]
+    print_table(rows, names)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                cuda=torch.version.cuda, layout=args.layout, dtype="bfloat16",
+                repeats=args.repeats, warmup=args.warmup,
+                describe={n: ad.get_backend(n).describe() for n in names})
+    with open(args.out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1, default=str)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,613 @@
+"""TRANSLATION tests of the ``flash-attn`` adapter, on CPU, against FAKE modules.
+
+No flash-attn kernel runs here.  ``FakeFA2`` / ``FakeFA3`` / ``FakeFA4`` below
+implement the documented signatures of
+
+* FA2 ``flash_attn.flash_attn_func`` / ``flash_attn_varlen_func``,
+* FA3 ``flash_attn_interface.flash_attn_func`` / ``flash_attn_varlen_func``,
+* FA4 ``flash_attn.cute.flash_attn_func`` / ``flash_attn_varlen_func``
+
+with a float64 computation written plainly in this file (bottom-right causal,
+GQA, per-sequence varlen semantics, each API's LSE layout and empty-row
+convention), record every call, and are injected into ``sys.modules``.  The
+adapter's device gate (``_flash_api.cuda_capability`` and the class
+capabilities' device types) is relaxed so the CPU passes for CUDA.  What these
+tests check is the argument translation: views without copies, flags, scale,
+GQA, key padding -> seqused_k / varlen, LSE layout, refusals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+import types
+from typing import Any, Callable, Optional
+
+import pytest
+import torch
+
+import attention_dispatch as ad
+from attention_dispatch import testing
+from attention_dispatch.adapters import _flash_api
+from attention_dispatch.adapters.flash_attn import FlashAttnBackend
+
+Tensor = torch.Tensor
+INF = float("inf")
+
+
+# ----------------------------------------------------------------- float64 fake kernel
+
+
+def fake_attention_one(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
+                       empty_lse: float, dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    """One sequence, kernel layout: q (Sq, Hq, D), k (Sk, Hkv, D), v (Sk, Hkv, Dv).
+
+    Returns out (Sq, Hq, Dv) float64 and lse (Hq, Sq) float64.  Causal is
+    bottom-right (query i sees key j iff j <= i + Sk - Sq); query head h reads kv
+    head h // (Hq // Hkv); rows with no key give out 0 and lse ``empty_lse``.
+    """
+    sq, hq, sk = q.shape[0], q.shape[1], k.shape[0]
+    if sk == 0:
+        return (q.new_zeros(sq, hq, v.shape[-1], dtype=torch.float64),
+                torch.full((hq, sq), empty_lse, dtype=torch.float64))
+    heads = torch.arange(hq) // (hq // k.shape[1])
+    kd, vd = k.double()[:, heads], v.double()[:, heads]
+    s = torch.einsum("ihd,jhd->hij", q.double(), kd) * scale
+    allowed = torch.ones(sq, sk, dtype=torch.bool)
+    if causal:
+        allowed = torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + (sk - sq)
+    s = s.masked_fill(~allowed, -INF)
+    alive = allowed.any(-1)[None, :].expand(hq, sq)
+    m = torch.where(alive, s.amax(-1), torch.zeros(())).detach()
+    e = torch.exp(s - m[..., None])
+    denom = e.sum(-1)
+    p = e / torch.where(alive, denom, torch.ones(()))[..., None]
+    if dropout_p > 0:
+        p = torch.nn.functional.dropout(p, dropout_p)
+    out = torch.einsum("hij,jhd->ihd", p, vd)
+    lse = torch.where(alive, torch.log(denom) + m, torch.full_like(m, empty_lse))
+    return out, lse
+
+
+class Recorder:
+    """Holds the calls a fake received: (function name, args, kwargs)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def record(self, name: str, args: tuple, kwargs: dict) -> None:
+        for t in args:
+            if isinstance(t, Tensor) and t.dim() >= 3 and t.stride(-1) != 1:
+                raise RuntimeError("fake kernel: last dim must be contiguous")
+        self.calls.append((name, args, kwargs))
+
+    @property
+    def last(self) -> tuple[str, tuple, dict]:
+        return self.calls[-1]
+
+
+def _dense(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], causal: bool,
+           empty_lse: float, dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Batched bshd: q (B, Sq, Hq, D) -> out (B, Sq, Hq, Dv) in q.dtype, lse (B, Hq, Sq) f32."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    res = [fake_attention_one(q[b], k[b], v[b], scale, causal, empty_lse, dropout_p)
+           for b in range(q.shape[0])]
+    return (torch.stack([o for o, _ in res]).to(q.dtype),
+            torch.stack([lse for _, lse in res]).float())
+
+
+def _segments(cu: Optional[Tensor], used: Optional[Tensor], n: int, b: int,
+              dense_len: int) -> list[tuple[int, int]]:
+    """(start, end) of each batch row's entries: from cu_seqlens and/or seqused."""
+    out = []
+    for i in range(b):
+        start = int(cu[i]) if cu is not None else i * dense_len
+        end = int(cu[i + 1]) if cu is not None else start + dense_len
+        if used is not None:
+            end = start + int(used[i])
+        out.append((start, end))
+    return out
+
+
+def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], cu_k: Optional[Tensor],
+            used_k: Optional[Tensor], scale: Optional[float], causal: bool, empty_lse: float,
+            dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Per-sequence attention: every row's causal aligned to its own lengths.
+
+    q is packed (total_q, H, D) when cu_q is given, else dense (B, Sq, H, D);
+    k/v packed when cu_k is given, else dense (B, Sk, H, D) with seqused_k.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    b = (cu_q.numel() - 1) if cu_q is not None else q.shape[0]
+    qf = q if cu_q is not None else q.reshape(-1, *q.shape[2:])
+    kf = k if cu_k is not None else k.reshape(-1, *k.shape[2:])
+    vf = v if cu_k is not None else v.reshape(-1, *v.shape[2:])
+    segq = _segments(cu_q, None, qf.shape[0], b, q.shape[1] if cu_q is None else 0)
+    segk = _segments(cu_k, used_k, kf.shape[0], b, k.shape[1] if cu_k is None else 0)
+    outs, lses = [], []
+    for (qs, qe), (ks, ke) in zip(segq, segk):
+        o, lse = fake_attention_one(qf[qs:qe], kf[ks:ke], vf[ks:ke], scale, causal, empty_lse,
+                                    dropout_p)
+        outs.append(o)
+        lses.append(lse)
+    out = torch.cat(outs).to(q.dtype)
+    lse = torch.cat(lses, dim=1).float()  # (H, total_q)
+    if cu_q is None:
+        return out.reshape(q.shape[0], q.shape[1], *out.shape[1:]), \
+            lse.reshape(lse.shape[0], b, -1).permute(1, 0, 2)
+    return out, lse
+
+
+# ----------------------------------------------------------------- fake modules
+
+
+class FakeFA2(Recorder):
+    """``flash_attn`` 2.x: documented signatures; lse (B, H, Sq) dense, (H, total_q)
+    varlen; +inf for rows with no key; the backward ignores the lse."""
+
+    def __init__(self, version: str = "2.6.3") -> None:
+        super().__init__()
+        self.version = version
+
+    def flash_attn_func(self, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
+                        window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                        deterministic=False, return_attn_probs=False):
+        self.record("flash_attn_func", (q, k, v), dict(dropout_p=dropout_p, softmax_scale=softmax_scale,
+                    causal=causal, window_size=window_size, return_attn_probs=return_attn_probs))
+        out, lse = _dense(q, k, v, softmax_scale, causal, INF, dropout_p)
+        return (out, lse.detach(), None) if return_attn_probs else out
+
+    def flash_attn_varlen_func(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                               max_seqlen_k, dropout_p=0.0, softmax_scale=None, causal=False,
+                               window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                               deterministic=False, return_attn_probs=False, block_table=None):
+        self.record("flash_attn_varlen_func", (q, k, v, cu_seqlens_q, cu_seqlens_k),
+                    dict(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
+                         softmax_scale=softmax_scale, causal=causal,
+                         return_attn_probs=return_attn_probs))
+        out, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, None, softmax_scale, causal, INF,
+                           dropout_p)
+        return (out, lse.detach(), None) if return_attn_probs else out
+
+    def modules(self) -> dict[str, types.ModuleType]:
+        pkg = types.ModuleType("flash_attn")
+        iface = types.ModuleType("flash_attn.flash_attn_interface")
+        pkg.__version__ = self.version
+        pkg.flash_attn_func = self.flash_attn_func
+        pkg.flash_attn_varlen_func = self.flash_attn_varlen_func
+        pkg.flash_attn_interface = iface
+        return {"flash_attn": pkg, "flash_attn.flash_attn_interface": iface}
+
+
+class FakeFA3(Recorder):
+    """``flash_attn_interface`` (FA3): returns out, or (out, lse) with
+    return_attn_probs=True; ``old=True``: a beta that always returns (out, lse)."""
+
+    def __init__(self, old: bool = False) -> None:
+        super().__init__()
+        self.old = old
+
+    def _ret(self, out: Tensor, lse: Tensor, probs: bool) -> Any:
+        return (out, lse.detach()) if probs or self.old else out
+
+    def flash_attn_func(self, q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None,
+                        k_descale=None, v_descale=None, window_size=(-1, -1), attention_chunk=0,
+                        softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False,
+                        sm_margin=0, return_attn_probs=False):
+        self.record("flash_attn_func", (q, k, v), dict(softmax_scale=softmax_scale, causal=causal,
+                                                       return_attn_probs=return_attn_probs))
+        return self._ret(*_dense(q, k, v, softmax_scale, causal, INF), return_attn_probs)
+
+    def flash_attn_varlen_func(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                               max_seqlen_k, seqused_q=None, seqused_k=None, softmax_scale=None,
+                               causal=False, qv=None, q_descale=None, k_descale=None,
+                               v_descale=None, window_size=(-1, -1), attention_chunk=0,
+                               softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False,
+                               sm_margin=0, return_attn_probs=False):
+        self.record("flash_attn_varlen_func", (q, k, v, cu_seqlens_q, cu_seqlens_k),
+                    dict(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                         softmax_scale=softmax_scale, causal=causal))
+        res = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softmax_scale, causal, INF)
+        return self._ret(*res, return_attn_probs)
+
+    def modules(self) -> dict[str, types.ModuleType]:
+        mod = types.ModuleType("flash_attn_interface")
+        if self.old:  # no return_attn_probs parameter at all
+            def func(q, k, v, softmax_scale=None, causal=False, deterministic=False):
+                return self.flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal)
+            mod.flash_attn_func = func
+        else:
+            mod.flash_attn_func = self.flash_attn_func
+        mod.flash_attn_varlen_func = self.flash_attn_varlen_func
+        return {"flash_attn_interface": mod}
+
+
+class FakeFA4(Recorder):
+    """``flash_attn.cute`` (FA4): both functions return (out, lse), lse (B, H, Sq)
+    for dense queries, -inf for rows with no key, differentiable."""
+
+    def flash_attn_func(self, q, k, v, qv=None, gather_kv_indices=None, softmax_scale=None,
+                        causal=False, window_size=(None, None), learnable_sink=None, softcap=0.0,
+                        num_splits=1, pack_gqa=None, deterministic=False, score_mod=None,
+                        score_mod_bwd=None, mask_mod=None, aux_tensors=None, aux_scalars=None,
+                        block_sparse_tensors=None, block_sparse_tensors_bwd=None,
+                        return_lse=False, gather_bwd_recompute_p=False,
+                        gather_bwd_token_chunk=None):
+        self.record("flash_attn_func", (q, k, v), dict(softmax_scale=softmax_scale, causal=causal,
+                                                       return_lse=return_lse))
+        out, lse = _dense(q, k, v, softmax_scale, causal, -INF)
+        return out, (lse if return_lse else None)
+
+    def flash_attn_varlen_func(self, q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                               max_seqlen_q=None, max_seqlen_k=None, min_seqlen_k=None,
+                               seqused_q=None, seqused_k=None, gather_kv_indices=None,
+                               page_table=None, softmax_scale=None, causal=False,
+                               window_size=(None, None), learnable_sink=None, softcap=0.0,
+                               num_splits=1, pack_gqa=None, deterministic=False, score_mod=None,
+                               score_mod_bwd=None, mask_mod=None, block_sparse_tensors=None,
+                               aux_tensors=None, aux_scalars=None, return_lse=False,
+                               scheduler_metadata=None, seqlen_k_per_split=None,
+                               disable_scheduler_metadata=False, gather_bwd_recompute_p=False,
+                               gather_bwd_token_chunk=None):
+        self.record("flash_attn_varlen_func", (q, k, v),
+                    dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                         seqused_k=seqused_k, softmax_scale=softmax_scale, causal=causal,
+                         return_lse=return_lse))
+        out, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softmax_scale, causal,
+                           -INF)
+        return out, (lse if return_lse else None)
+
+    def modules(self) -> dict[str, types.ModuleType]:
+        ns = types.ModuleType("flash_attn")  # flash-attn-4 ships a namespace package
+        ns.__path__ = []
+        cute = types.ModuleType("flash_attn.cute")
+        cute.flash_attn_func = self.flash_attn_func
+        cute.flash_attn_varlen_func = self.flash_attn_varlen_func
+        ns.cute = cute
+        return {"flash_attn": ns, "flash_attn.cute": cute}
+
+
+# ----------------------------------------------------------------- fixtures and helpers
+
+
+def _clean_flash_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(sys.modules):
+        if name in ("flash_attn", "flash_attn_interface") or name.startswith("flash_attn."):
+            monkeypatch.delitem(sys.modules, name)
+
+
+@pytest.fixture
+def flash_env(monkeypatch: pytest.MonkeyPatch) -> Callable[..., FlashAttnBackend]:
+    """``install(*fakes, cc=(9, 0))``: fake modules in sys.modules, CPU treated as a
+    CUDA device of compute capability ``cc``; returns the (reset) backend."""
+    backend = ad.get_backend("flash-attn")
+    _clean_flash_modules(monkeypatch)
+
+    def install(*fakes: Recorder, cc: Optional[tuple[int, int]] = (9, 0)) -> FlashAttnBackend:
+        for fake in fakes:
+            for name, mod in fake.modules().items():  # type: ignore[attr-defined]
+                old = sys.modules.get(name)
+                for attr in ("cute", "flash_attn_interface"):  # FA2 + FA4 in one package
+                    if old is not None and hasattr(old, attr) and not hasattr(mod, attr):
+                        setattr(mod, attr, getattr(old, attr))
+                monkeypatch.setitem(sys.modules, name, mod)
+        if cc is not None:
+            monkeypatch.setattr(_flash_api, "cuda_capability", lambda device: cc)
+            caps = dataclasses.replace(FlashAttnBackend.capabilities,
+                                       device_types=frozenset({"cpu", "cuda"}))
+            monkeypatch.setattr(FlashAttnBackend, "capabilities", caps)
+        backend.forget()
+        ad.clear_cache()
+        return backend  # type: ignore[return-value]
+
+    yield install
+    backend.forget()
+    ad.clear_cache()
+
+
+def make_qkv(b: int = 2, hq: int = 4, hkv: int = 4, sq: int = 6, sk: int = 10, d: int = 16,
+             dv: Optional[int] = None, layout: str = "bshd", dtype: torch.dtype = torch.float16,
+             grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Contiguous tensors in ``layout``."""
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(h: int, s: int, dd: int) -> Tensor:
+        t = torch.randn(b, s, h, dd, generator=g)
+        t = t if layout == "bshd" else t.transpose(1, 2).contiguous()
+        return t.to(dtype).requires_grad_(grad)
+
+    return rnd(hq, sq, d), rnd(hkv, sk, d), rnd(hkv, sk, dv or d)
+
+
+def bshd(t: Tensor, layout: str) -> Tensor:
+    return t if layout == "bshd" else t.transpose(1, 2)
+
+
+def bhsd(t: Tensor, layout: str) -> Tensor:
+    return t.transpose(1, 2) if layout == "bshd" else t
+
+
+def reference(q: Tensor, k: Tensor, v: Tensor, layout: str, **kw: Any) -> tuple[Tensor, Tensor]:
+    return testing.reference_attention(*(bhsd(t, layout).detach() for t in (q, k, v)), **kw)
+
+
+def assert_close(got: Tensor, want: Tensor, tol: float = 3e-3) -> None:
+    got, want = got.double(), want.double()
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite)
+    err = (got - want)[finite].abs().max().item() if finite.any() else 0.0
+    assert err <= tol * (1 + want[finite].abs().max().item()), err
+
+
+def padding_mask(lengths: list[int], sk: int) -> Tensor:
+    return torch.arange(sk)[None, :] < torch.tensor(lengths)[:, None]
+
+
+API_FAKES = {"fa4": FakeFA4, "fa3": FakeFA3, "fa2": FakeFA2}
+
+
+# ----------------------------------------------------------------- tests: probe and import
+
+
+def test_import_attention_dispatch_imports_no_flash_attn() -> None:
+    code = ("import sys, torch, attention_dispatch as ad\n"
+            "d = ad.explain(*[torch.randn(1, 2, 4, 8)] * 3)\n"
+            "print(' | '.join(d.reasons('flash-attn')))\n"
+            "assert 'flash_attn' not in sys.modules and 'flash_attn.cute' not in sys.modules\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "device cpu; allowed: cuda" in res.stdout
+
+
+def test_probe_reports_missing_package(flash_env: Callable) -> None:
+    backend = flash_env(cc=None)
+    reasons = backend.probe(torch.device("cpu"))
+    assert reasons[0] == "device cpu; allowed: cuda"
+    assert reasons[1].startswith("flash-attn not installed: pip install 'attention-dispatch[flash-attn]'")
+    backend = flash_env(cc=(9, 0))  # a CUDA device, nothing installed
+    assert backend.probe(torch.device("cpu")) == [_flash_api.INSTALL_HINT]
+    assert backend.describe() == "flash-attn (not installed)"
+
+
+def test_probe_reports_import_failure(flash_env: Callable, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = flash_env(FakeFA4())
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # import fails
+    backend.forget()
+    (reason,) = backend.probe(torch.device("cpu"))
+    assert reason.startswith("FA4, flash_attn.cute: import flash_attn.cute failed: ModuleNotFoundError")
+
+
+@pytest.mark.parametrize("cc, expect", [
+    ((7, 5), ["FA4, flash_attn.cute: compute capability sm75; FA4 is used on sm90/sm100/sm110",
+              "FA2, flash_attn: compute capability sm75; FA2 allowed: >= sm80"]),
+    ((8, 0), []),
+])
+def test_probe_compute_capability(flash_env: Callable, cc: tuple, expect: list[str]) -> None:
+    backend = flash_env(FakeFA4(), FakeFA2(), cc=cc)
+    reasons = backend.probe(torch.device("cpu"))
+    assert len(reasons) == len(expect)
+    for r, e in zip(reasons, expect):
+        assert r.startswith(e)
+
+
+def test_probe_old_fa2_refused(flash_env: Callable) -> None:
+    backend = flash_env(FakeFA2(version="2.0.9"))
+    (reason,) = backend.probe(torch.device("cpu"))
+    assert "flash-attn 2.0.9 aligns causal to the top-left; allowed: >= 2.1" in reason
+
+
+def test_describe_names_api_and_version(flash_env: Callable) -> None:
+    backend = flash_env(FakeFA4(), FakeFA2(version="2.8.3"))
+    text = backend.describe()
+    assert "(FA4, flash_attn.cute)" in text and "flash-attn 2.8.3 (FA2, flash_attn)" in text
+
+
+# ----------------------------------------------------------------- tests: dense translation
+
+
+@pytest.mark.parametrize("api", ["fa4", "fa3", "fa2"])
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_dense_call_passes_views_flags_scale_gqa(flash_env: Callable, api: str,
+                                                 layout: str) -> None:
+    fake = API_FAKES[api]()
+    flash_env(fake)
+    q, k, v = make_qkv(hq=4, hkv=2, sq=6, sk=10, layout=layout)
+    out = ad.attention(q, k, v, causal=True, scale=0.25, layout=layout, backend="flash-attn")
+    name, args, kw = fake.last
+    assert name == "flash_attn_func"
+    for got, t in zip(args, (q, k, v)):  # the caller's storage, bshd view, no copy
+        view = bshd(t, layout)
+        assert got.data_ptr() == t.data_ptr()
+        assert got.shape == view.shape and got.stride() == view.stride()
+    assert args[1].shape[2] == 2  # GQA: kv heads passed as they are
+    assert kw["causal"] is True and kw["softmax_scale"] == 0.25
+    ref, _ = reference(q, k, v, layout, causal=True, scale=0.25)
+    assert_close(bhsd(out, layout), ref)
+
+
+@pytest.mark.parametrize("sq, sk, flag", [(1, 9, False), (9, 9, True), (12, 5, True)])
+def test_causal_flag_bottom_right(flash_env: Callable, sq: int, sk: int, flag: bool) -> None:
+    fake = FakeFA4()
+    flash_env(fake)
+    q, k, v = make_qkv(sq=sq, sk=sk)
+    out = ad.attention(q, k, v, causal=True, layout="bshd", backend="flash-attn")
+    assert fake.last[2]["causal"] is flag  # Sq == 1: bottom-right causal admits every key
+    assert fake.last[2]["softmax_scale"] == pytest.approx(1 / math.sqrt(16))
+    assert_close(out.transpose(1, 2), reference(q, k, v, "bshd", causal=True)[0])
+
+
+@pytest.mark.parametrize("api, old", [("fa4", False), ("fa3", False), ("fa3", True), ("fa2", False)])
+def test_lse_layout_and_dtype(flash_env: Callable, api: str, old: bool) -> None:
+    fake = FakeFA3(old=old) if api == "fa3" else API_FAKES[api]()
+    flash_env(fake)
+    q, k, v = make_qkv(hq=4, hkv=1, sq=7, sk=5)
+    out, lse = ad.attention(q, k, v, causal=True, layout="bshd", backend="flash-attn",
+                            return_lse=True)
+    ref, ref_lse = reference(q, k, v, "bshd", causal=True)
+    assert lse.shape == (2, 4, 7) and lse.dtype == torch.float32
+    assert_close(lse, ref_lse)  # rows with no key: -inf whatever the kernel wrote
+    assert_close(out.transpose(1, 2), ref)
+    if api in ("fa3", "fa2") and not old:
+        assert fake.last[2]["return_attn_probs"] is True
+
+
+@pytest.mark.parametrize("api", ["fa4", "fa3", "fa2"])
+def test_gradients_dense(flash_env: Callable, api: str) -> None:
+    flash_env(API_FAKES[api]())
+    q, k, v = make_qkv(hq=4, hkv=2, sq=5, sk=8, grad=True, layout="bhsd")
+    out = ad.attention(q, k, v, causal=True, backend="flash-attn")
+    out.float().square().sum().backward()
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref, _ = testing.reference_attention(*leaves, causal=True)
+    ref.square().sum().backward()
+    for got, want in zip((q, k, v), leaves):
+        assert_close(got.grad, want.grad, tol=5e-3)
+
+
+# ----------------------------------------------------------------- tests: key padding
+
+
+def test_fa4_key_padding_uses_seqused_k_without_copy(flash_env: Callable) -> None:
+    fake = FakeFA4()
+    flash_env(fake)
+    q, k, v = make_qkv(b=3, sq=4, sk=9)
+    kpm = padding_mask([9, 5, 0], 9)  # right padding; one row with no key at all
+    out, lse = ad.attention(q, k, v, key_padding_mask=kpm, layout="bshd", backend="flash-attn",
+                            return_lse=True)
+    name, args, kw = fake.last
+    assert name == "flash_attn_varlen_func"
+    assert kw["cu_seqlens_q"] is None and kw["cu_seqlens_k"] is None
+    assert kw["seqused_k"].dtype == torch.int32 and kw["seqused_k"].tolist() == [9, 5, 0]
+    assert [a.data_ptr() for a in args] == [t.data_ptr() for t in (q, k, v)]  # no copies
+    assert kw["causal"] is False
+    ref, ref_lse = reference(q, k, v, "bshd", key_padding_mask=kpm)
+    assert_close(out.transpose(1, 2), ref)
+    assert_close(lse, ref_lse)
+
+
+def test_fa4_key_padding_not_prefix_gathers_real_keys(flash_env: Callable) -> None:
+    fake = FakeFA4()
+    flash_env(fake)
+    q, k, v = make_qkv(b=2, sq=3, sk=8, grad=True)
+    kpm = torch.tensor([[0, 1, 1, 0, 1, 0, 0, 1], [1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    out = ad.attention(q, k, v, key_padding_mask=kpm, layout="bshd", backend="flash-attn")
+    _, args, kw = fake.last
+    assert kw["seqused_k"].tolist() == [4, 7]
+    assert torch.equal(args[1][0, :4], k[0, kpm[0]].detach())  # real keys moved to the front
+    out.float().sum().backward()
+    leaves = [t.detach().double().transpose(1, 2).requires_grad_(True) for t in (q, k, v)]
+    ref, _ = testing.reference_attention(*leaves, key_padding_mask=kpm)
+    ref.sum().backward()
+    assert_close(out.transpose(1, 2), ref)
+    for got, want in zip((q, k, v), leaves):
+        assert_close(got.grad.transpose(1, 2), want.grad, tol=5e-3)
+    assert torch.all(k.grad[~kpm] == 0)
+
+
+@pytest.mark.parametrize("api", ["fa3", "fa2"])
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_varlen_key_padding_cu_seqlens_and_repadding(flash_env: Callable, api: str,
+                                                     layout: str) -> None:
+    fake = API_FAKES[api]()
+    flash_env(fake)
+    q, k, v = make_qkv(b=3, hq=4, hkv=2, sq=5, sk=7, layout=layout, grad=True)
+    kpm = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 0, 1, 0, 1, 0, 0], [1, 1, 0, 0, 0, 0, 0]],
+                       dtype=torch.bool)
+    out = ad.attention(q, k, v, key_padding_mask=kpm, scale=0.5, layout=layout,
+                       backend="flash-attn")
+    name, args, kw = fake.last
+    assert name == "flash_attn_varlen_func"
+    qp, kp, vp, cu_q, cu_k = args
+    assert cu_q.dtype == cu_k.dtype == torch.int32
+    assert cu_q.tolist() == [0, 5, 10, 15] and cu_k.tolist() == [0, 7, 10, 12]
+    assert kw["max_seqlen_q"] == 5 and kw["max_seqlen_k"] == 7
+    assert qp.shape == (15, 4, 16) and kp.shape == (12, 2, 16)
+    assert torch.equal(kp, bshd(k, layout)[kpm].detach())
+    assert kw["softmax_scale"] == 0.5 and kw["causal"] is False
+    ref, _ = reference(q, k, v, layout, key_padding_mask=kpm, scale=0.5)
+    assert_close(bhsd(out, layout), ref)
+    out.float().sum().backward()
+    assert torch.all(bshd(k.grad, layout)[~kpm] == 0)
+
+
+def test_key_padding_decode_with_causal_drops_causal(flash_env: Callable) -> None:
+    fake = FakeFA2()
+    flash_env(fake)
+    q, k, v = make_qkv(b=2, sq=1, sk=6)
+    kpm = padding_mask([6, 3], 6)
+    out = ad.attention(q, k, v, key_padding_mask=kpm, causal=True, layout="bshd",
+                       backend="flash-attn")
+    assert fake.last[2]["causal"] is False
+    assert_close(out.transpose(1, 2), reference(q, k, v, "bshd", key_padding_mask=kpm,
+                                                causal=True)[0])
+
+
+# ----------------------------------------------------------------- tests: refusals and choice
+
+
+def _reasons(**kw: Any) -> list[str]:
+    args = dict(sq=6, sk=10)
+    args.update(kw.pop("shape", {}))
+    q, k, v = make_qkv(**args)
+    return list(ad.explain(q, k, v, layout="bshd", backend="flash-attn", **kw).reasons("flash-attn"))
+
+
+@pytest.mark.parametrize("api, kw, expect", [
+    ("fa4", dict(dropout_p=0.1), "FA4, flash_attn.cute: dropout_p > 0; FA4 has no dropout"),
+    ("fa3", dict(dropout_p=0.1), "FA3, flash_attn_interface: dropout_p > 0; FA3 has no dropout"),
+    ("fa4", dict(mask=torch.ones(6, 10, dtype=torch.bool)), "mask kind bool; allowed: none"),
+    ("fa2", dict(mask=torch.zeros(6, 10)), "mask kind float; allowed: none"),
+    ("fa4", dict(shape=dict(dtype=torch.float32)), "dtype float32; allowed: bfloat16/float16"),
+    ("fa2", dict(shape=dict(d=12)), "head_dim=12; allowed: multiples of 8"),
+    ("fa4", dict(causal=True, key_padding_mask=padding_mask([10, 4], 10)),
+     "causal=True with key_padding_mask and Sq > 1"),
+    ("fa2", dict(dropout_p=0.1, return_lse=True), "FA2 returns the LSE only through"),
+    ("fa3", dict(shape=dict(dv=32)), "head_dim_v=32 != head_dim=16; FA3 path allowed"),
+    ("fa2", dict(shape=dict(dv=32)), "head_dim_v=32 != head_dim=16; FA2 allowed"),
+])
+def test_refusal_reasons(flash_env: Callable, api: str, kw: dict, expect: str) -> None:
+    flash_env(API_FAKES[api]())
+    reasons = _reasons(**kw)
+    assert any(expect in r for r in reasons), reasons
+
+
+def test_refusal_head_dims_per_architecture(flash_env: Callable) -> None:
+    flash_env(FakeFA4(), cc=(10, 0))
+    reasons = _reasons(shape=dict(d=192))
+    assert any("head dims (D=192, Dv=192) on sm100; FA4 allowed" in r for r in reasons)
+    flash_env(FakeFA4(), cc=(9, 0))
+    assert _reasons(shape=dict(d=192)) == []
+
+
+def test_newest_api_that_accepts_is_chosen(flash_env: Callable) -> None:
+    fa4, fa3, fa2 = FakeFA4(), FakeFA3(), FakeFA2()
+    backend = flash_env(fa4, fa3, fa2)
+    q, k, v = make_qkv()
+    ad.attention(q, k, v, layout="bshd", backend="flash-attn")
+    assert fa4.calls and not fa3.calls and not fa2.calls
+    ad.attention(q, k, v, layout="bshd", backend="flash-attn", dropout_p=0.2)
+    assert fa2.calls and fa2.last[2]["dropout_p"] == 0.2 and not fa3.calls
+    spec = ad.explain(q, k, v, layout="bshd", dropout_p=0.2).spec
+    assert backend.chosen_api(spec) == "FA2, flash_attn"
+    backend = flash_env(fa4, fa3, fa2, cc=(8, 0))  # FA4 and FA3 unusable on sm80
+    assert backend.chosen_api(ad.explain(q, k, v, layout="bshd").spec) == "FA2, flash_attn"
+
+
+# ----------------------------------------------------------------- the conformance matrix
+
+
+@pytest.mark.parametrize("api", ["fa4", "fa3", "fa2"])
+def test_conformance_cases_through_fake(flash_env: Callable, api: str) -> None:
+    """Every default case the adapter accepts meets the contract's accuracy rule
+    (the fake is exact, so this checks the translation end to end)."""
+    flash_env(API_FAKES[api]())
+    passed, refused = 0, 0
+    for case in testing.default_cases(dtypes=(torch.float16,), head_dims=(32,)):
+        try:
+            testing.check_backend("flash-attn", case, device="cpu")
+            passed += 1
+        except ad.BackendUnavailable:
+            refused += 1
+    assert passed >= 20, (passed, refused)
