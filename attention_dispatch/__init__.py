@@ -18,13 +18,18 @@ from ._errors import AttentionDispatchError
 from ._errors import AttentionInputError
 from ._errors import AttentionTypeError
 from ._errors import BackendRegistrationError
+from ._errors import BackendRuntimeError
 from ._errors import BackendUnavailable
 from ._errors import PluginWarning
 from ._errors import UnknownBackendError
+from ._events import Event
+from ._events import clear_events
+from ._events import events
 from ._registry import get_backend
 from ._registry import list_backends
 from ._registry import register_backend
 from ._registry import unregister_backend
+from ._reliability import FallbackWarning
 from ._select import use_backend
 from ._spec import CallSpec
 from .attend import Attend
@@ -39,17 +44,22 @@ __all__ = [
     "AttentionTypeError",
     "Backend",
     "BackendRegistrationError",
+    "BackendRuntimeError",
     "BackendUnavailable",
     "BackendVerdict",
     "CallSpec",
     "Capabilities",
     "Decision",
+    "Event",
+    "FallbackWarning",
     "PluginWarning",
     "UnknownBackendError",
     "__version__",
     "attention",
     "autotune",
     "clear_cache",
+    "clear_events",
+    "events",
     "explain",
     "explain_spec",
     "get_backend",

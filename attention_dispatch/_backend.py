@@ -32,6 +32,10 @@ class Backend:
     capabilities: ClassVar[Capabilities]
     #: Python distribution whose version is reported (e.g. "flash-attn-4").
     package: ClassVar[Optional[str]] = None
+    #: versions of ``package`` this adapter was tested with (a packaging
+    #: specifier such as ">=4.0.0b30,<4.1"); outside them it still runs if its
+    #: numeric canary passes, and info/explain say so.
+    tested_versions: ClassVar[Optional[str]] = None
 
     def probe(self, device: torch.device) -> list[str]:
         """Reasons this backend cannot run on ``device`` at all; [] if it can.
@@ -63,6 +67,23 @@ class Backend:
         """A short description for info tables (kernel name, version)."""
         v = self.version()
         return f"{self.package} {v}" if v else (self.package or "torch")
+
+    def version_note(self) -> Optional[str]:
+        """A note when the installed ``package`` is outside ``tested_versions``."""
+        v = self.version()
+        if v is None or self.tested_versions is None:
+            return None
+        from packaging.specifiers import SpecifierSet
+        from packaging.version import InvalidVersion, Version
+
+        try:
+            ok = Version(v) in SpecifierSet(self.tested_versions, prereleases=True)
+        except InvalidVersion:
+            ok = False
+        if ok:
+            return None
+        return (f"{self.package} {v} is outside the tested versions {self.tested_versions}; "
+                "used while its numeric check passes")
 
     def forward(
         self,

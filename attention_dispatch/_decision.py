@@ -21,6 +21,7 @@ class BackendVerdict:
     status: str  # chosen / accepted / refused / not tried
     reasons: tuple[str, ...] = ()
     rank: Optional[int] = None  # position in the candidate order, None if not a candidate
+    note: Optional[str] = None  # e.g. an untested package version
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,6 @@ class Decision:
         lines.append(f"{'rank':>4}  {'backend':<{width}}  {'status':<9}  reasons")
         for v in self.verdicts:
             rank = "-" if v.rank is None else str(v.rank + 1)
-            why = "; ".join(v.reasons)
+            why = "; ".join(v.reasons + ((f"note: {v.note}",) if v.note else ()))
             lines.append(f"{rank:>4}  {v.name:<{width}}  {v.status:<9}  {why}".rstrip())
         return "\n".join(lines)

@@ -10,10 +10,10 @@ from typing import Any, NamedTuple, Optional, Union
 
 import torch
 
-from . import _autotune, _compile
+from . import _autotune, _compile, _events, _reliability
 from ._backend import Backend
 from ._decision import ACCEPTED, CHOSEN, REFUSED, SKIPPED, BackendVerdict, Decision
-from ._errors import BackendUnavailable
+from ._errors import BackendRuntimeError, BackendUnavailable
 from ._masks import alive_rows, zero_empty_rows
 from ._ranking import ranked
 from ._registry import REGISTRY
@@ -35,6 +35,7 @@ class _Plan(NamedTuple):
     fix_rows: bool
     empty: bool  # Sq == 0 or Sk == 0: zeros without a kernel
     dropout_p: float
+    selection: tuple[str, ...]  # for a runtime fallback
 
 
 _plans: dict[tuple, _Plan] = {}
@@ -46,6 +47,7 @@ def clear_cache() -> None:
     with _lock:
         _plans.clear()
     REGISTRY.clear_probes()
+    _reliability.forget()
     forget_env()
     _autotune.forget_env()
     forget_names()
@@ -70,6 +72,25 @@ def _candidates(selection: tuple[str, ...], device: torch.device) -> list[str]:
     return out
 
 
+def _reasons(name: str, spec: CallSpec, forced: bool) -> list[str]:
+    """Probe, per-call check, demotion memory (not for a forced selection: it
+    runs and raises its own error), then (once) the numeric canary."""
+    reasons = REGISTRY.probe(name, spec.device)
+    if reasons:
+        return reasons
+    inst, _ = REGISTRY.load(name)
+    try:
+        reasons = list(inst.supports(spec))  # type: ignore[union-attr]
+    except Exception as exc:
+        return [f"supports() raised {type(exc).__name__}: {exc}"]
+    if reasons:
+        return reasons
+    why = None if forced else _reliability.demotion_reason(name, spec)
+    if why is None and spec.device.type != "meta":
+        why = _reliability.canary(inst, spec)  # type: ignore[arg-type]
+    return [why] if why else []
+
+
 def _verdicts(spec: CallSpec, selection: tuple[str, ...], everyone: bool
               ) -> tuple[Optional[str], list[BackendVerdict]]:
     cands = _candidates(selection, spec.device)
@@ -79,20 +100,16 @@ def _verdicts(spec: CallSpec, selection: tuple[str, ...], everyone: bool
     for rank, name in [(i, n) for i, n in enumerate(cands)] + [(None, n) for n in others]:
         if chosen is not None and not everyone:
             break
-        reasons = REGISTRY.probe(name, spec.device)
-        if not reasons:
-            inst, _ = REGISTRY.load(name)
-            try:
-                reasons = list(inst.supports(spec))  # type: ignore[union-attr]
-            except Exception as exc:
-                reasons = [f"supports() raised {type(exc).__name__}: {exc}"]
+        reasons = _reasons(name, spec, "auto" not in selection)
         status = REFUSED if reasons else ACCEPTED
         if rank is None and not reasons:
             status = SKIPPED
             reasons = ["not in the selection " + ",".join(selection)]
         if status == ACCEPTED and chosen is None:
             chosen, status = name, CHOSEN
-        verdicts.append(BackendVerdict(name, status, tuple(reasons), rank))
+        inst, _ = REGISTRY.load(name)
+        note = inst.version_note() if inst is not None else None
+        verdicts.append(BackendVerdict(name, status, tuple(reasons), rank, note))
     return chosen, verdicts
 
 
@@ -103,11 +120,11 @@ def _decide(spec: CallSpec, selection: tuple[str, ...], scale: Optional[float],
         raise BackendUnavailable(selection, {v.name: list(v.reasons) for v in verdicts})
     inst, _ = REGISTRY.load(chosen)
     assert inst is not None
-    logger.debug("attention_dispatch: %s chosen for %s (selection %s)", chosen, spec, selection)
+    _events.emit(_events.DECISION, chosen, f"selection {','.join(selection)}", spec)
     fix = spec.may_have_empty_rows and not inst.capabilities.empty_rows_exact
     eff_scale = float(scale) if scale is not None else 1.0 / math.sqrt(spec.head_dim)
     return _Plan(inst, spec, eff_scale, fix, spec.seq_q == 0 or spec.seq_k == 0,
-                 float(dropout_p))
+                 float(dropout_p), selection)
 
 
 def _autotuned(plan: _Plan, selection: tuple[str, ...], args: tuple) -> _Plan:
@@ -128,7 +145,7 @@ def _autotuned(plan: _Plan, selection: tuple[str, ...], args: tuple) -> _Plan:
     if best == plan.backend.name:
         return plan
     inst, _ = REGISTRY.load(best)
-    logger.debug("attention_dispatch: autotune picked %s over %s", best, plan.backend.name)
+    _events.emit(_events.DECISION, best, f"autotune picked it over {plan.backend.name}", spec)
     fix = spec.may_have_empty_rows and not inst.capabilities.empty_rows_exact  # type: ignore
     return plan._replace(backend=inst, fix_rows=fix)
 
@@ -137,6 +154,7 @@ def _plan_slow(key: Optional[tuple], selection: tuple[str, ...], q: Any, k: Any,
                mask: Any, kpm: Any, causal: Any, dropout_p: Any, scale: Any, layout: Any,
                return_lse: Any) -> _Plan:
     """Cache miss: validate, decide, remember."""
+    _events.configure_from_env()
     spec = validate(q, k, v, mask=mask, key_padding_mask=kpm, causal=causal,
                     dropout_p=dropout_p, scale=scale, layout=layout, return_lse=return_lse)
     plan = _decide(spec, selection, scale, dropout_p)
@@ -148,6 +166,32 @@ def _plan_slow(key: Optional[tuple], selection: tuple[str, ...], q: Any, k: Any,
                 _plans.clear()
             _plans[key] = plan
     return plan
+
+
+def _fallback(plan: _Plan, exc: Exception, q: Tensor, k: Tensor, v: Tensor,
+              mask: Optional[Tensor], kpm: Optional[Tensor]) -> tuple[_Plan, Tensor, Any]:
+    """The chosen backend raised: demote it for this signature and run the next
+    eligible one (q, k, v in the bhsd view).  Bad input, out-of-memory and a
+    forced selection (no "auto") raise the original error instead."""
+    name = plan.backend.name
+    if not _reliability.may_fall_back(exc):
+        raise exc
+    if "auto" not in plan.selection:
+        raise BackendRuntimeError(name, plan.selection) from exc
+    _reliability.demote(name, plan.spec, exc)
+    with _lock:
+        for key in [k_ for k_, p in _plans.items() if p.backend is plan.backend
+                    and p.spec == plan.spec]:
+            del _plans[key]
+    try:
+        new = _decide(plan.spec, plan.selection, plan.scale, plan.dropout_p)
+    except BackendUnavailable as unavailable:
+        raise unavailable from exc
+    _events.emit(_events.FALLBACK, new.backend.name, f"{name} raised {type(exc).__name__}: "
+                 f"{str(exc)[:200]}", plan.spec, level=logging.INFO)
+    out, lse = new.backend.forward(q, k, v, spec=new.spec, mask=mask, key_padding_mask=kpm,
+                                   dropout_p=new.dropout_p, scale=new.scale)
+    return new, out, lse
 
 
 def _plan_at_trace(backend: BackendArg, q: Tensor, k: Tensor, v: Tensor, mask: Any, kpm: Any,
@@ -249,9 +293,12 @@ def _run(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
     if plan.empty:
         out, lse = _empty(q, k, v, spec)
     else:
-        out, lse = plan.backend.forward(q, k, v, spec=spec, mask=mask,
-                                        key_padding_mask=key_padding_mask,
-                                        dropout_p=plan.dropout_p, scale=plan.scale)
+        try:
+            out, lse = plan.backend.forward(q, k, v, spec=spec, mask=mask,
+                                            key_padding_mask=key_padding_mask,
+                                            dropout_p=plan.dropout_p, scale=plan.scale)
+        except Exception as exc:
+            plan, out, lse = _fallback(plan, exc, q, k, v, mask, key_padding_mask)
         if plan.fix_rows:
             out, lse = zero_empty_rows(out, lse, alive_rows(spec, mask, key_padding_mask))
     if layout == "bshd":

@@ -72,6 +72,19 @@ class BackendUnavailable(AttentionDispatchError, RuntimeError):
         super().__init__("\n".join(lines))
 
 
+class BackendRuntimeError(AttentionDispatchError, RuntimeError):
+    """A forced backend raised while running; the original error is chained
+    (``__cause__``).  Selections that include "auto" fall back instead."""
+
+    def __init__(self, backend: str, selection: Sequence[str]) -> None:
+        self.backend = backend
+        cause = "see the chained exception above"
+        super().__init__(
+            f"backend {backend!r} failed at run time and the selection {list(selection)} "
+            f"has no 'auto' to fall back to ({cause}). Fix: add 'auto' to the selection, "
+            "or report the failure with `attention-dispatch info`.")
+
+
 class BackendRegistrationError(AttentionDispatchError, ValueError):
     """Registering a backend failed (duplicate name, not a Backend subclass...)."""
 

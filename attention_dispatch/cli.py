@@ -92,6 +92,8 @@ def cmd_info(_: argparse.Namespace) -> int:
             why = REGISTRY.probe(name, d)
             status = "available" if not why else "unavailable: " + "; ".join(why)
             what = f"{inst.describe()}; {inst.capabilities.summary()}" if inst and not why else ""
+            if inst and inst.version_note():
+                what += f" (note: {inst.version_note()})"
             rows.append([name, REGISTRY.source(name), d.type, status, what])
     print(_table(rows))
     for d in devices:

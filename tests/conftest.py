@@ -34,9 +34,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _clean_dispatch_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Fresh decision cache and no selection/plugin variables for every test."""
+    """Fresh decision cache and no selection/plugin variables for every test.
+
+    The numeric canary is off (it would add a forward call to backends whose
+    calls tests count); tests/test_reliability.py turns it on where it is tested.
+    """
     for var in ENV_VARS:
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("ATTENTION_DISPATCH_CANARY", "0")
     ad.clear_cache()
     yield
     ad.clear_cache()
