@@ -25,6 +25,7 @@ from ._errors import UnknownBackendError
 from ._events import Event
 from ._events import clear_events
 from ._events import events
+from ._merge import merge_attention
 from ._registry import get_backend
 from ._registry import list_backends
 from ._registry import register_backend
@@ -32,6 +33,7 @@ from ._registry import unregister_backend
 from ._reliability import FallbackWarning
 from ._select import use_backend
 from ._spec import CallSpec
+from ._varlen import attention_varlen
 from .attend import Attend
 
 __version__ = "0.1.0"
@@ -56,6 +58,7 @@ __all__ = [
     "UnknownBackendError",
     "__version__",
     "attention",
+    "attention_varlen",
     "autotune",
     "clear_cache",
     "clear_events",
@@ -64,6 +67,7 @@ __all__ = [
     "explain_spec",
     "get_backend",
     "list_backends",
+    "merge_attention",
     "register_backend",
     "unregister_backend",
     "use_backend",

@@ -91,11 +91,15 @@ def _bucket(n: int) -> int:
 def bucket_key(spec: CallSpec) -> str:
     """Calls in one bucket share a decision: sequence lengths and batch rounded
     up to powers of two, everything else exact."""
-    return "|".join(str(x) for x in (
+    fields: tuple = (
         str(spec.dtype).replace("torch.", ""), _bucket(spec.batch), spec.heads_q, spec.heads_kv,
         _bucket(spec.seq_q), _bucket(spec.seq_k), spec.head_dim, spec.head_dim_v, spec.layout,
         spec.mask_kind, spec.key_padding, spec.causal, spec.dropout, spec.return_lse,
-        spec.requires_grad))
+        spec.requires_grad)
+    if spec.window is not None or spec.softcap is not None or spec.alibi or spec.varlen:
+        fields += (f"window={spec.window}", f"softcap={spec.softcap}", f"alibi={spec.alibi}",
+                   f"varlen={spec.varlen}")
+    return "|".join(str(x) for x in fields)
 
 
 def load(device: torch.device) -> dict[str, Any]:

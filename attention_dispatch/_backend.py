@@ -26,6 +26,12 @@ class Backend:
     tells nothing about the caller's layout, ``spec.layout`` does) and must
     return ``(out, lse)``: out as (B, Hq, Sq, Dv) (any strides), lse as
     (B, Hq, Sq) float32 or None when ``return_lse`` is False.
+
+    Structured attention (docs/structured.md): ``spec.window`` and
+    ``spec.softcap`` carry the window and the cap; when ``spec.alibi`` is True
+    ``forward`` also receives ``alibi_slopes=`` ((Hq,) or (B, Hq) float32), and
+    only then, so a backend without ``capabilities.alibi`` need not accept it.
+    A backend declaring ``capabilities.varlen`` implements :meth:`forward_varlen`.
     """
 
     name: ClassVar[str] = ""
@@ -99,3 +105,29 @@ class Backend:
     ) -> AttentionResult:
         """Run the kernel.  See the class docstring for shapes."""
         raise NotImplementedError
+
+    def forward_varlen(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        spec: CallSpec,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        dropout_p: float,
+        scale: float,
+        alibi_slopes: Optional[torch.Tensor] = None,
+    ) -> AttentionResult:
+        """Packed variable-length attention (only if ``capabilities.varlen``).
+
+        Shapes (the flash-attn convention): q (Tq, Hq, D), k (Tk, Hkv, D),
+        v (Tk, Hkv, Dv); cu_seqlens_q/k (B + 1,) int32, sequence b is
+        ``q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]]``.  Returns out (Tq, Hq, Dv)
+        and lse (Hq, Tq) float32 (None unless ``spec.return_lse``).  Causal,
+        window and ALiBi are bottom-right per sequence.  ``spec.batch`` is B,
+        ``spec.seq_q``/``spec.seq_k`` are max_seqlen_q/max_seqlen_k.
+        """
+        raise NotImplementedError(f"backend {self.name!r} declares no varlen support")

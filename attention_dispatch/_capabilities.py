@@ -48,6 +48,18 @@ class Capabilities:
         native_layout: the layout the kernel reads without a copy.
         empty_rows_exact: output 0 / lse -inf for rows with no allowed key
             without help; if False the dispatcher restores that after the call.
+        window: sliding windows (``spec.window``, with or without causal).
+        softcap: ``softcap * tanh(scores / softcap)`` (``spec.softcap``).
+        alibi: ALiBi slopes (``spec.alibi``; ``forward`` gets ``alibi_slopes=``).
+        varlen: packed variable-length calls natively (``forward_varlen``);
+            without it :func:`attention_varlen` pads to a dense batch.  A
+            backend with ``varlen`` but without ``key_padding`` also takes dense
+            key-padding calls whose result does not depend on key positions
+            (no causal with Sq > 1, no window, no ALiBi, no dense mask): the
+            dispatcher unpads the keys and calls ``forward_varlen``.
+
+    The structured features default to False, so a backend that does not
+    declare one refuses calls that use it, with a reason.
     """
 
     device_types: frozenset[str]
@@ -67,11 +79,15 @@ class Capabilities:
     backward: bool = True
     native_layout: str = "bhsd"
     empty_rows_exact: bool = False
+    window: bool = False
+    softcap: bool = False
+    alibi: bool = False
+    varlen: bool = False
 
     def summary(self) -> str:
         """One line for tables: dtypes, head dims, features."""
-        feats = [f for f in ("causal", "dropout", "lse", "gqa", "key_padding", "backward")
-                 if getattr(self, f)]
+        feats = [f for f in ("causal", "dropout", "lse", "gqa", "key_padding", "backward",
+                             "window", "softcap", "alibi", "varlen") if getattr(self, f)]
         feats += [f"{m}-mask" for m in sorted(self.mask_kinds)]
         dts = "/".join(dtype_name(d) for d in sorted(self.dtypes, key=str))
         dims = f"D<={self.max_head_dim}" if self.max_head_dim < (1 << 30) else "any D"
@@ -100,7 +116,8 @@ def _feature_reasons(c: Capabilities, spec: CallSpec) -> list[str]:
         allowed = "/".join(sorted(c.mask_kinds)) or "none"
         out.append(f"mask kind {spec.mask_kind}; allowed: {allowed}")
     checks = (
-        (spec.key_padding, c.key_padding, "key_padding_mask given; not supported"),
+        (spec.key_padding, c.key_padding or (c.varlen and key_padding_as_varlen(spec)),
+         "key_padding_mask given; not supported"),
         (spec.causal, c.causal, "causal=True; not supported"),
         (spec.dropout, c.dropout, "dropout_p > 0; this kernel cannot drop out"),
         (spec.return_lse, c.lse, "return_lse=True; this kernel does not return the LSE"),
@@ -108,7 +125,29 @@ def _feature_reasons(c: Capabilities, spec: CallSpec) -> list[str]:
         (spec.requires_grad, c.backward, "gradients needed; this kernel is forward-only"),
     )
     out.extend(msg for wanted, have, msg in checks if wanted and not have)
-    return out
+    return out + _structured_reasons(c, spec)
+
+
+def _structured_reasons(c: Capabilities, spec: CallSpec) -> list[str]:
+    """Reasons for window / softcap / ALiBi / varlen (the fields default to False)."""
+    checks = (
+        (spec.window is not None, c.window,
+         f"window={spec.window}; allowed: no window (no sliding-window support)"),
+        (spec.softcap is not None, c.softcap,
+         f"softcap={spec.softcap}; allowed: no softcap"),
+        (spec.alibi, c.alibi, "alibi_slopes given; allowed: no ALiBi"),
+        (spec.varlen, c.varlen,
+         "packed varlen call; allowed: dense batches (attention_varlen pads for this kernel)"),
+    )
+    return [msg for wanted, have, msg in checks if wanted and not have]
+
+
+def key_padding_as_varlen(spec: CallSpec) -> bool:
+    """Whether a dense key-padding call equals the varlen call on the unpadded
+    keys: nothing may depend on key positions (causal only with Sq <= 1, no
+    window, no ALiBi, no dense mask), so dropping padded keys changes nothing."""
+    return (spec.mask_kind == "none" and not spec.varlen and spec.window is None
+            and not spec.alibi and (not spec.causal or spec.seq_q <= 1))
 
 
 def capability_reasons(c: Capabilities, spec: CallSpec) -> list[str]:

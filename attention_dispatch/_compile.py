@@ -29,13 +29,17 @@ def _meta_const(t: Any) -> Optional[tuple]:
 
 
 def constant_key(q: Any, k: Any, v: Any, mask: Any, kpm: Any, causal: Any, dropout_p: Any,
-                 scale: Any, layout: Any, backend: Any, return_lse: Any) -> tuple:
-    """The call as Python constants (traceable: shapes, dtypes, flags)."""
+                 scale: Any, layout: Any, backend: Any, return_lse: Any, window: Any = None,
+                 softcap: Any = None, alibi_slopes: Any = None) -> tuple:
+    """The call as Python constants (traceable: shapes, dtypes, flags, the
+    window and softcap values, the ALiBi slopes' shape and dtype)."""
     sel = backend if isinstance(backend, str) or backend is None else tuple(backend)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    win = None if window is None else tuple(window)
     return (sel, layout, tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype),
             str(k.dtype), str(v.dtype), str(q.device), grad, _meta_const(mask),
-            _meta_const(kpm), causal, dropout_p, scale, return_lse)
+            _meta_const(kpm), causal, dropout_p, scale, return_lse, win, softcap,
+            _meta_const(alibi_slopes))
 
 
 def _empty_like(shape: tuple, dtype: str, device: str, grad: bool = False) -> torch.Tensor:
@@ -49,15 +53,18 @@ def make_decider(plan_slow: Callable[..., Any]) -> Callable[[tuple], int]:
     def decide_constant(key: tuple) -> int:
         if key in _index:
             return _index[key]
-        sel, layout, qs, ks, vs, qd, kd, vd, dev, grad, mk, pk, causal, p, scale, lse = key
+        (sel, layout, qs, ks, vs, qd, kd, vd, dev, grad, mk, pk, causal, p, scale, lse,
+         window, softcap, ak) = key
         with torch.no_grad():
             q = _empty_like(qs, qd, "meta")
             k, v = _empty_like(ks, kd, "meta"), _empty_like(vs, vd, "meta")
         q.requires_grad_(grad)
         mask = None if mk is None else _empty_like(mk[0], mk[1], "meta")
         kpm = None if pk is None else _empty_like(pk[0], pk[1], "meta")
+        slopes = None if ak is None else _empty_like(ak[0], ak[1], "meta", ak[2])
         plan = plan_slow(sel, q, k, v, mask, kpm, causal, p, scale, layout, lse,
-                         torch.device(dev))
+                         torch.device(dev), window=window, softcap=softcap,
+                         alibi_slopes=slopes)
         _plans.append(plan)
         _index[key] = len(_plans) - 1
         return _index[key]

@@ -57,6 +57,8 @@ class Decision:
                 f"D={s.head_dim} Dv={s.head_dim_v} layout={s.layout} mask={s.mask_kind} "
                 f"key_padding={s.key_padding} causal={s.causal} dropout={s.dropout} "
                 f"lse={s.return_lse} grad={s.requires_grad}")
+        if s.window is not None or s.softcap is not None or s.alibi or s.varlen:
+            head += f" window={s.window} softcap={s.softcap} alibi={s.alibi} varlen={s.varlen}"
         lines = [head, f"selection: {','.join(self.selection)} (from {self.source})",
                  f"chosen: {self.backend or 'none'}", ""]
         width = max([len(v.name) for v in self.verdicts] + [7])

@@ -42,10 +42,16 @@ _plans: dict[tuple, _Plan] = {}
 _lock = threading.Lock()
 
 
+#: Functions clear_cache() also calls (other decision caches, e.g. attention_varlen's).
+CLEAR_HOOKS: list[Any] = []
+
+
 def clear_cache() -> None:
     """Forget every cached decision and probe, and re-read the environment."""
     with _lock:
         _plans.clear()
+    for hook in CLEAR_HOOKS:
+        hook()
     REGISTRY.clear_probes()
     _reliability.forget()
     forget_env()
@@ -132,14 +138,13 @@ def _autotuned(plan: _Plan, selection: tuple[str, ...], args: tuple) -> _Plan:
     spec = plan.spec
     _, verdicts = _verdicts(spec, selection, everyone=True)
     eligible = [v.name for v in verdicts if v.rank is not None and not v.reasons]
-    q, k, v, mask, kpm, layout = args
+    q, k, v, mask, kpm, layout, alibi_slopes = args
     if layout == "bshd":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def run(name: str) -> Any:
         inst, _ = REGISTRY.load(name)
-        return inst.forward(q, k, v, spec=spec, mask=mask,  # type: ignore[union-attr]
-                            key_padding_mask=kpm, dropout_p=plan.dropout_p, scale=plan.scale)
+        return _forward(plan._replace(backend=inst), q, k, v, mask, kpm, alibi_slopes)
 
     best = _autotune.choose(spec, eligible, _autotune.timer_for(spec, run))
     if best == plan.backend.name:
@@ -152,14 +157,16 @@ def _autotuned(plan: _Plan, selection: tuple[str, ...], args: tuple) -> _Plan:
 
 def _plan_slow(key: Optional[tuple], selection: tuple[str, ...], q: Any, k: Any, v: Any,
                mask: Any, kpm: Any, causal: Any, dropout_p: Any, scale: Any, layout: Any,
-               return_lse: Any) -> _Plan:
+               return_lse: Any, window: Any = None, softcap: Any = None,
+               alibi_slopes: Any = None) -> _Plan:
     """Cache miss: validate, decide, remember."""
     _events.configure_from_env()
     spec = validate(q, k, v, mask=mask, key_padding_mask=kpm, causal=causal,
-                    dropout_p=dropout_p, scale=scale, layout=layout, return_lse=return_lse)
+                    dropout_p=dropout_p, scale=scale, layout=layout, return_lse=return_lse,
+                    window=window, softcap=softcap, alibi_slopes=alibi_slopes)
     plan = _decide(spec, selection, scale, dropout_p)
     if "auto" in selection and _autotune.enabled():
-        plan = _autotuned(plan, selection, (q, k, v, mask, kpm, layout))
+        plan = _autotuned(plan, selection, (q, k, v, mask, kpm, layout, alibi_slopes))
     if key is not None:
         with _lock:
             if len(_plans) >= _MAX_ENTRIES:
@@ -169,38 +176,53 @@ def _plan_slow(key: Optional[tuple], selection: tuple[str, ...], q: Any, k: Any,
 
 
 def _fallback(plan: _Plan, exc: Exception, q: Tensor, k: Tensor, v: Tensor,
-              mask: Optional[Tensor], kpm: Optional[Tensor]) -> tuple[_Plan, Tensor, Any]:
+              mask: Optional[Tensor], kpm: Optional[Tensor],
+              alibi_slopes: Optional[Tensor] = None) -> tuple[_Plan, Tensor, Any]:
     """The chosen backend raised: demote it for this signature and run the next
-    eligible one (q, k, v in the bhsd view).  Bad input, out-of-memory and a
-    forced selection (no "auto") raise the original error instead."""
-    name = plan.backend.name
-    if not _reliability.may_fall_back(exc):
-        raise exc
-    if "auto" not in plan.selection:
-        raise BackendRuntimeError(name, plan.selection) from exc
-    _reliability.demote(name, plan.spec, exc)
-    with _lock:
-        for key in [k_ for k_, p in _plans.items() if p.backend is plan.backend
-                    and p.spec == plan.spec]:
-            del _plans[key]
-    try:
-        new = _decide(plan.spec, plan.selection, plan.scale, plan.dropout_p)
-    except BackendUnavailable as unavailable:
-        raise unavailable from exc
-    _events.emit(_events.FALLBACK, new.backend.name, f"{name} raised {type(exc).__name__}: "
-                 f"{str(exc)[:200]}", plan.spec, level=logging.INFO)
-    out, lse = new.backend.forward(q, k, v, spec=new.spec, mask=mask, key_padding_mask=kpm,
-                                   dropout_p=new.dropout_p, scale=new.scale)
-    return new, out, lse
+    eligible one (q, k, v in the bhsd view), and the next while they raise too.
+    Bad input, out-of-memory and a forced selection (no "auto") raise the
+    original error instead.  The cached plans of this signature and selection
+    then point to the backend that ran (one decision, logged once)."""
+    stale: list[tuple] = []
+    while True:
+        name = plan.backend.name
+        if not _reliability.may_fall_back(exc):
+            raise exc
+        if "auto" not in plan.selection:
+            raise BackendRuntimeError(name, plan.selection) from exc
+        _reliability.demote(name, plan.spec, exc)
+        with _lock:
+            dropped = [k_ for k_, p in _plans.items() if p.backend is plan.backend
+                       and p.spec == plan.spec]
+            stale += [k_ for k_ in dropped if _plans[k_].selection == plan.selection]
+            for key in dropped:
+                del _plans[key]
+        try:
+            new = _decide(plan.spec, plan.selection, plan.scale, plan.dropout_p)
+        except BackendUnavailable as unavailable:
+            raise unavailable from exc
+        _events.emit(_events.FALLBACK, new.backend.name, f"{name} raised "
+                     f"{type(exc).__name__}: {str(exc)[:200]}", plan.spec, level=logging.INFO)
+        try:
+            out, lse = _forward(new, q, k, v, mask, kpm, alibi_slopes)
+        except Exception as again:  # the next one fails too: demote it and go on
+            plan, exc = new, again
+            continue
+        with _lock:
+            for key in stale:
+                _plans[key] = new
+        return new, out, lse
 
 
 def _plan_at_trace(backend: BackendArg, q: Tensor, k: Tensor, v: Tensor, mask: Any, kpm: Any,
                    causal: Any, dropout_p: Any, scale: Any, layout: Any, return_lse: Any,
-                   device: torch.device) -> _Plan:
+                   device: torch.device, window: Any = None, softcap: Any = None,
+                   alibi_slopes: Any = None) -> _Plan:
     """The plan for a traced call, from meta tensors standing for the real ones."""
     selection, _ = resolve(backend)
     spec = validate(q, k, v, mask=mask, key_padding_mask=kpm, causal=causal,
-                    dropout_p=dropout_p, scale=scale, layout=layout, return_lse=return_lse)
+                    dropout_p=dropout_p, scale=scale, layout=layout, return_lse=return_lse,
+                    window=window, softcap=softcap, alibi_slopes=alibi_slopes)
     spec = dataclasses.replace(spec, device_type=device.type, device_index=device.index)
     return _decide(spec, selection, scale, dropout_p)
 
@@ -220,7 +242,9 @@ def _empty(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec) -> tuple[Tensor, Ten
 def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
               key_padding_mask: Optional[Tensor] = None, causal: bool = False,
               dropout_p: float = 0.0, scale: Optional[float] = None, layout: str = "bhsd",
-              backend: BackendArg = "auto", return_lse: bool = False
+              backend: BackendArg = "auto", return_lse: bool = False,
+              window: Optional[tuple[int, int]] = None, softcap: Optional[float] = None,
+              alibi_slopes: Optional[Tensor] = None
               ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Scaled dot-product attention on the best backend that accepts the call.
 
@@ -241,13 +265,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
             then ATTENTION_DISPATCH_BACKEND.
         return_lse: also return lse (B, Hq, Sq) float32, natural log, detached
             (it carries no gradient on any backend).
+        window: (left, right): query i may attend key j iff
+            i + (Sk - Sq) - left <= j <= i + (Sk - Sq) + right; -1 = unbounded;
+            combines with causal.  See docs/structured.md.
+        softcap: c > 0: scores -> c * tanh(scores / c) before masks and biases.
+        alibi_slopes: (Hq,) or (B, Hq) float32: adds -slope * |i + Sk - Sq - j|.
 
     Rows with no key they may attend give 0 (lse -inf, zero gradients).
 
     Equivalent math (float64 reference)::
 
-        s = scale * q @ k.transpose(-1, -2) + float_mask
-        s = s.masked_fill(~(bool_mask & key_padding & causal_bottom_right), -inf)
+        s = softcap * tanh(scale * q @ k.transpose(-1, -2) / softcap)  # if softcap
+        s = s + float_mask - alibi_slope * abs(i + Sk - Sq - j)
+        s = s.masked_fill(~(bool_mask & key_padding & causal_bottom_right & window), -inf)
         out = dropout(softmax(s, -1)) @ v        # rows of all -inf -> 0
         lse = logsumexp(s, -1)
 
@@ -258,8 +288,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
     if _compiling():  # torch.compile: decided at trace time, nothing left per call
         plan = _compile._plans[_decide_constant(_compile.constant_key(
             q, k, v, mask, key_padding_mask, causal, dropout_p, scale, layout, backend,
-            return_lse))]
-        return _run(plan, q, k, v, mask, key_padding_mask, layout, return_lse)
+            return_lse, window, softcap, alibi_slopes))]
+        return _run(plan, q, k, v, mask, key_padding_mask, layout, return_lse, alibi_slopes)
     # hot path: build the key, one dict lookup, one kernel call
     if backend == "auto":
         selection = _context.get() or env_selection() or AUTO
@@ -273,19 +303,38 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
                None if mask is None else _meta(mask),
                None if key_padding_mask is None else _meta(key_padding_mask),
                causal, dropout_p, scale, return_lse,
-               type(causal), type(dropout_p), type(scale), type(return_lse))
+               type(causal), type(dropout_p), type(scale), type(return_lse),
+               window, softcap, type(softcap),
+               None if alibi_slopes is None else _meta(alibi_slopes))
         plan = _plans.get(key)
     except (AttributeError, TypeError):  # not tensors, unhashable: validate() says what
         key, plan = None, None
     if plan is None:
         plan = _plan_slow(key, selection, q, k, v, mask, key_padding_mask, causal, dropout_p,
-                          scale, layout, return_lse)
-    return _run(plan, q, k, v, mask, key_padding_mask, layout, return_lse)
+                          scale, layout, return_lse, window, softcap, alibi_slopes)
+    return _run(plan, q, k, v, mask, key_padding_mask, layout, return_lse, alibi_slopes)
+
+
+def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+             kpm: Optional[Tensor], alibi_slopes: Optional[Tensor]) -> tuple[Tensor, Any]:
+    """The kernel call (bhsd views): ``alibi_slopes=`` only when given; key
+    padding through ``forward_varlen`` for a varlen backend without key_padding."""
+    if kpm is not None and not plan.backend.capabilities.key_padding:
+        from ._varlen import dense_via_varlen
+
+        return dense_via_varlen(plan.backend, q, k, v, kpm, spec=plan.spec,
+                                dropout_p=plan.dropout_p, scale=plan.scale)
+    if alibi_slopes is None:
+        return plan.backend.forward(q, k, v, spec=plan.spec, mask=mask, key_padding_mask=kpm,
+                                    dropout_p=plan.dropout_p, scale=plan.scale)
+    return plan.backend.forward(q, k, v, spec=plan.spec, mask=mask, key_padding_mask=kpm,
+                                dropout_p=plan.dropout_p, scale=plan.scale,
+                                alibi_slopes=alibi_slopes)  # type: ignore[call-arg]
 
 
 def _run(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
-         key_padding_mask: Optional[Tensor], layout: str, return_lse: bool
-         ) -> Union[Tensor, tuple[Tensor, Tensor]]:
+         key_padding_mask: Optional[Tensor], layout: str, return_lse: bool,
+         alibi_slopes: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Run a plan: layout views, the kernel, the empty-row fix, the result."""
     spec = plan.spec
     if layout == "bshd":
@@ -294,11 +343,10 @@ def _run(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
         out, lse = _empty(q, k, v, spec)
     else:
         try:
-            out, lse = plan.backend.forward(q, k, v, spec=spec, mask=mask,
-                                            key_padding_mask=key_padding_mask,
-                                            dropout_p=plan.dropout_p, scale=plan.scale)
+            out, lse = _forward(plan, q, k, v, mask, key_padding_mask, alibi_slopes)
         except Exception as exc:
-            plan, out, lse = _fallback(plan, exc, q, k, v, mask, key_padding_mask)
+            plan, out, lse = _fallback(plan, exc, q, k, v, mask, key_padding_mask,
+                                       alibi_slopes)
         if plan.fix_rows:
             out, lse = zero_empty_rows(out, lse, alive_rows(spec, mask, key_padding_mask))
     if layout == "bshd":
@@ -311,13 +359,16 @@ def _run(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
 def explain(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
             key_padding_mask: Optional[Tensor] = None, causal: bool = False,
             dropout_p: float = 0.0, scale: Optional[float] = None, layout: str = "bhsd",
-            backend: BackendArg = "auto", return_lse: bool = False) -> Decision:
+            backend: BackendArg = "auto", return_lse: bool = False,
+            window: Optional[tuple[int, int]] = None, softcap: Optional[float] = None,
+            alibi_slopes: Optional[Tensor] = None) -> Decision:
     """Which backend :func:`attention` would run for these arguments, and, for
     every registered backend, whether it accepts the call or the exact reasons
     why not.  Nothing runs; the decision cache is not touched."""
     selection, source = resolve(backend)
     spec = validate(q, k, v, mask=mask, key_padding_mask=key_padding_mask, causal=causal,
-                    dropout_p=dropout_p, scale=scale, layout=layout, return_lse=return_lse)
+                    dropout_p=dropout_p, scale=scale, layout=layout, return_lse=return_lse,
+                    window=window, softcap=softcap, alibi_slopes=alibi_slopes)
     return explain_spec(spec, selection, source)
 
 

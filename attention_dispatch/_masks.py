@@ -1,5 +1,6 @@
-"""Mask helpers shared by adapters: bottom-right causal, combined masks,
-additive biases, rows that have no key to attend, GQA expansion."""
+"""Mask helpers shared by adapters: bottom-right causal, sliding windows,
+ALiBi and softcap, combined masks, additive biases, rows that have no key to
+attend, GQA expansion."""
 
 from __future__ import annotations
 
@@ -19,30 +20,80 @@ def causal_keep(seq_q: int, seq_k: int, device: torch.device) -> Tensor:
     return j <= i + (seq_k - seq_q)
 
 
+def window_keep(seq_q: int, seq_k: int, window: tuple[int, int], causal: bool,
+                device: torch.device) -> Tensor:
+    """(Sq, Sk) bool, True where query i may attend key j under the window
+    (left, right) (-1 = unbounded) and, if ``causal``, bottom-right causal.
+
+    Equivalent math::
+
+        d = j - (i + Sk - Sq)
+        keep = (left < 0 or d >= -left) & (right < 0 or d <= right) & (not causal or d <= 0)
+    """
+    i = torch.arange(seq_q, device=device).unsqueeze(-1)
+    d = torch.arange(seq_k, device=device) - (i + (seq_k - seq_q))
+    keep = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)
+    left, right = window
+    if left >= 0:
+        keep = keep & (d >= -left)
+    if right >= 0:
+        keep = keep & (d <= right)
+    if causal:
+        keep = keep & (d <= 0)
+    return keep
+
+
+def alibi_bias(slopes: Tensor, seq_q: int, seq_k: int, dtype: torch.dtype) -> Tensor:
+    """ALiBi as flash-attn defines it: (1|B, Hq, Sq, Sk) = -slope * |i + Sk - Sq - j|.
+
+    ``slopes`` is (Hq,) or (B, Hq) float32.
+    """
+    i = torch.arange(seq_q, device=slopes.device).unsqueeze(-1)
+    dist = (i + (seq_k - seq_q) - torch.arange(seq_k, device=slopes.device)).abs()
+    s = slopes if slopes.dim() == 2 else slopes.unsqueeze(0)
+    return -(s[:, :, None, None].to(dtype) * dist.to(dtype))
+
+
+def softcap_scores(s: Tensor, softcap: Optional[float]) -> Tensor:
+    """``softcap * tanh(s / softcap)``; ``s`` unchanged when softcap is None."""
+    if softcap is None:
+        return s
+    return torch.tanh(s / softcap) * softcap
+
+
 def keep_mask(spec: CallSpec, mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
-              causal: Optional[bool] = None) -> Optional[Tensor]:
-    """Bool mask (True = may attend) from a bool ``mask``, the padding mask and,
-    if ``causal`` (default: ``spec.causal``), the bottom-right causal mask.
+              causal: Optional[bool] = None, window: Optional[bool] = None
+              ) -> Optional[Tensor]:
+    """Bool mask (True = may attend) from a bool ``mask``, the padding mask,
+    if ``causal`` (default: ``spec.causal``) the bottom-right causal mask and,
+    if ``window`` (default: a window is set), ``spec.window``.
 
     The result broadcasts to (B, Hq, Sq, Sk); None when nothing is masked.
     A float ``mask`` is not included: use :func:`additive_bias`.
     """
     causal = spec.causal if causal is None else causal
+    use_window = spec.window is not None if window is None else window and spec.window is not None
     keep: Optional[Tensor] = None
     if mask is not None and mask.dtype == torch.bool:
         keep = mask
     if key_padding_mask is not None:
         kp = key_padding_mask[:, None, None, :]
         keep = kp if keep is None else keep & kp
-    if causal:
+    if use_window:
+        c = window_keep(spec.seq_q, spec.seq_k, spec.window, causal, spec.device)  # type: ignore
+        keep = c if keep is None else keep & c
+    elif causal:
         c = causal_keep(spec.seq_q, spec.seq_k, spec.device)
         keep = c if keep is None else keep & c
     return keep
 
 
 def additive_bias(spec: CallSpec, mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
-                  dtype: torch.dtype, causal: Optional[bool] = None) -> Optional[Tensor]:
-    """Float bias (0 / -inf, plus a float ``mask``) equivalent to the masks of the call."""
+                  dtype: torch.dtype, causal: Optional[bool] = None,
+                  alibi_slopes: Optional[Tensor] = None) -> Optional[Tensor]:
+    """Float bias (0 / -inf, plus a float ``mask``, plus ALiBi when
+    ``alibi_slopes`` is given) equivalent to the masks of the call, window
+    included.  Materialised: O(Sq * Sk) per distinct batch row / head."""
     keep = keep_mask(spec, mask, key_padding_mask, causal)
     bias: Optional[Tensor] = None
     if keep is not None:
@@ -51,6 +102,9 @@ def additive_bias(spec: CallSpec, mask: Optional[Tensor], key_padding_mask: Opti
     if mask is not None and mask.dtype != torch.bool:
         m = mask.to(dtype)
         bias = m if bias is None else bias + m
+    if alibi_slopes is not None:
+        a = alibi_bias(alibi_slopes, spec.seq_q, spec.seq_k, dtype)
+        bias = a if bias is None else bias + a
     return bias
 
 
@@ -60,7 +114,7 @@ def alive_rows(spec: CallSpec, mask: Optional[Tensor],
     attend; None when every row does (known from the shapes alone)."""
     if not spec.may_have_empty_rows:
         return None
-    if mask is None and key_padding_mask is not None and spec.causal:
+    if mask is None and key_padding_mask is not None and spec.causal and spec.window is None:
         # first real key per batch row; row i is alive iff first <= i + offset
         idx = torch.arange(spec.seq_k, device=spec.device)
         big = torch.where(key_padding_mask, idx, spec.seq_k).amin(-1)  # (B,)

@@ -26,6 +26,7 @@ BUILTINS: dict[str, str] = {
     "sdpa-cudnn": "attention_dispatch.adapters.sdpa_cudnn:SdpaCudnnBackend",
     "flash-attn": "attention_dispatch.adapters.flash_attn:FlashAttnBackend",
     "xformers": "attention_dispatch.adapters.xformers:XformersBackend",
+    "flex": "attention_dispatch.adapters.flex:FlexBackend",
 }
 
 Target = Union[str, type]

@@ -31,15 +31,25 @@ _demoted: dict[tuple[str, CallSpec], str] = {}
 _demoted_device: dict[tuple[str, torch.device, torch.dtype], str] = {}
 _warned: set[tuple[str, str]] = set()
 _canary_done: set[tuple[str, torch.device, torch.dtype]] = set()
+_canary_locks: dict[tuple[str, torch.device, torch.dtype], threading.RLock] = {}
+_canary_running: set[tuple[str, torch.device, torch.dtype]] = set()
 
 
 class FallbackWarning(UserWarning):
     """A backend failed at run time; the call ran on another backend."""
 
 
+_OOM_TEXT = ("out of memory", "can't allocate memory", "not enough memory")
+
+
 def is_oom(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError, MemoryError, or an allocator's message (the CPU
+    allocator raises a RuntimeError "DefaultCPUAllocator: can't allocate memory")."""
     oom = getattr(torch, "OutOfMemoryError", None)
-    return (oom is not None and isinstance(exc, oom)) or "out of memory" in str(exc).lower()
+    if (oom is not None and isinstance(exc, oom)) or isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return any(t in text for t in _OOM_TEXT)
 
 
 def may_fall_back(exc: BaseException) -> bool:
@@ -77,6 +87,7 @@ def forget() -> None:
         _demoted_device.clear()
         _warned.clear()
         _canary_done.clear()
+        _canary_locks.clear()
 
 
 def canary_enabled() -> bool:
@@ -90,12 +101,22 @@ def canary(backend: Backend, spec: CallSpec) -> Optional[str]:
     if key in _canary_done or not canary_enabled():
         return _demoted_device.get(key)
     with _lock:
-        _canary_done.add(key)
-    why = _run_canary(backend, spec)
+        key_lock = _canary_locks.setdefault(key, threading.RLock())
+    # other threads wait for the verdict instead of using the backend meanwhile
+    with key_lock:
+        if key in _canary_done or key in _canary_running:  # done meanwhile, or re-entered
+            return _demoted_device.get(key)
+        _canary_running.add(key)
+        try:
+            why = _run_canary(backend, spec)  # out-of-memory propagates: tried again later
+        finally:
+            _canary_running.discard(key)
+        with _lock:
+            if why is not None:
+                _demoted_device[key] = why
+            _canary_done.add(key)
     _events.emit(_events.CANARY, backend.name, why or "passed", spec)
     if why is not None:
-        with _lock:
-            _demoted_device[key] = why
         warnings.warn(f"attention_dispatch: backend {backend.name!r} failed its numeric "
                       f"check on {spec.device} {spec.dtype}: {why}; not used there",
                       FallbackWarning, stacklevel=4)
@@ -112,7 +133,8 @@ def _run_canary(backend: Backend, spec: CallSpec) -> Optional[str]:
     tiny = dataclasses.replace(spec, batch=1, seq_q=8, seq_k=8, mask_kind="none",
                                key_padding=False, causal=False, dropout=False,
                                return_lse=False, requires_grad=False, mask_grad=False,
-                               heads_q=spec.heads_q // spec.heads_kv, heads_kv=1)
+                               heads_q=spec.heads_q // spec.heads_kv, heads_kv=1,
+                               window=None, softcap=None, alibi=False, varlen=False)
     if backend.supports(tiny):
         return None  # cannot express the tiny case: nothing to check
     g = torch.Generator().manual_seed(1234)
@@ -125,8 +147,13 @@ def _run_canary(backend: Backend, spec: CallSpec) -> Optional[str]:
                                      spec=tiny, mask=None, key_padding_mask=None,
                                      dropout_p=0.0, scale=scale)
         ref, _ = reference_attention(q, k, v)
+        if tuple(out.shape) != tuple(ref.shape):
+            return (f"numeric check failed: output shape {tuple(out.shape)}; expected "
+                    f"{tuple(ref.shape)}")
         err = (out.double().cpu() - ref).abs().max().item()
     except Exception as exc:  # a kernel that cannot even run the tiny case
+        if is_oom(exc):
+            raise  # out-of-memory is never hidden, nor remembered as a failure
         return f"numeric check raised {type(exc).__name__}: {str(exc)[:200]}"
     bound = 10 * atol(spec.dtype) * (1 + ref.abs().max().item())
     if not err <= bound:  # NaN fails too

@@ -27,6 +27,15 @@ class CallSpec:
     q (batch, heads_q, seq_q, head_dim), k (batch, heads_kv, seq_k, head_dim),
     v (batch, heads_kv, seq_k, head_dim_v).
     ``mask_kind`` is "none", "bool" or "float".
+
+    Structured attention (see docs/structured.md): ``window`` is the sliding
+    window (left, right) in keys, -1 = unbounded on that side, None = no window
+    ((-1, -1) is normalised to None); ``softcap`` the tanh cap of the scores
+    (None = off; 0 is normalised to None); ``alibi`` whether ALiBi slopes were
+    given (the tensor itself reaches ``Backend.forward`` as ``alibi_slopes=``).
+    ``varlen``: a packed variable-length call (:func:`attention_varlen`); then
+    ``batch`` is the number of sequences and ``seq_q``/``seq_k`` are
+    ``max_seqlen_q``/``max_seqlen_k``; the causal offset is per sequence.
     """
 
     device_type: str
@@ -47,6 +56,10 @@ class CallSpec:
     return_lse: bool = False
     requires_grad: bool = False
     mask_grad: bool = False  # a float mask that needs a gradient (a learned bias)
+    window: Optional[tuple[int, int]] = None
+    softcap: Optional[float] = None
+    alibi: bool = False
+    varlen: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -63,13 +76,38 @@ class CallSpec:
         return (
             self.mask_kind != "none"
             or self.key_padding
+            or self.varlen
             or (self.causal and self.seq_q > self.seq_k)
+            or (self.window is not None
+                and window_has_empty_rows(self.seq_q, self.seq_k, self.window, self.causal))
         )
 
     @property
     def causal_offset(self) -> int:
         """Bottom-right causal: query i sees key j iff j <= i + causal_offset."""
         return self.seq_k - self.seq_q
+
+
+def window_has_empty_rows(seq_q: int, seq_k: int, window: tuple[int, int],
+                          causal: bool) -> bool:
+    """Whether some query row of a windowed call has no key inside its window.
+
+    Row i may attend j in [i + off - left, i + off + right] (off = Sk - Sq; a
+    bound of -1 is open; causal caps the right bound at 0).  Both bounds grow
+    with i, so only the first row's right bound and the last row's left bound
+    can leave [0, Sk).
+    """
+    if seq_q == 0:
+        return False
+    if seq_k == 0:
+        return True
+    left, right = window
+    off = seq_k - seq_q
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    first_hi_before_keys = right >= 0 and off + right < 0
+    last_lo_after_keys = left >= 0 and (seq_q - 1) + off - left > seq_k - 1
+    return first_hi_before_keys or last_lo_after_keys
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -177,9 +215,63 @@ def _check_scalars(causal: Any, dropout_p: Any, scale: Any, return_lse: Any) -> 
             raise AttentionInputError("scale", "a finite float or None", repr(scale))
 
 
+def check_window(window: Any) -> Optional[tuple[int, int]]:
+    """``window`` -> (left, right) ints >= -1, or None for no window.
+
+    (-1, -1) (unbounded on both sides) is no window and gives None.
+    """
+    if window is None:
+        return None
+    expected = "None or a (left, right) pair of ints >= -1 (-1 = unbounded)"
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise AttentionTypeError("window", expected, repr(window))
+    if any(isinstance(w, bool) or not isinstance(w, int) for w in window):
+        raise AttentionTypeError("window", expected, repr(window))
+    left, right = int(window[0]), int(window[1])
+    if left < -1 or right < -1:
+        raise AttentionInputError("window", expected, repr(window),
+                                  "use -1 for an unbounded side")
+    return None if (left, right) == (-1, -1) else (left, right)
+
+
+def check_softcap(softcap: Any) -> Optional[float]:
+    """``softcap`` -> a finite float > 0, or None (None and 0 mean off)."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise AttentionTypeError("softcap", "None or a finite float > 0", type(softcap).__name__)
+    if not math.isfinite(softcap) or softcap < 0:
+        raise AttentionInputError("softcap", "None or a finite float > 0 (0 = off)",
+                                  repr(softcap))
+    return float(softcap) if softcap > 0 else None
+
+
+def check_alibi(slopes: Any, batch: int, heads_q: int, device: torch.device) -> bool:
+    """Check ``alibi_slopes``: float32 (Hq,) or (B, Hq) on q's device, constant."""
+    if slopes is None:
+        return False
+    if not isinstance(slopes, torch.Tensor):
+        raise AttentionTypeError("alibi_slopes", "a float32 torch.Tensor of shape (Hq,) or "
+                                 "(B, Hq), or None", type(slopes).__name__)
+    if slopes.dtype != torch.float32:
+        raise AttentionTypeError("alibi_slopes", "dtype torch.float32", str(slopes.dtype),
+                                 "use alibi_slopes.float()")
+    if tuple(slopes.shape) not in ((heads_q,), (batch, heads_q)):
+        raise AttentionInputError("alibi_slopes", f"shape (Hq,) = ({heads_q},) or (B, Hq) = "
+                                  f"({batch}, {heads_q})", _shape(slopes))
+    if slopes.device != device:
+        raise AttentionInputError("alibi_slopes", f"device {device} (as q)", str(slopes.device))
+    if slopes.requires_grad and torch.is_grad_enabled():
+        raise AttentionInputError("alibi_slopes", "constant slopes (no gradient flows to "
+                                  "them)", "a tensor that requires grad",
+                                  "pass alibi_slopes.detach()")
+    return True
+
+
 def validate(q: Any, k: Any, v: Any, *, mask: Any = None, key_padding_mask: Any = None,
              causal: Any = False, dropout_p: Any = 0.0, scale: Any = None,
-             layout: Any = "bhsd", return_lse: Any = False) -> CallSpec:
+             layout: Any = "bhsd", return_lse: Any = False, window: Any = None,
+             softcap: Any = None, alibi_slopes: Any = None) -> CallSpec:
     """Check every argument of an attention call and describe it.
 
     Raises:
@@ -195,6 +287,8 @@ def validate(q: Any, k: Any, v: Any, *, mask: Any = None, key_padding_mask: Any 
     Dv = v.shape[-1]
     mask_kind = _check_mask(mask, B, Hq, Sq, Sk, q.device, q.dtype)
     kpm = _check_kpm(key_padding_mask, B, Sk, q.device)
+    win, cap = check_window(window), check_softcap(softcap)
+    alibi = check_alibi(alibi_slopes, B, Hq, q.device)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                         or (mask is not None and mask.requires_grad))
     return CallSpec(
@@ -203,4 +297,5 @@ def validate(q: Any, k: Any, v: Any, *, mask: Any = None, key_padding_mask: Any 
         layout=layout, mask_kind=mask_kind, key_padding=kpm, causal=causal,
         dropout=dropout_p > 0, return_lse=return_lse, requires_grad=grad,
         mask_grad=grad and mask is not None and mask.requires_grad,
+        window=win, softcap=cap, alibi=alibi,
     )

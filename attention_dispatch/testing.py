@@ -37,11 +37,19 @@ def atol(dtype: torch.dtype) -> float:
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
                         key_padding_mask: Optional[Tensor] = None, causal: bool = False,
-                        scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
+                        scale: Optional[float] = None,
+                        window: Optional[tuple[int, int]] = None,
+                        softcap: Optional[float] = None,
+                        alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Float64 attention written plainly from the contract, (B, H, S, D) layout.
 
     Returns (out, lse).  Rows with no key they may attend give out 0, lse -inf,
     and zero gradients.  Independent of the package's adapters on purpose.
+
+    Structured attention: ``softcap`` c turns the scaled scores into
+    c * tanh(s / c) (before anything is added or masked); ``alibi_slopes``
+    ((Hq,) or (B, Hq)) adds -slope * |i + Sk - Sq - j|; ``window`` (left,
+    right) keeps i + Sk - Sq - left <= j <= i + Sk - Sq + right (-1 = open).
     """
     q, k, v = q.double(), k.double(), v.double()
     B, Hq, Sq, D = q.shape
@@ -50,6 +58,14 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tenso
     k, v = k[:, heads], v[:, heads]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     s = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(Sq, device=q.device)[:, None]
+    j = torch.arange(Sk, device=q.device)[None, :]
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.double().reshape(-1, Hq)  # (1 or B, Hq)
+        distance = (i + (Sk - Sq) - j).abs().double()
+        s = s - slopes[:, :, None, None] * distance
     allowed = torch.ones(B, Hq, Sq, Sk, dtype=torch.bool, device=q.device)
     if mask is not None and mask.dtype == torch.bool:
         allowed = allowed & mask
@@ -59,16 +75,18 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tenso
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask[:, None, None, :]
     if causal:
-        i = torch.arange(Sq, device=q.device)[:, None]
-        j = torch.arange(Sk, device=q.device)[None, :]
         allowed = allowed & (j <= i + (Sk - Sq))
+    if window is not None and window[0] >= 0:
+        allowed = allowed & (j >= i + (Sk - Sq) - window[0])
+    if window is not None and window[1] >= 0:
+        allowed = allowed & (j <= i + (Sk - Sq) + window[1])
     row_ok = allowed.any(-1, keepdim=True)
     s = torch.where(allowed, s, torch.full_like(s, float("-inf")))
     s_safe = torch.where(row_ok, s, torch.zeros_like(s))
     p = torch.where(row_ok, torch.softmax(s_safe, -1), torch.zeros_like(s))
     out = torch.einsum("bhij,bhjd->bhid", p, v)
     lse = torch.where(row_ok[..., 0], torch.logsumexp(s_safe, -1),
-                      torch.full_like(s[..., 0], float("-inf")))
+                      torch.full(s.shape[:-1], float("-inf"), dtype=s.dtype, device=s.device))
     return out, lse
 
 
@@ -76,7 +94,9 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tenso
 class Case:
     """One conformance case.  ``mask`` is one of "none", "bool", "float",
     "padding", "bool+padding", "float+padding"; ``empty_rows`` forces some
-    query rows to have no allowed key."""
+    query rows to have no allowed key.  Structured attention: ``window``
+    (left, right), ``softcap`` and ``alibi`` ("none", "heads" for (Hq,) slopes,
+    "batch" for (B, Hq) slopes)."""
 
     batch: int = 2
     heads_q: int = 4
@@ -93,6 +113,9 @@ class Case:
     grad: bool = False
     lse: bool = False
     scale: Optional[float] = None
+    window: Optional[tuple[int, int]] = None
+    softcap: Optional[float] = None
+    alibi: str = "none"
 
     def __str__(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
@@ -106,6 +129,12 @@ class Case:
                 parts.append(flag)
         if self.scale is not None:
             parts.append(f"scale{self.scale}")
+        if self.window is not None:
+            parts.append(f"window{self.window[0]},{self.window[1]}")
+        if self.softcap is not None:
+            parts.append(f"softcap{self.softcap}")
+        if self.alibi != "none":
+            parts.append(f"alibi-{self.alibi}")
         return "-".join(parts)
 
 
@@ -137,6 +166,47 @@ def default_cases(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat
         cases.append(replace(base, scale=0.3, mask="float"))
         cases.append(replace(base, head_dim_v=2 * d))
     return cases
+
+
+def structured_cases(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16,
+                                                       torch.float16)) -> list[Case]:
+    """Sliding windows (with and without causal, Sq < Sk, = Sk, > Sk, rows
+    left without keys), softcap, ALiBi ((Hq,) and (B, Hq) slopes), their
+    combinations with GQA, key padding, masks and layouts; lse and gradients."""
+    out: list[Case] = []
+    for dtype in dtypes:
+        b = Case(dtype=dtype)
+        out += [replace(b, window=w, causal=c, seq_q=sq, seq_k=sk)
+                for (sq, sk), w, c in itertools.product(
+                    [(16, 16), (7, 19), (19, 7)], [(3, 2), (4, -1), (-1, 2), (0, 0)],
+                    (False, True))]
+        out += [
+            replace(b, window=(2, 0), seq_q=19, seq_k=7, grad=True, lse=True),  # empty rows
+            replace(b, window=(5, 1), causal=True, mask="padding", empty_rows=True, lse=True),
+            replace(b, window=(3, 3), heads_kv=2, layout="bshd", grad=True, seq_q=9, seq_k=13),
+            replace(b, window=(6, -1), causal=True, mask="bool", seq_q=11, seq_k=21),
+            replace(b, softcap=1.0), replace(b, softcap=0.5, causal=True, grad=True),
+            replace(b, softcap=2.0, mask="float+padding", lse=True, seq_q=11, seq_k=21),
+            replace(b, softcap=1.0, heads_kv=1, layout="bshd", lse=True, seq_q=1, seq_k=33),
+            replace(b, alibi="heads"), replace(b, alibi="batch", causal=True, lse=True),
+            replace(b, alibi="heads", seq_q=7, seq_k=19, causal=True, grad=True),
+            replace(b, alibi="batch", seq_q=19, seq_k=7, mask="padding", grad=True),
+            replace(b, alibi="heads", window=(4, 1), causal=True, heads_kv=2, lse=True),
+            replace(b, alibi="batch", softcap=1.0, window=(3, 2), heads_kv=1, grad=True,
+                    lse=True, seq_q=10, seq_k=14, layout="bshd"),
+            replace(b, softcap=1.5, window=(2, 0), causal=True, scale=0.5, seq_q=12, seq_k=12),
+        ]
+    return out
+
+
+def alibi_slopes_for(heads: int, batch: Optional[int] = None,
+                     generator: Optional[torch.Generator] = None) -> Tensor:
+    """ALiBi slopes 2^(-8 (h + 1) / H) (Press et al.), (H,) float32; with
+    ``batch`` a (B, H) tensor scaled per row by a random factor in [0.5, 1.5)."""
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)])
+    if batch is None:
+        return slopes.float()
+    return (slopes[None, :] * (0.5 + torch.rand(batch, 1, generator=generator))).float()
 
 
 def make_inputs(case: Case, device: Any = "cpu", seed: int = 0) -> dict[str, Any]:
@@ -175,6 +245,12 @@ def make_inputs(case: Case, device: Any = "cpu", seed: int = 0) -> dict[str, Any
     kw["key_padding_mask"] = None if kpm is None else kpm.to(device)
     kw["causal"] = case.causal
     kw["scale"] = case.scale
+    kw["window"] = case.window
+    kw["softcap"] = case.softcap
+    kw["alibi_slopes"] = None
+    if case.alibi != "none":
+        slopes = alibi_slopes_for(case.heads_q, b if case.alibi == "batch" else None, g)
+        kw["alibi_slopes"] = slopes.to(device)
     return kw
 
 
@@ -189,7 +265,8 @@ def _run(backend: str, case: Case, inputs: dict[str, Any], grad_out: Optional[Te
     q, k, v = (inputs[n].detach().clone().requires_grad_(case.grad) for n in "qkv")
     res = attention(q, k, v, mask=inputs["mask"], key_padding_mask=inputs["key_padding_mask"],
                     causal=case.causal, scale=case.scale, layout=case.layout,
-                    backend=backend, return_lse=case.lse)
+                    backend=backend, return_lse=case.lse, window=case.window,
+                    softcap=case.softcap, alibi_slopes=inputs.get("alibi_slopes"))
     out, lse = res if case.lse else (res, None)
     _check_result(case, out, lse)
     grads: list[Tensor] = []
@@ -243,9 +320,12 @@ def reference_for(case: Case, inputs: dict[str, Any], grad_out: Optional[Tensor]
     q, k, v = (_bhsd(inputs[n], case.layout).detach().cpu().double().requires_grad_(case.grad)
                for n in "qkv")
     mask, kpm = inputs["mask"], inputs["key_padding_mask"]
+    slopes = inputs.get("alibi_slopes")
     out, lse = reference_attention(q, k, v, mask=None if mask is None else mask.cpu(),
                                    key_padding_mask=None if kpm is None else kpm.cpu(),
-                                   causal=case.causal, scale=case.scale)
+                                   causal=case.causal, scale=case.scale, window=case.window,
+                                   softcap=case.softcap,
+                                   alibi_slopes=None if slopes is None else slopes.cpu())
     grads = []
     if case.grad:
         out.backward(grad_out.double())
@@ -279,8 +359,18 @@ def check_backend(backend: str, case: Case, device: Any = "cpu", seed: int = 0) 
         return [out.cpu()] + ([lse.cpu()] if case.lse else []) + [x.cpu() for x in grads]
 
     refs = [ref_out] + ([ref_lse] if case.lse else []) + ref_grads
+    return judge(backend, case, case.dtype, names, flat(got), flat(base), refs)
+
+
+def judge(backend: str, case: Any, dtype: torch.dtype, names: list[str], got: list[Tensor],
+          base: list[Tensor], refs: list[Tensor]) -> CheckResult:
+    """The accuracy rule on matched lists (backend, math, float64 reference).
+
+    For "lse" entries -inf must appear exactly where the reference has it.
+    Raises AssertionError listing every violation.
+    """
     errors, math_errors, bounds = {}, {}, {}
-    for name, a, m, r in zip(names, flat(got), flat(base), refs):
+    for name, a, m, r in zip(names, got, base, refs):
         if name == "lse":  # -inf exactly where the reference has it, then compare the rest
             dead = torch.isneginf(r)
             if not torch.equal(torch.isneginf(a), dead):
@@ -289,7 +379,7 @@ def check_backend(backend: str, case: Case, device: Any = "cpu", seed: int = 0) 
         errors.setdefault(name, _max_err(a, r))
         math_errors[name] = _max_err(m, r)
         scale = 1.0 + (r.abs().max().item() if r.numel() else 0.0)
-        bounds[name] = 2 * math_errors[name] + atol(case.dtype) * scale
+        bounds[name] = 2 * math_errors[name] + atol(dtype) * scale
     result = CheckResult(backend, case, errors, math_errors, bounds)
     if not result.ok:
         rows = [f"  {n}: error {errors[n]:.3g} > bound {bounds[n]:.3g} (math {math_errors[n]:.3g})"
@@ -297,3 +387,11 @@ def check_backend(backend: str, case: Case, device: Any = "cpu", seed: int = 0) 
         raise AssertionError(f"backend {backend!r} violates the contract on {case}:\n"
                              + "\n".join(rows))
     return result
+
+
+# packed variable-length conformance (attention_varlen)
+from ._testing_varlen import VarlenCase  # noqa: E402
+from ._testing_varlen import check_backend_varlen  # noqa: E402
+from ._testing_varlen import make_varlen_inputs  # noqa: E402
+from ._testing_varlen import reference_varlen  # noqa: E402
+from ._testing_varlen import varlen_cases  # noqa: E402

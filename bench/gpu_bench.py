@@ -93,6 +93,16 @@ def measure(names: list[str], q: Tensor, k: Tensor, v: Tensor, kw: dict, bwd: bo
     return res
 
 
+def torch_choice(q: Tensor, k: Tensor, v: Tensor, **kw: Any) -> str:
+    """The kernel F.scaled_dot_product_attention picks for bhsd q, k, v (private API)."""
+    try:
+        from torch.nn.attention import SDPBackend
+
+        return SDPBackend(torch._fused_sdp_choice(q, k, v, **kw)).name
+    except Exception as exc:  # private: may change between torch versions
+        return f"unknown ({type(exc).__name__})"
+
+
 def long_rows(args: argparse.Namespace, names: list[str]) -> list[dict[str, Any]]:
     rows = []
     for shape in args.shapes.split(","):
@@ -125,6 +135,7 @@ def padding_rows(args: argparse.Namespace, names: list[str]) -> list[dict[str, A
 
         res = measure(names, q, k, v, dict(key_padding_mask=kpm, layout=args.layout), bwd, args,
                       torch_default)
+        res["torch_choice"] = torch_choice(qb, kb, vb, attn_mask=kpm[:, None, None, :])
         rows.append(dict(section="key-padding", B=b, S=s, H=16, D=128, causal=False,
                          pass_="fwd+bwd" if bwd else "fwd", **res))
     return rows
@@ -135,6 +146,7 @@ def decode_rows(args: argparse.Namespace, names: list[str]) -> list[dict[str, An
     qb, kb, vb = ((t.transpose(1, 2) if args.layout == "bshd" else t) for t in (q, k, v))
     res = measure(names, q, k, v, dict(layout=args.layout), False, args,
                   lambda: F.scaled_dot_product_attention(qb, kb, vb, enable_gqa=True))
+    res["torch_choice"] = torch_choice(qb, kb, vb, enable_gqa=True)
     return [dict(section="decode", B=32, Hq=32, Hkv=8, Sq=1, Sk=8192, D=128, pass_="fwd", **res)]
 
 
@@ -153,7 +165,8 @@ def print_table(rows: list[dict[str, Any]], names: list[str]) -> None:
             ("causal " if r.get("causal") else "") + r["pass_"]
         cells = "".join(fmt(r[c], unit).rjust(13) if c in r else "-".rjust(13) for c in cols)
         ratio = f"{r['auto/best']:.2f}" if "auto/best" in r else "-"
-        print(label.ljust(38) + cells + ratio.rjust(11) + f"  {r['auto_choice']}")
+        torch_pick = f" (torch: {r['torch_choice']})" if "torch_choice" in r else ""
+        print(label.ljust(38) + cells + ratio.rjust(11) + f"  {r['auto_choice']}{torch_pick}")
         if "tflops" in r:
             print(" " * 38 + "".join((f"{r['tflops'][c]:.0f}TF" if c in r["tflops"] else "")
                                      .rjust(13) for c in cols))

@@ -110,10 +110,19 @@ def spy_class() -> type:
     return SpyBackend
 
 
+#: Backends that compile a kernel per call signature on first use (seconds per
+#: signature on the CPU): left out of the generic per-backend loops, which use
+#: many shapes; tests/test_flex.py covers flex with a few signatures.
+COMPILED_BACKENDS = ("flex",)
+
+
 def cpu_backends() -> list[str]:
-    """Registered backends whose probe accepts the CPU (math always does)."""
+    """Registered backends whose probe accepts the CPU (math always does),
+    except the compiled ones (:data:`COMPILED_BACKENDS`)."""
     out = []
     for name in ad.list_backends():
+        if name in COMPILED_BACKENDS:
+            continue
         try:
             if not ad.get_backend(name).probe(torch.device("cpu")):
                 out.append(name)

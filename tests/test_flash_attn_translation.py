@@ -153,16 +153,18 @@ class FakeFA2(Recorder):
 
     def flash_attn_func(self, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                         window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                        deterministic=False, return_attn_probs=False):
-        self.record("flash_attn_func", (q, k, v), dict(dropout_p=dropout_p, softmax_scale=softmax_scale,
-                    causal=causal, window_size=window_size, return_attn_probs=return_attn_probs))
+                        deterministic=False, return_attn_probs=False) -> Any:
+        self.record("flash_attn_func", (q, k, v),
+                    dict(dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+                         window_size=window_size, return_attn_probs=return_attn_probs))
         out, lse = _dense(q, k, v, softmax_scale, causal, INF, dropout_p)
         return (out, lse.detach(), None) if return_attn_probs else out
 
     def flash_attn_varlen_func(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                max_seqlen_k, dropout_p=0.0, softmax_scale=None, causal=False,
                                window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                               deterministic=False, return_attn_probs=False, block_table=None):
+                               deterministic=False, return_attn_probs=False,
+                               block_table=None) -> Any:
         self.record("flash_attn_varlen_func", (q, k, v, cu_seqlens_q, cu_seqlens_k),
                     dict(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
                          softmax_scale=softmax_scale, causal=causal,
@@ -195,7 +197,7 @@ class FakeFA3(Recorder):
     def flash_attn_func(self, q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None,
                         k_descale=None, v_descale=None, window_size=(-1, -1), attention_chunk=0,
                         softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False,
-                        sm_margin=0, return_attn_probs=False):
+                        sm_margin=0, return_attn_probs=False) -> Any:
         self.record("flash_attn_func", (q, k, v), dict(softmax_scale=softmax_scale, causal=causal,
                                                        return_attn_probs=return_attn_probs))
         return self._ret(*_dense(q, k, v, softmax_scale, causal, INF), return_attn_probs)
@@ -205,7 +207,7 @@ class FakeFA3(Recorder):
                                causal=False, qv=None, q_descale=None, k_descale=None,
                                v_descale=None, window_size=(-1, -1), attention_chunk=0,
                                softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False,
-                               sm_margin=0, return_attn_probs=False):
+                               sm_margin=0, return_attn_probs=False) -> Any:
         self.record("flash_attn_varlen_func", (q, k, v, cu_seqlens_q, cu_seqlens_k),
                     dict(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                          softmax_scale=softmax_scale, causal=causal))
@@ -215,7 +217,7 @@ class FakeFA3(Recorder):
     def modules(self) -> dict[str, types.ModuleType]:
         mod = types.ModuleType("flash_attn_interface")
         if self.old:  # no return_attn_probs parameter at all
-            def func(q, k, v, softmax_scale=None, causal=False, deterministic=False):
+            def func(q, k, v, softmax_scale=None, causal=False, deterministic=False) -> Any:
                 return self.flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal)
             mod.flash_attn_func = func
         else:
@@ -234,7 +236,7 @@ class FakeFA4(Recorder):
                         score_mod_bwd=None, mask_mod=None, aux_tensors=None, aux_scalars=None,
                         block_sparse_tensors=None, block_sparse_tensors_bwd=None,
                         return_lse=False, gather_bwd_recompute_p=False,
-                        gather_bwd_token_chunk=None):
+                        gather_bwd_token_chunk=None) -> Any:
         self.record("flash_attn_func", (q, k, v), dict(softmax_scale=softmax_scale, causal=causal,
                                                        return_lse=return_lse))
         out, lse = _dense(q, k, v, softmax_scale, causal, -INF)
@@ -250,7 +252,7 @@ class FakeFA4(Recorder):
                                aux_tensors=None, aux_scalars=None, return_lse=False,
                                scheduler_metadata=None, seqlen_k_per_split=None,
                                disable_scheduler_metadata=False, gather_bwd_recompute_p=False,
-                               gather_bwd_token_chunk=None):
+                               gather_bwd_token_chunk=None) -> Any:
         self.record("flash_attn_varlen_func", (q, k, v),
                     dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                          seqused_k=seqused_k, softmax_scale=softmax_scale, causal=causal,
@@ -286,9 +288,11 @@ def flash_env(monkeypatch: pytest.MonkeyPatch) -> Callable[..., FlashAttnBackend
     _clean_flash_modules(monkeypatch)
 
     def install(*fakes: Recorder, cc: Optional[tuple[int, int]] = (9, 0)) -> FlashAttnBackend:
+        for name in ("flash_attn", "flash_attn_interface"):  # hide real installations
+            monkeypatch.setitem(sys.modules, name, None)
         for fake in fakes:
             for name, mod in fake.modules().items():  # type: ignore[attr-defined]
-                old = sys.modules.get(name)
+                old = sys.modules.get(name)  # None: a hidden real installation
                 for attr in ("cute", "flash_attn_interface"):  # FA2 + FA4 in one package
                     if old is not None and hasattr(old, attr) and not hasattr(mod, attr):
                         setattr(mod, attr, getattr(old, attr))
@@ -365,7 +369,8 @@ def test_probe_reports_missing_package(flash_env: Callable) -> None:
     backend = flash_env(cc=None)
     reasons = backend.probe(torch.device("cpu"))
     assert reasons[0] == "device cpu; allowed: cuda"
-    assert reasons[1].startswith("flash-attn not installed: pip install 'attention-dispatch[flash-attn]'")
+    assert reasons[1].startswith(
+        "flash-attn not installed: pip install 'attention-dispatch[flash-attn]'")
     backend = flash_env(cc=(9, 0))  # a CUDA device, nothing installed
     assert backend.probe(torch.device("cpu")) == [_flash_api.INSTALL_HINT]
     assert backend.describe() == "flash-attn (not installed)"
@@ -376,7 +381,8 @@ def test_probe_reports_import_failure(flash_env: Callable, monkeypatch: pytest.M
     monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # import fails
     backend.forget()
     (reason,) = backend.probe(torch.device("cpu"))
-    assert reason.startswith("FA4, flash_attn.cute: import flash_attn.cute failed: ModuleNotFoundError")
+    assert reason.startswith(
+        "FA4, flash_attn.cute: import flash_attn.cute failed: ModuleNotFoundError")
 
 
 @pytest.mark.parametrize("cc, expect", [
@@ -438,7 +444,8 @@ def test_causal_flag_bottom_right(flash_env: Callable, sq: int, sk: int, flag: b
     assert_close(out.transpose(1, 2), reference(q, k, v, "bshd", causal=True)[0])
 
 
-@pytest.mark.parametrize("api, old", [("fa4", False), ("fa3", False), ("fa3", True), ("fa2", False)])
+@pytest.mark.parametrize("api, old", [("fa4", False), ("fa3", False), ("fa3", True),
+                                      ("fa2", False)])
 def test_lse_layout_and_dtype(flash_env: Callable, api: str, old: bool) -> None:
     fake = FakeFA3(old=old) if api == "fa3" else API_FAKES[api]()
     flash_env(fake)
@@ -464,6 +471,18 @@ def test_gradients_dense(flash_env: Callable, api: str) -> None:
     ref.square().sum().backward()
     for got, want in zip((q, k, v), leaves):
         assert_close(got.grad, want.grad, tol=5e-3)
+
+
+@pytest.mark.parametrize("api", ["fa4", "fa3", "fa2"])
+def test_lse_with_gradients_is_accepted_and_detached(flash_env: Callable, api: str) -> None:
+    flash_env(API_FAKES[api]())
+    q, k, v = make_qkv(sq=5, sk=8, grad=True)
+    out, lse = ad.attention(q, k, v, causal=True, layout="bshd", backend="flash-attn",
+                            return_lse=True)
+    assert not lse.requires_grad  # the contract's lse carries no gradient
+    assert_close(lse, reference(q, k, v, "bshd", causal=True)[1])
+    out.float().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
 # ----------------------------------------------------------------- tests: key padding
@@ -551,7 +570,8 @@ def _reasons(**kw: Any) -> list[str]:
     args = dict(sq=6, sk=10)
     args.update(kw.pop("shape", {}))
     q, k, v = make_qkv(**args)
-    return list(ad.explain(q, k, v, layout="bshd", backend="flash-attn", **kw).reasons("flash-attn"))
+    decision = ad.explain(q, k, v, layout="bshd", backend="flash-attn", **kw)
+    return list(decision.reasons("flash-attn"))
 
 
 @pytest.mark.parametrize("api, kw, expect", [

@@ -47,14 +47,16 @@ class LowerTriangularFromBottomRightMask:
 
 @dataclasses.dataclass
 class BlockDiagonalPaddedKeysMask:
-    """Queries in blocks of q_seqlen; block i's keys are [i * kv_padding, i * kv_padding + kv_seqlen[i])."""
+    """Queries in blocks of ``q_seqlen``; block i's keys are the first ``kv_seqlen[i]``
+    of [i * kv_padding, (i + 1) * kv_padding)."""
 
     q_seqlen: list[int]
     kv_padding: int
     kv_seqlen: list[int]
 
     @classmethod
-    def from_seqlens(cls, q_seqlen, kv_padding, kv_seqlen, causal_diagonal=None, *, device=None):
+    def from_seqlens(cls, q_seqlen, kv_padding, kv_seqlen, causal_diagonal=None, *,
+                     device=None) -> "BlockDiagonalPaddedKeysMask":
         if isinstance(kv_seqlen, torch.Tensor) or not all(n <= kv_padding for n in kv_seqlen):
             raise AssertionError("kv_seqlen must be a list of ints <= kv_padding")
         return cls(list(q_seqlen), int(kv_padding), list(kv_seqlen))
@@ -166,14 +168,15 @@ def _fake_mea(q: Tensor, k: Tensor, v: Tensor, bias: Any, p: float, scale: Optio
 
 
 def memory_efficient_attention(query, key, value, attn_bias=None, p=0.0, scale=None, *, op=None,
-                               output_dtype=None):
+                               output_dtype=None) -> Tensor:
     fw = op[0] if isinstance(op, tuple) else op
     CALLS.append(dict(fn="mea", q=query, k=key, v=value, bias=attn_bias, p=p, scale=scale, op=op))
     return _fake_mea(query, key, value, attn_bias, p, scale, fw)[0]
 
 
 def memory_efficient_attention_forward_requires_grad(query, key, value, attn_bias=None, p=0.0,
-                                                     scale=None, *, op=None, output_dtype=None):
+                                                     scale=None, *, op=None,
+                                                     output_dtype=None) -> tuple[Tensor, Tensor]:
     if p != 0.0:
         raise NotImplementedError("dropout is not supported on the non-autograd API.")
     CALLS.append(dict(fn="mea_lse", q=query, k=key, v=value, bias=attn_bias, p=p, scale=scale,
@@ -214,17 +217,20 @@ def _clean(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def xf_env(monkeypatch: pytest.MonkeyPatch) -> Callable[..., XformersBackend]:
-    """``install(fake=True, cc=(9, 0), broken=())``: the fake xformers in sys.modules,
-    the CPU treated as a CUDA device; returns the (reset) backend."""
+    """``install(fake=True, cc=(9, 0), broken=(), hide_real=True)``: the fake xformers
+    in sys.modules (or, without it, any real one hidden unless ``hide_real`` is
+    False), the CPU treated as a CUDA device; returns the (reset) backend."""
     backend = ad.get_backend("xformers")
     _clean(monkeypatch)
     before = set(sys.modules)
 
     def install(fake: bool = True, cc: Optional[tuple[int, int]] = (9, 0),
-                broken: tuple[str, ...] = ()) -> XformersBackend:
+                broken: tuple[str, ...] = (), hide_real: bool = True) -> XformersBackend:
         if fake:
             for name, mod in fake_modules().items():
                 monkeypatch.setitem(sys.modules, name, mod)
+        elif hide_real:  # a real installation looks absent
+            monkeypatch.setitem(sys.modules, "xformers", None)
         if cc is not None:
             monkeypatch.setattr(xf, "cuda_capability", lambda device: cc)
             caps = dataclasses.replace(XformersBackend.capabilities,
@@ -290,7 +296,8 @@ def op_names(call: dict) -> tuple[str, ...]:
 def test_probe_without_xformers(xf_env: Callable) -> None:
     backend = xf_env(fake=False, cc=None)
     assert backend.probe(torch.device("cpu")) == [
-        "device cpu; allowed: cuda", "xformers not installed: pip install 'attention-dispatch[xformers]'"]
+        "device cpu; allowed: cuda",
+        "xformers not installed: pip install 'attention-dispatch[xformers]'"]
     backend = xf_env(fake=False, cc=(9, 0))
     (reason,) = backend.probe(torch.device("cpu"))
     assert reason == xf.INSTALL_HINT
@@ -538,7 +545,7 @@ def conflict_tree(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_import_conflict_is_reported(xf_env: Callable, conflict_tree: None,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(xf, "HIDE_FLASH_ATTN_4", False)
-    backend = xf_env(fake=False)
+    backend = xf_env(fake=False, hide_real=False)
     (reason,) = backend.probe(torch.device("cpu"))
     assert reason.startswith("import xformers.ops failed: ModuleNotFoundError: "
                              "No module named 'flash_attn.flash_attn_interface'")
@@ -550,7 +557,7 @@ def test_import_conflict_is_reported(xf_env: Callable, conflict_tree: None,
 
 def test_import_conflict_worked_around_by_hiding_flash_attn(xf_env: Callable,
                                                             conflict_tree: None) -> None:
-    backend = xf_env(fake=False)
+    backend = xf_env(fake=False, hide_real=False)
     assert backend.probe(torch.device("cpu")) == []
     assert "imported with flash_attn hidden" in backend.describe()
     assert importlib.import_module("flash_attn.cute").flash_attn_func  # restored afterwards

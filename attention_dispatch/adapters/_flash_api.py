@@ -103,18 +103,23 @@ def _has_submodule(package: str, sub: str) -> bool:
                for p in paths)
 
 
+def module_present(name: str) -> bool:
+    """Whether the top-level module ``name`` is importable (nothing is imported)."""
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def installed(api: FlashApi) -> bool:
     """Whether ``api`` looks installed (nothing is imported)."""
     if api is FA4:
         return _has_submodule("flash_attn", "cute")
     if api is FA2:
         return _has_submodule("flash_attn", "flash_attn_interface")
-    if "flash_attn_interface" in sys.modules:
-        return sys.modules["flash_attn_interface"] is not None
-    try:
-        return importlib.util.find_spec("flash_attn_interface") is not None
-    except (ImportError, ValueError):
-        return False
+    return module_present("flash_attn_interface")
 
 
 def fa4_without_fa2() -> bool:
@@ -205,7 +210,8 @@ def _signature_reasons(api: FlashApi, module: ModuleType) -> list[str]:
 def _cc_reasons(api: FlashApi, cc: CC) -> list[str]:
     sm = f"sm{cc[0]}{cc[1]}"
     if api is FA4 and cc[0] not in (9, 10, 11):
-        return [f"compute capability {sm}; FA4 is used on sm90/sm100/sm110 (backward needs >= sm90)"]
+        return [f"compute capability {sm}; FA4 is used on sm90/sm100/sm110 "
+                "(its backward needs >= sm90)"]
     if api is FA3 and cc[0] != 9:
         return [f"compute capability {sm}; FA3 allowed: sm90 (Hopper)"]
     if api is FA2 and cc < (8, 0):

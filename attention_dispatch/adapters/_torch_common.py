@@ -16,9 +16,11 @@ def top_left_causal_flag(spec: CallSpec, other_masks: bool) -> tuple[bool, bool]
     """Translate bottom-right causal for a kernel whose ``is_causal`` is top-left.
 
     Returns ``(is_causal, causal_in_bias)``: use the kernel flag only where the
-    two alignments agree (Sq == Sk) and no other mask is given; with Sq == 1 the
-    bottom-right mask admits every key, so nothing is masked at all.
+    two alignments agree (Sq == Sk) and no other mask is given (a window counts
+    as one); with Sq == 1 the bottom-right mask admits every key, so nothing is
+    masked at all.
     """
+    other_masks = other_masks or spec.window is not None
     if not spec.causal or spec.seq_q == 1:
         return False, False
     if spec.seq_q == spec.seq_k and not other_masks:
@@ -27,11 +29,15 @@ def top_left_causal_flag(spec: CallSpec, other_masks: bool) -> tuple[bool, bool]
 
 
 def torch_bias(spec: CallSpec, mask: Optional[Tensor], kpm: Optional[Tensor],
-               dtype: torch.dtype, causal_in_bias: bool) -> Optional[Tensor]:
-    """Additive bias in ``dtype`` with the masks the kernel cannot take natively."""
-    if mask is None and kpm is None and not causal_in_bias:
+               dtype: torch.dtype, causal_in_bias: bool,
+               alibi_slopes: Optional[Tensor] = None) -> Optional[Tensor]:
+    """Additive bias in ``dtype`` with the masks the kernel cannot take natively
+    (a window and ALiBi included: materialised, O(Sq * Sk))."""
+    if (mask is None and kpm is None and not causal_in_bias and spec.window is None
+            and alibi_slopes is None):
         return None
-    bias = additive_bias(spec, mask, kpm, dtype, causal=causal_in_bias)
+    bias = additive_bias(spec, mask, kpm, dtype, causal=causal_in_bias,
+                         alibi_slopes=alibi_slopes)
     # torch's kernels take 2-D or 4-D masks only; the contract allows any
     # mask broadcastable to (B, Hq, Sq, Sk), e.g. a 3-D (Hq, Sq, Sk) one
     if bias is not None and bias.dim() == 3:

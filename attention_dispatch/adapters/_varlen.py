@@ -58,7 +58,7 @@ class _ZeroGradOutside(torch.autograd.Function):
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (keep,) = ctx.saved_tensors
         return grad.masked_fill(~keep[:, :, None, None], 0.0), None
 

@@ -2,21 +2,27 @@
 
 Equivalent math::
 
-    s = scale * q @ k.T + float_mask        # (B, Hq, Sq, Sk), k/v expanded for GQA
-    s[~keep] = -inf                          # bool mask & key padding & causal
+    s = scale * q @ k.T                      # (B, Hq, Sq, Sk), k/v expanded for GQA
+    s = softcap * tanh(s / softcap)          # if softcap
+    s = s + float_mask - slope * |i + Sk - Sq - j|   # float mask, ALiBi
+    s[~keep] = -inf                          # bool mask & key padding & causal & window
     p = softmax(s) (0 for rows with no allowed key); p = dropout(p, dropout_p)
     out = p @ v;  lse = logsumexp(s, -1)     # -inf for rows with no allowed key
+
+Packed variable-length calls (``forward_varlen``) loop over the sequences and
+run the dense path on each (one host synchronisation to read the lengths).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
 from .._backend import AttentionResult, Backend
 from .._capabilities import Capabilities
-from .._masks import additive_bias, expand_kv
+from .._masks import additive_bias, expand_kv, softcap_scores
 from .._spec import CallSpec
 
 Tensor = torch.Tensor
@@ -46,6 +52,10 @@ class MathBackend(Backend):
         device_types=frozenset({"cpu", "cuda", "mps", "xpu"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
         empty_rows_exact=True,
+        window=True,
+        softcap=True,
+        alibi=True,
+        varlen=True,
     )
 
     def describe(self) -> str:
@@ -53,14 +63,15 @@ class MathBackend(Backend):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
                 mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
-                dropout_p: float, scale: float) -> AttentionResult:
+                dropout_p: float, scale: float,
+                alibi_slopes: Optional[Tensor] = None) -> AttentionResult:
         k = expand_kv(k, spec.heads_q)
         v = expand_kv(v, spec.heads_q)
         # scores and softmax in float32 for half inputs; p is rounded to the
         # input dtype before p @ v, as fused kernels do
         acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        s = torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale
-        bias = additive_bias(spec, mask, key_padding_mask, acc)
+        s = softcap_scores(torch.matmul(q, k.transpose(-1, -2)).to(acc) * scale, spec.softcap)
+        bias = additive_bias(spec, mask, key_padding_mask, acc, alibi_slopes=alibi_slopes)
         if bias is not None:
             s = s + bias
         p, lse = safe_softmax(s)
@@ -68,3 +79,37 @@ class MathBackend(Backend):
             p = torch.nn.functional.dropout(p, dropout_p, training=True)
         out = torch.matmul(p.to(q.dtype), v)
         return out, (lse.float() if spec.return_lse else None)
+
+    def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
+                       cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+                       max_seqlen_k: int, dropout_p: float, scale: float,
+                       alibi_slopes: Optional[Tensor] = None) -> AttentionResult:
+        """Packed call: q (Tq, Hq, D), k (Tk, Hkv, D), v (Tk, Hkv, Dv) ->
+        out (Tq, Hq, Dv), lse (Hq, Tq) float32 or None; one dense call per sequence."""
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        outs, lses = [], []
+        for b in range(len(cq) - 1):
+            qb = q[cq[b]:cq[b + 1]].transpose(0, 1).unsqueeze(0)   # (1, Hq, Lq, D)
+            kb = k[ck[b]:ck[b + 1]].transpose(0, 1).unsqueeze(0)
+            vb = v[ck[b]:ck[b + 1]].transpose(0, 1).unsqueeze(0)
+            sb = dataclasses.replace(spec, varlen=False, batch=1, seq_q=qb.shape[2],
+                                     seq_k=kb.shape[2])
+            slopes = None
+            if alibi_slopes is not None:
+                slopes = alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes
+            if sb.seq_q == 0:
+                continue
+            if sb.seq_k == 0:  # no key: zeros (with zero, finite gradients), lse -inf
+                ob = qb.new_zeros(qb.shape[:-1] + (v.shape[-1],)) + 0.0 * qb.sum()
+                lb = torch.full(qb.shape[:-1], float("-inf"), device=q.device)
+            else:
+                ob, lb = self.forward(qb, kb, vb, spec=sb, mask=None, key_padding_mask=None,
+                                      dropout_p=dropout_p, scale=scale, alibi_slopes=slopes)
+            outs.append(ob[0].transpose(0, 1))
+            lses.append(lb[0] if lb is not None else None)
+        if not outs:
+            out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
+            lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)
+            return out, (lse if spec.return_lse else None)
+        out = torch.cat(outs, 0)
+        return out, (torch.cat(lses, -1).float() if spec.return_lse else None)

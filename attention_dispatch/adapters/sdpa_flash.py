@@ -2,7 +2,10 @@
 
 * CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` - takes an
   additive mask (bool masks, key padding and non-square causal are turned
-  into one), native GQA, no dropout, Dv == D.
+  into one), native GQA, no dropout, Dv == D.  Sliding windows and ALiBi are
+  taken on the CPU as part of that additive mask: it is *materialised*
+  ((B|1, Hq|1, Sq, Sk) in the input dtype), so they cost O(Sq * Sk) memory
+  here, unlike the ``flex`` backend; no softcap (it is not additive).
 * CUDA: ``aten._scaled_dot_product_flash_attention`` (FA2 vendored in torch,
   sm80+) - no mask of any kind, causal is bottom-right natively, dropout,
   float16/bfloat16, head dim a multiple of 8 up to 256, GQA by expanding K/V.
@@ -34,6 +37,8 @@ class SdpaFlashBackend(Backend):
         different_v_head_dim=False,
         min_compute_capability=(8, 0),
         dropout=True,
+        window=True,  # CPU only (materialised bias); check() refuses it on CUDA
+        alibi=True,   # CPU only, likewise
     )
 
     def describe(self) -> str:
@@ -49,17 +54,21 @@ class SdpaFlashBackend(Backend):
         out = half_only_on_cuda(spec)
         if spec.mask_kind != "none" or spec.key_padding:
             out.append("a mask or key_padding_mask; torch's CUDA flash kernel takes no attn_mask")
+        if spec.window is not None or spec.alibi:
+            out.append(f"window={spec.window}, alibi={spec.alibi} on CUDA; allowed: neither "
+                       "(torch's CUDA flash kernel takes no bias; use flex or flash-attn)")
         if spec.head_dim > 256 or spec.head_dim % 8:
             out.append(f"head_dim={spec.head_dim} on CUDA; allowed: multiples of 8 up to 256")
         return out
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
                 mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
-                dropout_p: float, scale: float) -> AttentionResult:
+                dropout_p: float, scale: float,
+                alibi_slopes: Optional[Tensor] = None) -> AttentionResult:
         if spec.device_type == "cpu":
-            masked = mask is not None or key_padding_mask is not None
+            masked = mask is not None or key_padding_mask is not None or alibi_slopes is not None
             is_causal, in_bias = top_left_causal_flag(spec, masked)
-            bias = torch_bias(spec, mask, key_padding_mask, q.dtype, in_bias)
+            bias = torch_bias(spec, mask, key_padding_mask, q.dtype, in_bias, alibi_slopes)
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale)
         else:

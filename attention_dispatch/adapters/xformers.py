@@ -1,33 +1,30 @@
 """``xformers``: ``xformers.ops.memory_efficient_attention`` behind the contract.
 
-Two op families of ``xformers.ops.fmha`` are used, each only after a tiny
-self-test on the device passed (xformers may import while its kernels do not
-run, e.g. a C++ extension built for another torch):
+Two op families of ``xformers.ops.fmha``, each used only after a tiny self-test
+on the device passed (xformers may import while its kernels do not run):
 
-* ``flash`` (``fmha.flash.FwOp/BwOp``: FA2, from flash-attn or torch's own):
-  float16/bfloat16, sm80+, D == Dv <= 256; no tensor bias.  Causal is
+* ``flash`` (``fmha.flash.FwOp/BwOp``: FA2 from flash-attn or torch): float16/
+  bfloat16, sm80+, D == Dv <= 256, no tensor bias.  Causal is
   ``LowerTriangularFromBottomRightMask``; key padding (forward only) is
   ``BlockDiagonalPaddedKeysMask`` over (1, B*S, H, D) views; GQA is the 5-D
-  (B, M, G, H, K) form with K/V expanded by stride 0 (forward only: with
-  gradients K/V are repeated to Hq heads).
+  (B, M, G, H, K) form with K/V expanded by stride 0 (with gradients K/V are
+  repeated instead: the flash BwOp takes no 5-D input).
 * ``cutlass`` (``fmha.cutlass.FwOp/BwOp``, torch's memory-efficient kernel):
-  float16/bfloat16/float32, masks and key padding as one additive tensor bias
-  on storage whose rows are padded to 8 elements (then sliced, as torch does);
-  causal alone is ``LowerTriangularFromBottomRightMask``, causal with masks goes
-  into the bias; GQA by repeating K/V.
+  float16/bfloat16/float32; masks, key padding (and causal, when combined with
+  them) as one additive tensor bias on rows padded to 8 elements, then sliced;
+  causal alone is ``LowerTriangularFromBottomRightMask``; GQA by repeating K/V.
 
-Dropout is ``p``; the LSE comes from ``memory_efficient_attention_forward_requires_grad``
+Dropout is ``p``.  The LSE comes from ``memory_efficient_attention_forward_requires_grad``
 (no autograd, no dropout), so LSE with gradients or dropout is refused.
 
 Known conflict: xformers <= 0.0.35's ops/fmha/flash.py imports
 ``flash_attn.flash_attn_interface`` whenever a ``flash_attn`` package exists;
 flash-attn-4 ships only ``flash_attn.cute``, so ``import xformers.ops`` raises
-ModuleNotFoundError.  xformers reads no setting to skip that import, so when
-that exact layout is found the import is retried once with ``flash_attn``
-hidden from it (``sys.modules["flash_attn"] = None`` during the import, which
-makes ``importlib.util.find_spec("flash_attn")`` return None; nothing on disk
-changes): xformers then uses torch's flash kernel, as on a machine without
-flash-attn.  Set ``HIDE_FLASH_ATTN_4 = False`` to report the error instead.
+ModuleNotFoundError.  xformers reads no setting to skip that import, so for that
+exact layout the import is retried once with ``flash_attn`` hidden
+(``sys.modules["flash_attn"] = None`` during the import only; nothing on disk
+changes) and xformers uses torch's flash kernel, as without flash-attn.
+``HIDE_FLASH_ATTN_4 = False`` reports the error instead.
 
 Equivalent math: see :mod:`attention_dispatch.adapters.math`.
 """
@@ -35,11 +32,9 @@ Equivalent math: see :mod:`attention_dispatch.adapters.math`.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 import threading
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any, Callable, Optional
 
 import torch
@@ -48,7 +43,8 @@ from .._backend import AttentionResult, Backend
 from .._capabilities import Capabilities, dtype_name
 from .._masks import expand_kv
 from .._spec import CallSpec
-from ._flash_api import cuda_capability, fa4_without_fa2, import_hiding_flash_attn
+from ._flash_api import (cuda_capability, fa4_without_fa2, import_hiding_flash_attn,
+                         module_present)
 from ._torch_common import aligned_bias, torch_bias
 from ._varlen import (CAUSAL_PADDING_REASON, causal_differs_with_padding, lse_to_bhs,
                       prefix_kv)
@@ -67,9 +63,9 @@ CONFLICT = ("xformers' ops/fmha/flash.py imports flash_attn.flash_attn_interface
 class _Loaded:
     """Result of importing xformers.ops (once per process)."""
 
-    ops: Optional[ModuleType] = None
-    fmha: Optional[ModuleType] = None
-    bias: Optional[ModuleType] = None
+    ops: Any = None    # xformers.ops
+    fmha: Any = None   # xformers.ops.fmha
+    bias: Any = None   # xformers.ops.fmha.attn_bias
     error: Optional[str] = None
     notes: list[str] = field(default_factory=list)
 
@@ -87,12 +83,7 @@ def forget() -> None:
 
 def installed() -> bool:
     """Whether an ``xformers`` package is importable (nothing is imported)."""
-    if "xformers" in sys.modules:
-        return sys.modules["xformers"] is not None
-    try:
-        return importlib.util.find_spec("xformers") is not None
-    except (ImportError, ValueError):
-        return False
+    return module_present("xformers")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -136,7 +127,6 @@ def load() -> _Loaded:
                 res.notes.append(f"C++ extension not loaded ({_first_line(cpp)})")
             _loaded = res
         return _loaded
-
 
 
 @dataclass(frozen=True)
@@ -196,12 +186,12 @@ def _self_test(ld: _Loaded, fam: _Family, device: torch.device) -> _FamilyState:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 16, 2, 64, generator=g).to(device, torch.float16) for _ in range(3))
     ref, ref_lse = _reference(q, k, v)
-    mea = ld.ops.memory_efficient_attention  # type: ignore[union-attr]
+    mea = ld.ops.memory_efficient_attention
     st.fwd = _attempt(lambda: _close(mea(q, k, v, op=(st.fw, st.bw)), ref, "forward"))
     if st.fwd:
         return st
     st.bwd = "no BwOp" if st.bw is None else _attempt(lambda: _test_backward(mea, st, q, k, v))
-    st.lse = _attempt(lambda: _close(ld.ops.memory_efficient_attention_forward_requires_grad(  # type: ignore[union-attr]
+    st.lse = _attempt(lambda: _close(ld.ops.memory_efficient_attention_forward_requires_grad(
         q, k, v, op=st.fw)[1][..., :16], ref_lse, "lse"))
     if not fam.tensor_bias:
         st.padded = _attempt(lambda: _test_padded(ld, st, q, k, v))
@@ -218,11 +208,10 @@ def _test_backward(mea: Callable, st: _FamilyState, q: Tensor, k: Tensor, v: Ten
 
 
 def _test_padded(ld: _Loaded, st: _FamilyState, q: Tensor, k: Tensor, v: Tensor) -> None:
-    bias = ld.bias.BlockDiagonalPaddedKeysMask.from_seqlens(  # type: ignore[union-attr]
+    bias = ld.bias.BlockDiagonalPaddedKeysMask.from_seqlens(
         q_seqlen=[16], kv_padding=16, kv_seqlen=[10], device=q.device)
-    out = ld.ops.memory_efficient_attention(q, k, v, attn_bias=bias, op=(st.fw, None))  # type: ignore[union-attr]
+    out = ld.ops.memory_efficient_attention(q, k, v, attn_bias=bias, op=(st.fw, None))
     _close(out, _reference(q, k[:, :10], v[:, :10])[0], "BlockDiagonalPaddedKeysMask forward")
-
 
 
 def _flash_reasons(st: _FamilyState, spec: CallSpec, cc: tuple[int, int]) -> list[str]:
@@ -268,15 +257,14 @@ def _family_reasons(fam: _Family, st: _FamilyState, spec: CallSpec,
     return out
 
 
-
 def _call(ld: _Loaded, st: _FamilyState, q: Tensor, k: Tensor, v: Tensor, bias: Any,
           dropout_p: float, scale: float, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
     """One xformers call on (B, M, H, K) or (B, M, G, H, K) tensors -> (out, lse or None)."""
     if need_lse:
-        out, lse = ld.ops.memory_efficient_attention_forward_requires_grad(  # type: ignore[union-attr]
+        out, lse = ld.ops.memory_efficient_attention_forward_requires_grad(
             q, k, v, attn_bias=bias, p=0.0, scale=scale, op=st.fw)
         return out, lse
-    out = ld.ops.memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout_p,  # type: ignore[union-attr]
+    out = ld.ops.memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout_p,
                                             scale=scale, op=(st.fw, st.bw))
     return out, None
 
@@ -301,11 +289,11 @@ def _run_flash(ld: _Loaded, st: _FamilyState, q: Tensor, k: Tensor, v: Tensor,
     bias: Any = None
     if kpm is not None:
         ks, vs, lengths = prefix_kv(ks, vs, kpm)
-        bias = ld.bias.BlockDiagonalPaddedKeysMask.from_seqlens(  # type: ignore[union-attr]
+        bias = ld.bias.BlockDiagonalPaddedKeysMask.from_seqlens(
             q_seqlen=[sq] * b, kv_padding=sk, kv_seqlen=lengths.tolist(), device=q.device)
         qs, ks, vs = (t.reshape(1, t.shape[0] * t.shape[1], *t.shape[2:]) for t in (qs, ks, vs))
     elif spec.causal and sq > 1:
-        bias = ld.bias.LowerTriangularFromBottomRightMask()  # type: ignore[union-attr]
+        bias = ld.bias.LowerTriangularFromBottomRightMask()
     if qs.shape[2] != ks.shape[2]:
         qs, ks, vs = _gqa_views(qs, ks, vs)
     out, lse = _call(ld, st, qs, ks, vs, bias, dropout_p, scale, spec.return_lse)
@@ -322,10 +310,9 @@ def _run_cutlass(ld: _Loaded, st: _FamilyState, q: Tensor, k: Tensor, v: Tensor,
     if mask is not None or kpm is not None:
         bias = aligned_bias(torch_bias(spec, mask, kpm, q.dtype, causal), spec, 8)
     elif causal:
-        bias = ld.bias.LowerTriangularFromBottomRightMask()  # type: ignore[union-attr]
+        bias = ld.bias.LowerTriangularFromBottomRightMask()
     return _call(ld, st, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias,
                  dropout_p, scale, spec.return_lse)
-
 
 
 @dataclass
@@ -366,12 +353,14 @@ class XformersBackend(Backend):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._states: dict[torch.device, _DeviceState] = {}
+        self._choices: dict[CallSpec, tuple[Optional[_Family], list[str]]] = {}
 
     def forget(self) -> None:
-        """Drop the import result and the per-device self-tests."""
+        """Drop the import result, the per-device self-tests and per-call choices."""
         forget()
         with self._lock:
             self._states.clear()
+            self._choices.clear()
 
     def _state(self, device: torch.device) -> Optional[_DeviceState]:
         cc = cuda_capability(device)
@@ -397,6 +386,16 @@ class XformersBackend(Backend):
         return list(st.reasons)
 
     def _choose(self, spec: CallSpec) -> tuple[Optional[_Family], list[str]]:
+        hit = self._choices.get(spec)
+        if hit is None:
+            hit = self._choose_uncached(spec)
+            with self._lock:
+                if len(self._choices) >= 4096:
+                    self._choices.clear()
+                self._choices[spec] = hit
+        return hit
+
+    def _choose_uncached(self, spec: CallSpec) -> tuple[Optional[_Family], list[str]]:
         st = self._state(spec.device)
         if st is None or st.reasons:
             return None, self.probe(spec.device)
@@ -411,7 +410,7 @@ class XformersBackend(Backend):
 
     def check(self, spec: CallSpec) -> list[str]:
         """Reasons neither op family takes ``spec`` (prefixed with the family)."""
-        return self._choose(spec)[1]
+        return list(self._choose(spec)[1])
 
     def describe(self) -> str:
         """E.g. "xformers 0.0.35 (flash fa2F@2.8.3-pt/fa2B@2.8.3-pt: fwd+bwd; cutlass ...)"."""
@@ -441,16 +440,8 @@ class XformersBackend(Backend):
         else:
             out, lse = _run_cutlass(ld, fs, q, k, v, spec, mask, key_padding_mask,
                                     dropout_p, scale)
-        if spec.return_lse:
-            packed = fam is FLASH and key_padding_mask is not None
-            lse = _lse(lse, spec, packed)  # type: ignore[arg-type]
+        if spec.return_lse:  # varlen bias: (1, Hq | Hkv, G, B*Sq); else (B, Hq | Hkv, G, >=Sq)
+            flat = (spec.heads_q, -1) if fam is FLASH and key_padding_mask is not None else (
+                spec.batch, spec.heads_q, -1)
+            lse = lse_to_bhs(lse.reshape(flat), spec.batch, spec.heads_q, spec.seq_q)
         return out.transpose(1, 2), (lse if spec.return_lse else None)
-
-
-def _lse(lse: Tensor, spec: CallSpec, packed: bool) -> Tensor:
-    """xformers' LSE -> (B, Hq, Sq) float32.  Dense: (B, Hq, >=Sq) or 5-D
-    (B, Hkv, G, >=Sq); varlen bias (packed): (1, Hq, B*Sq) or (1, Hkv, G, B*Sq)."""
-    if packed:
-        return lse_to_bhs(lse.reshape(spec.heads_q, -1), spec.batch, spec.heads_q, spec.seq_q)
-    return lse_to_bhs(lse.reshape(spec.batch, spec.heads_q, -1), spec.batch, spec.heads_q,
-                      spec.seq_q)

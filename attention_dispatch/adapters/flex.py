@@ -1,0 +1,412 @@
+"""``flex``: ``torch.nn.attention.flex_attention`` with the contract built in.
+
+The call's structure becomes flex's two hooks, never an O(Sq * Sk) tensor:
+
+* ``block_mask`` (a block-sparse mask_mod): bottom-right causal, the sliding
+  window, key padding, and for packed varlen calls the document mask built
+  from cu_seqlens (causal and window per document);
+* ``score_mod``: softcap (``c * tanh(s / c)``) then ALiBi
+  (``- slope * |i + Sk - Sq - j|``, per document for varlen).
+
+flex_attention is compiled with ``torch.compile`` once per signature (device,
+dtype, shapes, features, scale) and cached: a fresh code object per signature,
+so distinct signatures never share (or exhaust) dynamo's recompile budget.
+Block masks that depend only on the shape (causal, window) are cached per
+(device, Sq, Sk, causal, window); masks that depend on data (key padding,
+documents) are built per call, the documents' cached per cu_seqlens value.
+Packed totals are rounded up to a power of two (>= 128), so varlen batches
+of changing total length reuse a handful of compiled kernels; the padding
+tokens belong to no document (fully masked: their blocks are skipped).
+
+On the CPU (inductor's C++ flex kernel; the first compile of a signature
+takes seconds, ~15 s on a laptop) it is inference-only and returns no LSE:
+calls that need gradients or ``return_lse`` are refused there.  On CUDA
+(triton): gradients and LSE.  No dropout, no dense masks (use another
+backend for those).
+
+Equivalent math::
+
+    s = scale * q @ k.T                           # (B, Hq, Sq, Sk), GQA by head groups
+    s = softcap * tanh(s / softcap)               # score_mod, if softcap
+    s = s - slope[h] * |i + Sk - Sq - j|          # score_mod, if ALiBi
+    s[~(key_padding & causal_bottom_right & window & same_document)] = -inf  # block_mask
+    out = softmax(s) @ v;  lse = logsumexp(s)     # rows without keys: 0 / -inf
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import shutil
+import threading
+import types
+from collections import OrderedDict
+from typing import Any, Callable, Optional
+
+import torch
+
+from .._backend import AttentionResult, Backend
+from .._capabilities import Capabilities
+from .._masks import expand_kv
+from .._spec import CallSpec
+
+Tensor = torch.Tensor
+
+_lock = threading.Lock()
+_compiled: "OrderedDict[tuple, Callable[..., Any]]" = OrderedDict()
+_block_masks: "OrderedDict[tuple, Any]" = OrderedDict()
+_MAX_COMPILED = 128
+_MAX_BLOCK_MASKS = 256
+_names = itertools.count()
+
+
+def _flex() -> Any:
+    """torch.nn.attention.flex_attention, imported on first use."""
+    from torch.nn.attention import flex_attention as mod
+
+    return mod
+
+
+def _call_flex(q: Tensor, k: Tensor, v: Tensor, score_mod: Any, block_mask: Any,
+               scale: float, enable_gqa: bool, aux: Any) -> Any:
+    """The compiled unit (one fresh copy per signature; see _compiled_for)."""
+    fa = _flex().flex_attention
+    if aux is None:
+        return fa(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                  enable_gqa=enable_gqa)
+    return fa(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+              enable_gqa=enable_gqa, **aux)
+
+
+def _fresh_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with its own code object: dynamo caches compiled frames (and
+    counts recompiles) per code object, so each signature gets its own."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_names)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
+                              fn.__closure__)
+
+
+def _compiled_for(key: tuple) -> Callable[..., Any]:
+    """The compiled flex call of one signature, cached (LRU of 128)."""
+    with _lock:
+        fn = _compiled.get(key)
+        if fn is not None:
+            _compiled.move_to_end(key)
+            return fn
+        fn = torch.compile(_fresh_copy(_call_flex), dynamic=False, fullgraph=True)
+        _compiled[key] = fn
+        if len(_compiled) > _MAX_COMPILED:
+            _compiled.popitem(last=False)
+        return fn
+
+
+def _cached_block_mask(key: tuple, build: Callable[[], Any]) -> Any:
+    with _lock:
+        hit = _block_masks.get(key)
+        if hit is not None:
+            _block_masks.move_to_end(key)
+            return hit
+    bm = build()
+    with _lock:
+        _block_masks[key] = bm
+        if len(_block_masks) > _MAX_BLOCK_MASKS:
+            _block_masks.popitem(last=False)
+    return bm
+
+
+def clear_caches() -> None:
+    """Forget compiled kernels and block masks (tests; memory)."""
+    with _lock:
+        _compiled.clear()
+        _block_masks.clear()
+
+
+# ------------------------------------------------------------ mask and score
+
+
+def _window_ok(d: Tensor, window: Optional[tuple[int, int]], causal: bool) -> Optional[Tensor]:
+    """d = j - (i + Sk - Sq) (per document for varlen): the causal/window test."""
+    keep: Optional[Tensor] = None
+    left, right = window if window is not None else (-1, -1)
+    for ok, test in ((left >= 0, lambda: d >= -left), (right >= 0, lambda: d <= right),
+                     (causal, lambda: d <= 0)):
+        if ok:
+            keep = test() if keep is None else keep & test()
+    return keep
+
+
+def dense_mask_mod(seq_q: int, seq_k: int, causal: bool, window: Optional[tuple[int, int]],
+                   kpm: Optional[Tensor]) -> Optional[Callable[..., Tensor]]:
+    """mask_mod for a dense call (None when nothing is masked)."""
+    if not causal and window is None and kpm is None:
+        return None
+    off = seq_k - seq_q
+
+    def mask_mod(b: Tensor, h: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
+        keep = _window_ok(kv - (qi + off), window, causal)
+        if kpm is not None:
+            keep = kpm[b, kv] if keep is None else keep & kpm[b, kv]
+        return keep if keep is not None else kv >= 0
+
+    return mask_mod
+
+
+def make_score_mod(softcap: Optional[float], slopes: Optional[Tensor],
+                   distance: Callable[[Tensor, Tensor, Tensor], Tensor],
+                   row: Callable[[Tensor, Tensor], Tensor]) -> Optional[Callable[..., Tensor]]:
+    """score_mod: softcap, then ALiBi.  ``distance(b, qi, kv)`` is
+    i + Sk - Sq - j (per document for varlen); ``row(b, qi)`` indexes (B, Hq)
+    slopes (the document index for varlen)."""
+    if softcap is None and slopes is None:
+        return None
+
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
+        if softcap is not None:
+            score = torch.tanh(score / softcap) * softcap
+        if slopes is not None:
+            slope = slopes[h] if slopes.dim() == 1 else slopes[row(b, qi), h]
+            score = score - slope * distance(b, qi, kv).abs()
+        return score
+
+    return score_mod
+
+
+class _Docs:
+    """Per-token document tables of a packed call, padded to ``total_q`` /
+    ``total_k`` slots (padding tokens: document -1 / -2, never equal)."""
+
+    def __init__(self, cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int) -> None:
+        from .._varlen import seqlens, token_positions
+
+        dev = cu_q.device
+        tq, tk = int(cu_q[-1]), int(cu_k[-1])
+        dq, pq = token_positions(cu_q, tq)
+        dk, pk = token_positions(cu_k, tk)
+        lq, lk = seqlens(cu_q).long(), seqlens(cu_k).long()
+        self.doc_q = torch.full((total_q,), -1, dtype=torch.long, device=dev)
+        self.doc_k = torch.full((total_k,), -2, dtype=torch.long, device=dev)
+        self.centre = torch.zeros(total_q, dtype=torch.long, device=dev)  # i + Lk - Lq
+        self.pos_k = torch.zeros(total_k, dtype=torch.long, device=dev)
+        self.doc_q[:tq], self.doc_k[:tk] = dq, dk
+        self.centre[:tq] = pq + lk[dq] - lq[dq]
+        self.pos_k[:tk] = pk
+
+    def mask_mod(self, causal: bool, window: Optional[tuple[int, int]]
+                 ) -> Callable[..., Tensor]:
+        doc_q, doc_k, centre, pos_k = self.doc_q, self.doc_k, self.centre, self.pos_k
+
+        def mask_mod(b: Tensor, h: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
+            keep = doc_q[qi] == doc_k[kv]
+            extra = _window_ok(pos_k[kv] - centre[qi], window, causal)
+            return keep if extra is None else keep & extra
+
+        return mask_mod
+
+    def distance(self, b: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
+        return self.centre[qi] - self.pos_k[kv]
+
+    def row(self, b: Tensor, qi: Tensor) -> Tensor:
+        return self.doc_q[qi].clamp(min=0)
+
+
+_BLOCK = 128  # flex's default sparse block size (create_block_mask's too)
+
+
+def _dense_blocks(num: Optional[Tensor], idx: Optional[Tensor], shape: tuple[int, ...],
+                  device: torch.device) -> Tensor:
+    """A BlockMask's (num, indices) pair -> a dense (1|B, 1, nq, nk) bool grid."""
+    nk = shape[-1]
+    if num is None or idx is None:
+        return torch.zeros(shape, dtype=torch.bool, device=device)
+    used = torch.arange(idx.shape[-1], device=device) < num[..., None]
+    cols = torch.where(used, idx.long(), nk)  # unused slots -> a dummy column
+    grid = torch.zeros(tuple(cols.shape[:-1]) + (nk + 1,), dtype=torch.bool, device=device)
+    return grid.scatter_(-1, cols, True)[..., :nk]
+
+
+def _sparse_blocks(grid: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense (B, 1, nq, nk) bool grid -> (num int32, indices int32), True first."""
+    num = grid.sum(-1, dtype=torch.int32)
+    idx = torch.argsort((~grid).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return num, idx
+
+
+def key_padding_block_mask(static: Any, mask_mod: Callable[..., Tensor], kpm: Tensor,
+                           seq_q: int, seq_k: int) -> Any:
+    """The BlockMask of (static causal/window mask) & key padding without
+    evaluating mask_mod per element: block classes from the static mask's
+    blocks and per-block padding counts, O(B * nq * nk).
+
+    A block is full where the static block is full and all its keys are real,
+    skipped where the static block is skipped or all its keys are padding,
+    partial otherwise (mask_mod then applies per element)."""
+    b, dev = kpm.shape[0], kpm.device
+    nq, nk = -(-seq_q // _BLOCK), -(-seq_k // _BLOCK)
+    if static is None:
+        s_full = torch.ones(1, 1, nq, nk, dtype=torch.bool, device=dev)
+        s_part = torch.zeros_like(s_full)
+    else:
+        s_part = _dense_blocks(static.kv_num_blocks, static.kv_indices, (1, 1, nq, nk), dev)
+        s_full = _dense_blocks(static.full_kv_num_blocks, static.full_kv_indices,
+                               (1, 1, nq, nk), dev)
+    pad = nk * _BLOCK - seq_k  # positions past Sk: flex bounds them itself
+    real_all = torch.nn.functional.pad(kpm, (0, pad), value=True).view(b, nk, _BLOCK).all(-1)
+    real_any = torch.nn.functional.pad(kpm, (0, pad), value=False).view(b, nk, _BLOCK).any(-1)
+    full = s_full & real_all[:, None, None, :]
+    part = (s_part | s_full) & real_any[:, None, None, :] & ~full
+    num, idx = _sparse_blocks(part)
+    fnum, fidx = _sparse_blocks(full)
+    return _flex().BlockMask.from_kv_blocks(num, idx, fnum, fidx, BLOCK_SIZE=_BLOCK,
+                                            mask_mod=mask_mod, seq_lengths=(seq_q, seq_k))
+
+
+def _bucket(n: int) -> int:
+    """Packed totals: the next power of two, at least 128 (one flex block)."""
+    return max(128, 1 << max(0, n - 1).bit_length())
+
+
+def _gqa(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """flex's native GQA needs a power-of-two group size (its decoding
+    kernel); other group sizes expand K/V."""
+    groups = q.shape[1] // k.shape[1]
+    if groups == 1:
+        return k, v, False
+    if groups & (groups - 1) == 0:
+        return k, v, True
+    return expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1]), False
+
+
+def _cxx_compiler() -> Optional[str]:
+    names = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+    return next((shutil.which(n) for n in names if n and shutil.which(n)), None)
+
+
+class FlexBackend(Backend):
+    """torch's flex_attention, compiled per signature, with structured masks."""
+
+    capabilities = Capabilities(
+        device_types=frozenset({"cpu", "cuda"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        min_compute_capability=(8, 0),
+        mask_kinds=frozenset(),
+        key_padding=True,
+        causal=True,
+        dropout=False,
+        lse=True,        # CUDA only: check() refuses it on the CPU
+        gqa=True,
+        backward=True,   # CUDA only, likewise
+        empty_rows_exact=False,
+        window=True,
+        softcap=True,
+        alibi=True,
+        varlen=True,
+    )
+
+    def describe(self) -> str:
+        return f"torch {torch.__version__} flex_attention (compiled per signature)"
+
+    def probe(self, device: torch.device) -> list[str]:
+        out = super().probe(device)
+        if out:
+            return out
+        try:
+            _flex()
+        except ImportError as exc:
+            return [f"torch {torch.__version__} has no flex_attention ({exc}); needs torch >= 2.5"]
+        if device.type == "cpu" and _cxx_compiler() is None:
+            out.append("no C++ compiler (g++/c++/clang++ or $CXX) for inductor's CPU kernel")
+        if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+            out.append("triton is not installed (flex_attention compiles with it on CUDA)")
+        return out
+
+    def check(self, spec: CallSpec) -> list[str]:
+        out = []
+        if spec.device_type == "cpu":
+            if spec.requires_grad:
+                out.append("gradients needed; flex_attention on the CPU is inference-only")
+            if spec.return_lse:
+                out.append("return_lse=True on the CPU; compiled flex_attention returns no "
+                           "LSE there")
+        elif spec.device_type == "cuda":
+            for name, d in (("head_dim", spec.head_dim), ("head_dim_v", spec.head_dim_v)):
+                if not 16 <= d <= 256:
+                    out.append(f"{name}={d} on CUDA; allowed: 16..256")
+        return out
+
+    _lse_request: Optional[dict] = None
+
+    @classmethod
+    def _aux(cls, spec: CallSpec) -> Optional[dict]:
+        """flex's LSE request, one object for the process (it is guarded on)."""
+        if not spec.return_lse:
+            return None
+        if cls._lse_request is None:
+            request = getattr(_flex(), "AuxRequest", None)
+            cls._lse_request = {"return_aux": request(lse=True)} if request else \
+                {"return_lse": True}
+        return cls._lse_request
+
+    def _run(self, key: tuple, q: Tensor, k: Tensor, v: Tensor, spec: CallSpec,
+             score_mod: Any, block_mask: Any, scale: float) -> AttentionResult:
+        k, v, gqa = _gqa(q, k, v)
+        aux = self._aux(spec)
+        fn = _compiled_for(key + (tuple(q.shape), tuple(k.shape), tuple(v.shape), gqa, scale,
+                                  aux is not None))
+        res = fn(q, k, v, score_mod, block_mask, scale, gqa, aux)
+        if aux is None:
+            return res, None
+        out, extra = res
+        lse = extra.lse if hasattr(extra, "lse") else extra
+        return out, lse.float()
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
+                mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                dropout_p: float, scale: float,
+                alibi_slopes: Optional[Tensor] = None) -> AttentionResult:
+        B, _, Sq, _ = q.shape
+        Sk = k.shape[2]
+        fa = _flex()
+        kpm = key_padding_mask
+        static_mm = dense_mask_mod(Sq, Sk, spec.causal, spec.window, None)
+        bm = None
+        if static_mm is not None:  # depends on the shape only: cached
+            bm = _cached_block_mask((q.device, Sq, Sk, spec.causal, spec.window),
+                                    lambda: fa.create_block_mask(static_mm, None, None, Sq, Sk,
+                                                                 device=q.device))
+        if kpm is not None:  # depends on data: block classes per call, no mask_mod sweep
+            mm = dense_mask_mod(Sq, Sk, spec.causal, spec.window, kpm)
+            bm = key_padding_block_mask(bm, mm, kpm, Sq, Sk)  # type: ignore[arg-type]
+        off = Sk - Sq
+        sm = make_score_mod(spec.softcap, alibi_slopes, lambda b, qi, kv: qi + off - kv,
+                            lambda b, qi: b)
+        key = ("dense", q.device, q.dtype, spec.causal, spec.window, kpm is not None,
+               spec.softcap, None if alibi_slopes is None else alibi_slopes.dim(),
+               spec.requires_grad)
+        return self._run(key, q, k, v, spec, sm, bm, scale)
+
+    def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
+                       cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+                       max_seqlen_k: int, dropout_p: float, scale: float,
+                       alibi_slopes: Optional[Tensor] = None) -> AttentionResult:
+        """Packed call as one (1, H, T, D) flex call with a document mask."""
+        tq, tk = q.shape[0], k.shape[0]
+        pq, pk = _bucket(tq), _bucket(tk)
+        cu_host = tuple(torch.cat([cu_seqlens_q, cu_seqlens_k]).tolist())
+        fa = _flex()
+
+        def build() -> tuple[_Docs, Any]:
+            docs = _Docs(cu_seqlens_q, cu_seqlens_k, pq, pk)
+            return docs, fa.create_block_mask(docs.mask_mod(spec.causal, spec.window), None,
+                                              None, pq, pk, device=q.device)
+
+        docs, bm = _cached_block_mask(("varlen", q.device, pq, pk, spec.causal, spec.window,
+                                       cu_host), build)
+        qp, kp, vp = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, n - t.shape[0]))
+                      .transpose(0, 1).unsqueeze(0) for t, n in ((q, pq), (k, pk), (v, pk)))
+        sm = make_score_mod(spec.softcap, alibi_slopes, docs.distance, docs.row)
+        key = ("varlen", q.device, q.dtype, spec.causal, spec.window, spec.softcap,
+               None if alibi_slopes is None else alibi_slopes.shape, spec.requires_grad)
+        out, lse = self._run(key, qp, kp, vp, spec, sm, bm, scale)
+        out = out[0, :, :tq].transpose(0, 1)
+        return out, (lse[0, :, :tq] if lse is not None else None)
