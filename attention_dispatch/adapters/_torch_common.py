@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Callable, Optional
 
 import torch
 
-from .._masks import additive_bias
+from .._masks import additive_bias, expand_kv
 from .._spec import CallSpec
 
 Tensor = torch.Tensor
@@ -52,8 +53,9 @@ def aligned_bias(bias: Tensor, spec: CallSpec, align: int) -> Tensor:
         bias = bias.unsqueeze(0)
     b = spec.batch if bias.shape[0] != 1 else 1
     h = spec.heads_q if bias.shape[1] != 1 else 1
+    sq = spec.seq_q if bias.shape[2] != 1 else 1  # a key padding bias stays (B, 1, 1, Sk)
     pad = (-spec.seq_k) % align
-    store = bias.new_empty(b, h, spec.seq_q, spec.seq_k + pad)
+    store = bias.new_empty(b, h, sq, spec.seq_k + pad)
     store[..., : spec.seq_k] = bias
     return store[..., : spec.seq_k].expand(spec.batch, spec.heads_q, spec.seq_q, spec.seq_k)
 
@@ -63,3 +65,31 @@ def half_only_on_cuda(spec: CallSpec) -> list[str]:
     if spec.device_type == "cuda" and spec.dtype not in (torch.float16, torch.bfloat16):
         return [f"dtype {str(spec.dtype).replace('torch.', '')} on CUDA; allowed: float16/bfloat16"]
     return []
+
+
+def _folded_spec(spec: CallSpec) -> Optional[CallSpec]:
+    """The call with GQA folded into the query sequence, where that is exact:
+    every query head of a group then reads its kv head as one longer query
+    sequence (B, Hkv, g*Sq, D).  Needs masks that do not depend on the query
+    head or position: no dense mask, window or ALiBi, and causal only at Sq == 1
+    (where bottom-right causal admits every key)."""
+    if (not spec.gqa or (spec.causal and spec.seq_q > 1) or spec.mask_kind != "none"
+            or spec.window is not None or spec.alibi):
+        return None
+    groups = spec.heads_q // spec.heads_kv
+    return dataclasses.replace(spec, heads_q=spec.heads_kv, seq_q=groups * spec.seq_q,
+                               causal=False)
+
+
+def with_gqa(kernel: Callable[..., tuple[Tensor, Optional[Tensor]]], q: Tensor, k: Tensor,
+             v: Tensor, spec: CallSpec, **kw: object) -> tuple[Tensor, Optional[Tensor]]:
+    """Run ``kernel(q, k, v, spec, **kw)`` (a kernel without native GQA) on a GQA
+    call: folded (no K/V copy; decode reads K/V once) where exact, else with K/V
+    expanded to Hq heads."""
+    folded = _folded_spec(spec)
+    if folded is None:
+        return kernel(q, expand_kv(k, spec.heads_q), expand_kv(v, spec.heads_q), spec, **kw)
+    b, hq, sq, d = q.shape
+    out, lse = kernel(q.reshape(b, spec.heads_kv, folded.seq_q, d), k, v, folded, **kw)
+    out = out.reshape(b, hq, sq, out.shape[-1])
+    return out, (None if lse is None else lse.reshape(b, hq, sq))

@@ -18,9 +18,8 @@ import torch
 
 from .._backend import AttentionResult, Backend
 from .._capabilities import Capabilities
-from .._masks import expand_kv
 from .._spec import CallSpec
-from ._torch_common import aligned_bias, top_left_causal_flag, torch_bias
+from ._torch_common import aligned_bias, top_left_causal_flag, torch_bias, with_gqa
 
 Tensor = torch.Tensor
 
@@ -56,17 +55,21 @@ class SdpaCudnnBackend(Backend):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
                 mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
                 dropout_p: float, scale: float) -> AttentionResult:
-        k = expand_kv(k, spec.heads_q)
-        v = expand_kv(v, spec.heads_q)
-        masked = mask is not None or key_padding_mask is not None
-        is_causal, in_bias = top_left_causal_flag(spec, masked)
-        bias = torch_bias(spec, mask, key_padding_mask, q.dtype, in_bias)
-        if bias is not None:
-            bias = aligned_bias(bias, spec, 8)
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q, k, v, bias, spec.return_lse or spec.requires_grad, dropout_p, is_causal,
-            False, scale=scale)
-        out, lse = res[0], res[1]
-        if spec.return_lse:
-            lse = lse.reshape(spec.batch, spec.heads_q, spec.seq_q).float()
-        return out, (lse if spec.return_lse else None)
+        return with_gqa(_kernel, q, k, v, spec, mask=mask, kpm=key_padding_mask,
+                        dropout_p=dropout_p, scale=scale)
+
+
+def _kernel(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec, *, mask: Optional[Tensor],
+            kpm: Optional[Tensor], dropout_p: float, scale: float) -> AttentionResult:
+    """One cuDNN call on (B, H, S, D) views with Hq == Hkv."""
+    is_causal, in_bias = top_left_causal_flag(spec, mask is not None or kpm is not None)
+    bias = torch_bias(spec, mask, kpm, q.dtype, in_bias)
+    if bias is not None:
+        bias = aligned_bias(bias, spec, 8)
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, bias, spec.return_lse or spec.requires_grad, dropout_p, is_causal,
+        False, scale=scale)
+    out, lse = res[0], res[1]
+    if spec.return_lse:
+        lse = lse.reshape(spec.batch, spec.heads_q, spec.seq_q).float()
+    return out, (lse if spec.return_lse else None)

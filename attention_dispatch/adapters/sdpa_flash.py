@@ -21,9 +21,8 @@ import torch
 
 from .._backend import AttentionResult, Backend
 from .._capabilities import Capabilities
-from .._masks import expand_kv
 from .._spec import CallSpec
-from ._torch_common import half_only_on_cuda, top_left_causal_flag, torch_bias
+from ._torch_common import half_only_on_cuda, top_left_causal_flag, torch_bias, with_gqa
 
 Tensor = torch.Tensor
 
@@ -72,10 +71,15 @@ class SdpaFlashBackend(Backend):
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale)
         else:
-            k = expand_kv(k, spec.heads_q)
-            v = expand_kv(v, spec.heads_q)
-            res = torch.ops.aten._scaled_dot_product_flash_attention(
-                q, k, v, dropout_p=dropout_p, is_causal=spec.causal,
-                return_debug_mask=False, scale=scale)
-            out, lse = res[0], res[1]
+            return with_gqa(_cuda_kernel, q, k, v, spec, dropout_p=dropout_p, scale=scale)
         return out, (lse.float() if spec.return_lse else None)
+
+
+def _cuda_kernel(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec, *, dropout_p: float,
+                 scale: float) -> AttentionResult:
+    """torch's CUDA flash kernel on (B, H, S, D) views with Hq == Hkv; its
+    is_causal is bottom-right."""
+    res = torch.ops.aten._scaled_dot_product_flash_attention(
+        q, k, v, dropout_p=dropout_p, is_causal=spec.causal, return_debug_mask=False,
+        scale=scale)
+    return res[0], (res[1].float() if spec.return_lse else None)

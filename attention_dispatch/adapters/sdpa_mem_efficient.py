@@ -19,9 +19,8 @@ import torch
 
 from .._backend import AttentionResult, Backend
 from .._capabilities import Capabilities
-from .._masks import expand_kv
 from .._spec import CallSpec
-from ._torch_common import aligned_bias, torch_bias
+from ._torch_common import aligned_bias, torch_bias, with_gqa
 
 Tensor = torch.Tensor
 
@@ -45,20 +44,25 @@ class SdpaMemEfficientBackend(Backend):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
                 mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
                 dropout_p: float, scale: float) -> AttentionResult:
-        k = expand_kv(k, spec.heads_q)
-        v = expand_kv(v, spec.heads_q)
-        causal_in_bias = spec.causal and spec.seq_q > spec.seq_k
-        bias = torch_bias(spec, mask, key_padding_mask, q.dtype, causal_in_bias)
-        if bias is not None:
-            bias = aligned_bias(bias, spec, 16)
-        res = torch.ops.aten._efficient_attention_forward(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            bias=bias, cu_seqlens_q=None, cu_seqlens_k=None,
-            max_seqlen_q=None, max_seqlen_k=None, dropout_p=dropout_p,
-            custom_mask_type=(_CAUSAL_BOTTOM_RIGHT if spec.causal and not causal_in_bias
-                              else _NO_CAUSAL),
-            compute_log_sumexp=spec.return_lse or spec.requires_grad, scale=scale)
-        out, lse = res[0].transpose(1, 2), res[1]
-        if spec.return_lse:
-            lse = lse[..., : spec.seq_q].float()
-        return out, (lse if spec.return_lse else None)
+        return with_gqa(_kernel, q, k, v, spec, mask=mask, kpm=key_padding_mask,
+                        dropout_p=dropout_p, scale=scale)
+
+
+def _kernel(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec, *, mask: Optional[Tensor],
+            kpm: Optional[Tensor], dropout_p: float, scale: float) -> AttentionResult:
+    """One kernel call on (B, H, S, D) views with Hq == Hkv."""
+    causal_in_bias = spec.causal and spec.seq_q > spec.seq_k
+    bias = torch_bias(spec, mask, kpm, q.dtype, causal_in_bias)
+    if bias is not None:
+        bias = aligned_bias(bias, spec, 16)
+    res = torch.ops.aten._efficient_attention_forward(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        bias=bias, cu_seqlens_q=None, cu_seqlens_k=None,
+        max_seqlen_q=None, max_seqlen_k=None, dropout_p=dropout_p,
+        custom_mask_type=(_CAUSAL_BOTTOM_RIGHT if spec.causal and not causal_in_bias
+                          else _NO_CAUSAL),
+        compute_log_sumexp=spec.return_lse or spec.requires_grad, scale=scale)
+    out, lse = res[0].transpose(1, 2), res[1]
+    if spec.return_lse:
+        lse = lse[..., : spec.seq_q].float()
+    return out, (lse if spec.return_lse else None)
