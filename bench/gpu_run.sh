@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Every GPU check and measurement the closing notes quote, on the device machine.
+# From the repository root, after `bash .gpu/install.sh stash` on the same machine:
+#   bash bench/gpu_run.sh install verify     # FA4 + xformers, GPU tests, matrix, benches
+#   bash bench/gpu_run.sh grid fuzz          # the full bench grid, 20k fuzz examples
+# Logs and results go to $OUT (default ./gpu-out).
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+LOG="$OUT/run.log"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export PYTHONPATH=$PWD:$PWD/backends/chunked${PYTHONPATH:+:$PYTHONPATH}
+step() { echo "=== $* ($(date +%T))" | tee -a "$LOG"; }
+env_on() { [ -f /tmp/gpu-env.sh ] && source /tmp/gpu-env.sh; }
+for stage in "$@"; do
+  case "$stage" in
+    install)
+      step install
+      bash .gpu/install.sh fa4 xformers 2>&1 | tail -2 | tee -a "$LOG"
+      python3 -m pip install -q --no-deps --no-build-isolation -e . -e backends/chunked 2>&1 \
+        | tail -2 | tee -a "$LOG" ;;
+    verify)
+      env_on
+      step info; python3 -m attention_dispatch info 2>&1 | tee -a "$LOG"
+      step gpu-tests
+      python3 -m pytest tests -m gpu -q -p no:cacheprovider -x -rfE 2>&1 | tail -25 | tee -a "$LOG"
+      step matrix; python3 bench/backend_matrix.py --out "$OUT/backend-matrix.md" 2>&1 | tail -3 | tee -a "$LOG"
+      step gpu-bench; python3 bench/gpu_bench.py --out "$OUT/gpu-bench.json" 2>&1 | tee -a "$LOG"
+      step overhead; python3 bench/overhead.py --device cuda --repeats 5000 \
+        --json "$OUT/overhead-cuda.json" 2>&1 | tee -a "$LOG" ;;
+    grid)
+      env_on
+      step grid; python3 -m attention_dispatch bench --device cuda --dtype bf16,fp16 \
+        --shapes default --backends flash-attn,sdpa-cudnn,xformers,sdpa-flash,sdpa-mem-efficient --out "$OUT/bench" 2>&1 | tail -140 | tee -a "$LOG" ;;
+    fuzz)
+      env_on
+      step fuzz; timeout 400 python3 bench/gpu_fuzz.py --examples 20000 --out "$OUT/fuzz.json" 2>&1 \
+        | tail -30 | tee -a "$LOG" ;;
+    *) echo "unknown stage $stage" | tee -a "$LOG"; exit 2 ;;
+  esac
+done

@@ -1,0 +1,55 @@
+"""GQA folding for torch's CUDA kernels (with_gqa), checked with a CPU kernel."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from attention_dispatch._spec import validate
+from attention_dispatch.adapters._torch_common import _folded_spec, with_gqa
+from attention_dispatch.testing import reference_attention
+
+seen: list[tuple] = []
+
+
+def plain_kernel(q, k, v, spec, *, kpm=None, scale=None):  # type: ignore[no-untyped-def]
+    """A kernel without GQA: requires Hq == Hkv, records the shapes it got."""
+    if q.shape[1] != k.shape[1]:
+        raise AssertionError("kernel got GQA")
+    seen.append((tuple(q.shape), tuple(k.shape), k.data_ptr()))
+    out, lse = reference_attention(q, k, v, key_padding_mask=kpm, causal=spec.causal,
+                                   scale=scale)
+    return out.to(q.dtype), lse.float()
+
+
+@pytest.mark.parametrize("sq,causal,padded", [(1, True, False), (1, False, True),
+                                               (5, False, False), (5, True, False)])
+def test_with_gqa_matches_reference(sq: int, causal: bool, padded: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, sq, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 11, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    kpm = torch.ones(2, 11, dtype=torch.bool)
+    kpm[1, 6:] = False
+    kpm = kpm if padded else None
+    spec = validate(q, k, v, key_padding_mask=kpm, causal=causal)
+    seen.clear()
+    out, lse = with_gqa(plain_kernel, q, k, v, spec, kpm=kpm, scale=0.25)
+    ref, ref_lse = reference_attention(q, k, v, key_padding_mask=kpm, causal=causal, scale=0.25)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse.float())
+    folded = _folded_spec(spec) is not None
+    assert folded == (sq == 1 or not causal)
+    if folded:  # K/V reach the kernel as they are: no copy
+        assert seen[0][1] == (2, 2, 11, 16) and seen[0][2] == k.data_ptr()
+        assert seen[0][0] == (2, 2, 4 * sq, 16)
+
+
+def test_no_fold_for_masks_or_equal_heads() -> None:
+    q = torch.randn(1, 4, 3, 8)
+    k = torch.randn(1, 2, 5, 8)
+    spec = validate(q, k, k)
+    assert _folded_spec(dataclasses.replace(spec, mask_kind="bool")) is None
+    assert _folded_spec(dataclasses.replace(spec, alibi=True)) is None
+    assert _folded_spec(validate(q, q, q)) is None
