@@ -38,6 +38,15 @@ from .attend import Attend
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    """``attention_dispatch.distributed`` (ring attention), imported on first use."""
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "Attend",
     "AttentionDispatchError",

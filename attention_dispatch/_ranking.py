@@ -3,11 +3,18 @@
 Source of the CUDA rankings: measurements on an H100 SXM (sm90), torch
 2.11+cu130, 2026-11-24, bf16, head dim 128, n=16384 (fwd TFLOP/s non-causal /
 causal): flash-attn (FA4) 716/648, sdpa-cudnn 588/589, xformers 363/328,
-sdpa-flash 328/296, sdpa-mem-efficient 176/163; decode (Sq=1, GQA 32/8,
+sdpa-flash 328/296, flex 410/386 (as reported with the structured-attention
+work; compiled per signature), sdpa-mem-efficient 176/163; decode (Sq=1, GQA 32/8,
 Sk=8192): sdpa-cudnn 351 us, FA4 358 us, sdpa-flash 398 us, xformers 403 us.
-CPU: torch's CPU flash kernel is 4-7x faster than math (bench/overhead.py
-and the conformance timings).  sm80/sm100/other CUDA follow the same order
+flex ranks behind xformers and sdpa-flash although its forward beats them
+on paper, because it compiles a kernel per new shape (seconds); it
+runs what the kernels ahead of it refuse (windows, softcap, ALiBi), ahead of
+sdpa-mem-efficient and math.  sm80/sm100/other CUDA follow the same order
 with cuDNN demoted where it is not the fastest (sm80: FA2 first).
+CPU: torch's CPU flash kernel is 4-7x faster than math (bench/overhead.py
+and the conformance timings); flex (inference only there, compiled per
+signature) comes next: it takes the softcapped and different-Dv calls the
+CPU flash kernel refuses, ~10x faster than math at 1k tokens once compiled.
 """
 
 from __future__ import annotations

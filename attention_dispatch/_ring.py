@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ._dispatch import attention
-from ._errors import AttentionInputError
+from ._errors import AttentionInputError, AttentionTypeError
 from ._merge import merge_attention
 from ._ring_bwd import block_grads
 
@@ -32,7 +32,7 @@ Tensor = torch.Tensor
 
 SHARDINGS = ("contiguous", "zigzag")
 LAYOUTS = ("bhsd", "bshd")
-BACKWARD_IMPLS = ("auto", "fused", "torch")
+BACKWARD_IMPLS = ("auto", "fused", "cudnn", "torch")
 
 # what the queries of rank r see of the kv block that came from rank j
 SKIP = "skip"          # nothing (contiguous causal, j > r)
@@ -83,7 +83,6 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
 def _check_shardable(x: Any, world: int, sharding: str, dim: int) -> int:
     """Validate shard_sequence's arguments; return the chunk length."""
     if not isinstance(x, Tensor):
-        from ._errors import AttentionTypeError
         raise AttentionTypeError("x", "a torch.Tensor", type(x).__name__)
     if sharding not in SHARDINGS:
         raise AttentionInputError("sharding", "'contiguous' or 'zigzag'", repr(sharding))

@@ -1,7 +1,7 @@
 """Block backward of ring attention: the gradients of one (query shard, kv
 block) pair against the GLOBAL output and lse, added into accumulators.
 
-Two implementations, chosen by ``impl``:
+Implementations, chosen by ``impl``:
 
 * ``"fused"``: torch's flash backward kernel, given the global ``out`` and
   ``lse`` (the kernel recomputes p = exp(scale q k^T - lse) and
@@ -11,6 +11,9 @@ Two implementations, chosen by ``impl``:
   ``aten._scaled_dot_product_flash_attention_for_cpu_backward``.
   GQA is expanded per call (kv heads repeated, dk/dv summed per group), and the
   heads are processed in chunks so the kernel's temporaries stay small.
+* ``"cudnn"`` (CUDA only, never chosen by "auto"): the same with cuDNN's
+  backward, ``aten._scaled_dot_product_cudnn_attention_backward`` (fp16/bf16,
+  head dim a multiple of 8 up to 128, sm80+; lse passed as (B, H, S, 1)).
 * ``"torch"``: the same math in plain torch (float32, float64 for float64),
   query rows in chunks to bound the memory of the score block.
 
@@ -46,31 +49,47 @@ class _PartialFailure(RuntimeError):
 _lock = threading.Lock()
 
 
-def fused_reason(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
-    """Why the fused backward kernel cannot take these tensors (None: it can)."""
+def fused_reason(q: Tensor, k: Tensor, v: Tensor, kernel: str = "fused") -> Optional[str]:
+    """Why the fused backward ``kernel`` ("fused": flash, or "cudnn") cannot
+    take these tensors (None: it can)."""
     D, Dv = q.shape[-1], v.shape[-1]
+    top = 128 if kernel == "cudnn" else 256
     if D != Dv:
         return f"head dims differ (q/k {D}, v {Dv})"
     if q.device.type == "cuda":
         if q.dtype not in (torch.float16, torch.bfloat16):
-            return f"dtype {q.dtype} on CUDA; the flash kernel takes float16/bfloat16"
-        if D % 8 or D > 256:
-            return f"head dim {D}; the flash kernel takes multiples of 8 up to 256"
+            return f"dtype {q.dtype} on CUDA; the {kernel} kernel takes float16/bfloat16"
+        if D % 8 or D > top:
+            return f"head dim {D}; the {kernel} kernel takes multiples of 8 up to {top}"
         if torch.cuda.get_device_capability(q.device) < (8, 0):
-            return "the flash kernel needs sm80 or newer"
+            return f"the {kernel} kernel needs sm80 or newer"
+        if kernel == "cudnn" and not torch.backends.cudnn.is_available():
+            return "cuDNN is not available in this torch build"
         return None
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and kernel != "cudnn":
         return None
-    return f"device {q.device.type}; the fused kernels are CUDA and CPU only"
+    return f"device {q.device.type}; the {kernel} backward kernel does not run there"
 
 
 def _signature(q: Tensor, k: Tensor) -> tuple:
     return (q.device.type, q.dtype, q.shape[-1], q.shape[1] == k.shape[1])
 
 
-def _fused_call(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor,
+def _cudnn_call(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor,
                 causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """cuDNN's backward, equal head counts; its lse is (B, H, S, 1) float32."""
+    seed = torch.zeros((), dtype=torch.long, device=q.device)
+    offset = torch.zeros((), dtype=torch.long, device=q.device)
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward.default(
+        dout, q, k, v, out, lse.float().unsqueeze(-1).contiguous(), seed, offset, None, None,
+        None, q.shape[2], k.shape[2], 0.0, causal, scale=scale)
+
+
+def _fused_call(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor,
+                causal: bool, scale: float, kernel: str) -> tuple[Tensor, Tensor, Tensor]:
     """One kernel call, equal head counts (B, H, S, D) -> (dq, dk, dv)."""
+    if kernel == "cudnn":
+        return _cudnn_call(q, k, v, out, dout, lse, causal, scale)
     if q.device.type == "cuda":
         seed = torch.empty(2, dtype=torch.uint64, device=q.device)
         offset = torch.empty((), dtype=torch.uint64, device=q.device)
@@ -83,7 +102,8 @@ def _fused_call(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse:
 
 
 def _fused(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor,
-           causal: bool, scale: float, into: tuple[Tensor, Tensor, Tensor]) -> None:
+           causal: bool, scale: float, into: tuple[Tensor, Tensor, Tensor],
+           kernel: str = "fused") -> None:
     """Fused kernel over chunks of kv heads (GQA expanded inside each chunk)."""
     B, Hq, Sq, D = q.shape
     Hkv = k.shape[1]
@@ -99,7 +119,7 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tens
             kc, vc = kc.repeat_interleave(G, 1), vc.repeat_interleave(G, 1)
         try:
             gq, gk, gv = _fused_call(q[:, hq], kc, vc, out[:, hq], dout[:, hq], lse[:, hq],
-                                     causal, scale)
+                                     causal, scale, kernel)
         except Exception as exc:
             if h0 == 0:  # nothing added yet: the caller may fall back
                 raise
@@ -154,7 +174,7 @@ def block_grads(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse:
 
     Shapes: q, out, dout (B, Hq, Sq, D); k, v (B, Hkv, Sk, D); lse (B, Hq, Sq)
     float32, the GLOBAL lse of these query rows.  ``impl``: "auto", "fused",
-    "torch" (see the module docstring).
+    "cudnn", "torch" (see the module docstring).
 
     Equivalent math::
 
@@ -164,12 +184,12 @@ def block_grads(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse:
     """
     if impl == "torch":
         return _plain(q, k, v, out, dout, lse, causal, scale, into)
-    reason = fused_reason(q, k, v)
-    if impl == "fused":
+    reason = fused_reason(q, k, v, "cudnn" if impl == "cudnn" else "fused")
+    if impl in ("fused", "cudnn"):
         if reason is not None:
             raise AttentionInputError("backward_impl", "'auto' or 'torch' for these tensors",
-                                      "'fused'", reason)
-        return _fused(q, k, v, out, dout, lse, causal, scale, into)
+                                      repr(impl), reason)
+        return _fused(q, k, v, out, dout, lse, causal, scale, into, impl)
     key = _signature(q, k)
     if reason is not None or key in _failed:
         return _plain(q, k, v, out, dout, lse, causal, scale, into)

@@ -31,6 +31,12 @@ class Attend(nn.Module):
         backend: as in :func:`attention_dispatch.attention`.
         use_flash: the seed's switch, kept so old code runs: False means
             ``backend="math"``; True means ``backend`` (auto by default).
+        context_parallel_group: a torch.distributed process group: q, k, v
+            are this rank's shard of the sequence and forward runs
+            :func:`attention_dispatch.distributed.ring_attention` (no mask,
+            no dropout in that mode).  See docs/distributed.md.
+        sharding: how the sequence is sharded in that mode ("zigzag" or
+            "contiguous").
 
     forward(q, k, v, mask=None):
         q (b, h, i, d); k, v (b, h, j, d) or (b, j, d) (one kv head shared by
@@ -41,8 +47,11 @@ class Attend(nn.Module):
 
     def __init__(self, dropout: float = 0.0, causal: bool = False,
                  backend: Union[str, Sequence[str]] = "auto",
-                 use_flash: Optional[bool] = None) -> None:
+                 use_flash: Optional[bool] = None, context_parallel_group: Optional[object] = None,
+                 sharding: str = "zigzag") -> None:
         super().__init__()
+        self.context_parallel_group = context_parallel_group
+        self.sharding = sharding
         self.dropout = float(dropout)
         self.causal = causal
         self.backend = "math" if use_flash is False else backend
@@ -53,6 +62,8 @@ class Attend(nn.Module):
             k = k.unsqueeze(1)
         if isinstance(v, Tensor) and v.dim() == 3:
             v = v.unsqueeze(1)
+        if self.context_parallel_group is not None:
+            return self._ring(q, k, v, mask)
         kpm = None
         if mask is not None and isinstance(mask, Tensor) and mask.dim() == 2:
             kpm, mask = mask, None
@@ -62,6 +73,18 @@ class Attend(nn.Module):
         return attention(q, k, v, mask=mask, key_padding_mask=kpm, causal=self.causal,
                          dropout_p=self.dropout if self.training else 0.0,
                          backend=self.backend)  # type: ignore[return-value]
+
+    def _ring(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """Context-parallel forward: ring attention over the group's shards."""
+        if mask is not None:
+            raise AttentionInputError("mask", "None with context_parallel_group (ring "
+                                      "attention takes no mask)", "a mask")
+        from .distributed import ring_attention
+
+        return ring_attention(q, k, v, group=self.context_parallel_group, causal=self.causal,
+                              sharding=self.sharding, backend=self.backend,
+                              dropout_p=self.dropout if self.training else 0.0
+                              )  # type: ignore[return-value]
 
     def extra_repr(self) -> str:
         return f"dropout={self.dropout}, causal={self.causal}, backend={self.backend!r}"

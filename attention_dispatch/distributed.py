@@ -72,12 +72,12 @@ def _config(q: Any, k: Any, v: Any, *, causal: Any, scale: Any, layout: Any, sha
                                   "(two chunks per rank)", str(s_local),
                                   "pad the sequence to a multiple of 2 * world size")
     if backward_impl not in BACKWARD_IMPLS:
-        raise AttentionInputError("backward_impl", "'auto', 'fused' or 'torch'",
+        raise AttentionInputError("backward_impl", "'auto', 'fused', 'cudnn' or 'torch'",
                                   repr(backward_impl))
-    why = fused_reason(q, k, v) if backward_impl == "fused" else None
+    why = fused_reason(q, k, v, backward_impl) if backward_impl in ("fused", "cudnn") else None
     if why is not None:
         raise AttentionInputError("backward_impl", "'auto' or 'torch' for these tensors",
-                                  "'fused'", why)
+                                  repr(backward_impl), why)
     if grad_dtype is not None and grad_dtype not in _DTYPES:
         raise AttentionTypeError("grad_dtype", "None or a float dtype", repr(grad_dtype))
     resolve(backend)  # unknown backend names raise here, before any communication
@@ -231,7 +231,7 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: Tensor, _dlse: Optional[Tensor]) -> tuple:
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(q, k, v, out, lse, dout, ctx.ring, ctx.cfg)
+        dq, dk, dv = _ring_backward(q, k, v, out, lse, dout.contiguous(), ctx.ring, ctx.cfg)
         return dq, dk, dv, None, None
 
 
@@ -258,7 +258,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[Any] = No
         backend: the local backend for every block, as in :func:`attention`.
         dropout_p: must be 0 (AttentionInputError otherwise).
         backward_impl: block backward: "auto" (fused flash kernel where
-            possible), "fused" or "torch" (plain torch).
+            possible, else plain torch), "fused" (torch's flash backward),
+            "cudnn" (cuDNN's backward, CUDA) or "torch" (plain torch).
         grad_dtype: dtype of the dq accumulator and of the dK/dV accumulators
             that travel the ring; default float32 (float64 for float64 inputs).
         check_shards: one small all_gather per call checking that every rank

@@ -390,8 +390,8 @@ def judge(backend: str, case: Any, dtype: torch.dtype, names: list[str], got: li
 
 
 # packed variable-length conformance (attention_varlen)
-from ._testing_varlen import VarlenCase  # noqa: E402
-from ._testing_varlen import check_backend_varlen  # noqa: E402
-from ._testing_varlen import make_varlen_inputs  # noqa: E402
-from ._testing_varlen import reference_varlen  # noqa: E402
-from ._testing_varlen import varlen_cases  # noqa: E402
+from ._testing_varlen import VarlenCase  # noqa: E402,F401
+from ._testing_varlen import check_backend_varlen  # noqa: E402,F401
+from ._testing_varlen import make_varlen_inputs  # noqa: E402,F401
+from ._testing_varlen import reference_varlen  # noqa: E402,F401
+from ._testing_varlen import varlen_cases  # noqa: E402,F401

@@ -23,6 +23,13 @@ that accepts it and raises, or breaks the rule, is a violation.  The numeric
 canary is turned off (ATTENTION_DISPATCH_CANARY=0): the kernels themselves are
 under test.  Exit status 1 on any violation.
 
+Time bounds (defaults keep a 20000-example run under 8 minutes whatever the
+kernels' compile times): ``--every flex:20`` runs backends that compile a kernel
+per shape on every 20th example only; ``--backend-budget-s 75`` stops giving
+examples to a backend once it has used that long (compiles included; the rest
+are counted as skipped); ``--max-seconds 470`` stops the whole run early (the
+report says so).
+
 Usage::
 
     python bench/gpu_fuzz.py --examples 20000 --seed 0 --out gpu-fuzz.json
@@ -244,8 +251,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--backends", default=None,
                    help="comma separated (default: every backend available on the device)")
     p.add_argument("--grad-fraction", type=float, default=0.3)
-    p.add_argument("--max-seconds", type=float, default=None,
-                   help="stop early after this long (the report says so)")
+    p.add_argument("--max-seconds", type=float, default=470.0,
+                   help="stop early after this long, the report says so (0: no limit)")
+    p.add_argument("--backend-budget-s", type=float, default=75.0,
+                   help="a backend that has spent this long (kernel compiles included) "
+                        "skips the remaining examples, counted as skipped (0: no limit)")
+    p.add_argument("--every", default="flex:20",
+                   help="NAME:N,... run NAME on every N-th example only (backends that "
+                        "compile a kernel per shape)")
     p.add_argument("--max-violations-listed", type=int, default=200)
     a = p.parse_args(argv)
 
@@ -268,6 +281,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if why:
             print(f"  not available: {n}: {why}")
 
+    every = {}
+    for item in filter(None, (x.strip() for x in a.every.split(","))):
+        name, _, n = item.partition(":")
+        every[name] = max(1, int(n or 1))
+
     rng = random.Random(a.seed)
     torch.manual_seed(a.seed)
     counts: dict[str, collections.Counter] = {n: collections.Counter() for n in backends}
@@ -280,18 +298,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     stopped_early = False
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i in range(a.examples):
-        if a.max_seconds is not None and time.perf_counter() - start > a.max_seconds:
+        if a.max_seconds and time.perf_counter() - start > a.max_seconds:
             stopped_early = True
             break
         spec = draw(rng, dtypes, a.grad_fraction)
+        t0 = time.perf_counter()
         inp = build(spec, device)
         ref = reference(spec, inp)
         base = run("math", spec, inp)  # once per example, reused for every backend
+        seconds["(inputs, reference, math)"] += time.perf_counter() - t0
         per: list[tuple[str, list[Tensor]]] = [("math", errors(base, ref))]
         crashed: dict[str, str] = {}
         for name in backends:
             if name == "math":
                 counts[name]["run"] += 1
+                continue
+            if i % every.get(name, 1) or (a.backend_budget_s
+                                          and seconds[name] > a.backend_budget_s):
+                counts[name]["skipped"] += 1
                 continue
             t0 = time.perf_counter()
             try:
@@ -342,16 +366,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     sync()
     elapsed = time.perf_counter() - start
 
-    rows = [["backend", "run", "refused", "violations", "seconds"]]
+    rows = [["backend", "run", "refused", "skipped", "violations", "seconds"]]
     for n in backends:
         c = counts[n]
-        rows.append([n, str(c["run"]), str(c["refused"]), str(c["violations"]),
-                     f"{seconds.get(n, 0.0):.1f}"])
+        rows.append([n, str(c["run"]), str(c["refused"]), str(c["skipped"]),
+                     str(c["violations"]), f"{seconds.get(n, 0.0):.1f}"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print(f"\n{done} examples in {elapsed:.1f} s (seed {a.seed})"
           + (" -- stopped early (--max-seconds)" if stopped_early else ""))
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(f"inputs, reference and math baseline: {seconds['(inputs, reference, math)']:.1f} s")
     for n in backends:
         for why, c in reasons[n].most_common(3):
             print(f"  {n} refused {c}x: {why}")
@@ -364,9 +389,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             "versions": {n: ad.get_backend(n).describe() for n in backends},
             "seed": a.seed, "examples_requested": a.examples, "examples_run": done,
             "stopped_early": stopped_early, "seconds": round(elapsed, 2),
-            "dtypes": dtypes, "grad_fraction": a.grad_fraction,
+            "dtypes": dtypes, "grad_fraction": a.grad_fraction, "every": every,
+            "backend_budget_s": a.backend_budget_s, "max_seconds": a.max_seconds,
             "backends": {n: dict(counts[n], seconds=round(seconds.get(n, 0.0), 2))
                          for n in backends},
+            "baseline_seconds": round(seconds["(inputs, reference, math)"], 2),
             "unavailable": {n: why for n, why in avail.items() if why},
             "refusal_reasons": {n: dict(reasons[n].most_common(20)) for n in backends},
             "violations_total": n_viol,

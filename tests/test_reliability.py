@@ -19,13 +19,13 @@ import subprocess
 import sys
 import textwrap
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import pytest
 import torch
 
 import attention_dispatch as ad
-from attention_dispatch import _dispatch, _ranking, _reliability
+from attention_dispatch import _ranking, _reliability
 from attention_dispatch.testing import atol, reference_attention
 
 CPU = torch.device("cpu")
@@ -921,3 +921,82 @@ def test_version_drift_note_in_cli_info(register_temp, capsys):
     assert "outside the tested versions <1" in rows["drifted"]
     assert "outside the tested versions" not in rows["in-range"]
     assert "outside the tested versions" not in rows["math"]
+
+
+# ------------------------------------------- env-var strictness, plugins off
+
+
+def test_env_var_takes_only_registered_names(monkeypatch):
+    q, k, v = qkv()
+    monkeypatch.setenv("ATTENTION_DISPATCH_BACKEND", "no-such-kernel,auto")
+    ad.clear_cache()
+    with pytest.raises(ad.UnknownBackendError) as ei:
+        ad.attention(q, k, v)
+    assert ei.value.argument == "ATTENTION_DISPATCH_BACKEND" and ei.value.name == "no-such-kernel"
+    monkeypatch.setenv("ATTENTION_DISPATCH_BACKEND", "math,auto")
+    ad.clear_cache()
+    assert ad.explain(q, k, v).backend == "math"
+
+
+def test_env_var_may_name_a_broken_plugin_with_auto(register_temp, monkeypatch):
+    """Registered but unloadable: a valid name; with auto the call runs elsewhere."""
+    register_temp("ghost", "ad_no_such_module_for_env:Kernel")
+    monkeypatch.setenv("ATTENTION_DISPATCH_BACKEND", "ghost,auto")
+    ad.clear_cache()
+    q, k, v = qkv()
+    with record_warnings() as rec:
+        assert_correct(ad.attention(q, k, v), q, k, v)
+    assert len(plugin_warnings(rec)) == 1
+    monkeypatch.setenv("ATTENTION_DISPATCH_BACKEND", "ghost")
+    ad.clear_cache()
+    with record_warnings(), pytest.raises(ad.BackendUnavailable, match="failed to load"):
+        ad.attention(q, k, v)
+
+
+def test_plugins_env_zero_makes_plugin_names_unknown():
+    code = textwrap.dedent("""
+        import torch, warnings
+        warnings.simplefilter("error")
+        import attention_dispatch as ad
+        assert "chunked" not in ad.list_backends(), ad.list_backends()
+        q = torch.randn(1, 2, 4, 8)
+        try:
+            ad.attention(q, q, q)
+        except ad.UnknownBackendError as e:
+            assert e.argument == "ATTENTION_DISPATCH_BACKEND" and e.name == "chunked"
+        else:
+            raise AssertionError("a disabled plugin's name must be unknown")
+        ad.attention(q, q, q, backend="math")
+        print("DONE")
+    """)
+    run_script(code, ATTENTION_DISPATCH_PLUGINS="0", ATTENTION_DISPATCH_BACKEND="chunked")
+
+
+# ------------------------------------------- what a fallback cannot cover
+
+
+class _FailingBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("backward kernel exploded")
+
+
+class BackwardFails(RefBackend):
+    def forward(self, q, k, v, **kw):
+        out, lse = super().forward(q, k, v, **kw)
+        return _FailingBackward.apply(out), lse
+
+
+def test_backward_failure_surfaces_at_backward(register_temp, rank_first):
+    """The forward already returned: a failing backward cannot fall back; its
+    error reaches the caller's .backward() as is (documented limitation)."""
+    register_temp("bad-bwd", BackwardFails)
+    rank_first("bad-bwd")
+    q, k, v = qkv(grad=True)
+    out = ad.attention(q, k, v)
+    with pytest.raises(RuntimeError, match="backward kernel exploded"):
+        out.sum().backward()

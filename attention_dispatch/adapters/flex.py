@@ -12,15 +12,19 @@ flex_attention is compiled with ``torch.compile`` once per signature (device,
 dtype, shapes, features, scale) and cached: a fresh code object per signature,
 so distinct signatures never share (or exhaust) dynamo's recompile budget.
 Block masks that depend only on the shape (causal, window) are cached per
-(device, Sq, Sk, causal, window); masks that depend on data (key padding,
-documents) are built per call, the documents' cached per cu_seqlens value.
+(device, Sq, Sk, causal, window).  Key padding depends on data: its block
+mask is assembled per call from the cached static one and per-block counts of
+real keys (no per-element mask sweep).  Document masks are cached per
+cu_seqlens value (the last 8), so a fixed packing costs no rebuild.
 Packed totals are rounded up to a power of two (>= 128), so varlen batches
 of changing total length reuse a handful of compiled kernels; the padding
 tokens belong to no document (fully masked: their blocks are skipped).
 
 On the CPU (inductor's C++ flex kernel; the first compile of a signature
 takes seconds, ~15 s on a laptop) it is inference-only and returns no LSE:
-calls that need gradients or ``return_lse`` are refused there.  On CUDA
+calls that need gradients or ``return_lse`` are refused there, and so are
+calls with fewer than ``FlexBackend.min_cpu_scores`` (64 * 64) scores, which
+finish before a compile would.  On CUDA
 (triton): gradients and LSE.  No dropout, no dense masks (use another
 backend for those).
 
@@ -56,8 +60,10 @@ Tensor = torch.Tensor
 _lock = threading.Lock()
 _compiled: "OrderedDict[tuple, Callable[..., Any]]" = OrderedDict()
 _block_masks: "OrderedDict[tuple, Any]" = OrderedDict()
+_doc_masks: "OrderedDict[tuple, Any]" = OrderedDict()
 _MAX_COMPILED = 128
 _MAX_BLOCK_MASKS = 256
+_MAX_DOC_MASKS = 8  # O(T) tables + O(T^2 / 128^2) blocks each: keep few
 _names = itertools.count()
 
 
@@ -101,17 +107,21 @@ def _compiled_for(key: tuple) -> Callable[..., Any]:
         return fn
 
 
-def _cached_block_mask(key: tuple, build: Callable[[], Any]) -> Any:
+def _cached_block_mask(key: tuple, build: Callable[[], Any],
+                       cache: "Optional[OrderedDict[tuple, Any]]" = None,
+                       limit: int = _MAX_BLOCK_MASKS) -> Any:
+    """``build()`` once per key (LRU of ``limit`` entries in ``cache``)."""
+    cache = _block_masks if cache is None else cache
     with _lock:
-        hit = _block_masks.get(key)
+        hit = cache.get(key)
         if hit is not None:
-            _block_masks.move_to_end(key)
+            cache.move_to_end(key)
             return hit
     bm = build()
     with _lock:
-        _block_masks[key] = bm
-        if len(_block_masks) > _MAX_BLOCK_MASKS:
-            _block_masks.popitem(last=False)
+        cache[key] = bm
+        if len(cache) > limit:
+            cache.popitem(last=False)
     return bm
 
 
@@ -120,6 +130,7 @@ def clear_caches() -> None:
     with _lock:
         _compiled.clear()
         _block_masks.clear()
+        _doc_masks.clear()
 
 
 # ------------------------------------------------------------ mask and score
@@ -304,7 +315,8 @@ class FlexBackend(Backend):
     )
 
     def describe(self) -> str:
-        return f"torch {torch.__version__} flex_attention (compiled per signature)"
+        return (f"torch {torch.__version__} flex_attention (compiled per signature; CPU: "
+                f"inference only, no LSE, Sq*Sk >= {self.min_cpu_scores})")
 
     def probe(self, device: torch.device) -> list[str]:
         out = super().probe(device)
@@ -320,9 +332,18 @@ class FlexBackend(Backend):
             out.append("triton is not installed (flex_attention compiles with it on CUDA)")
         return out
 
+    #: On the CPU, calls with fewer scores than this (Sq * Sk, max lengths for
+    #: varlen) are refused: compiling a flex kernel takes seconds there, and
+    #: sdpa-flash or math finish such calls in microseconds.
+    min_cpu_scores: int = 64 * 64
+
     def check(self, spec: CallSpec) -> list[str]:
         out = []
         if spec.device_type == "cpu":
+            scores = spec.seq_q * spec.seq_k
+            if scores < self.min_cpu_scores:
+                out.append(f"Sq*Sk={scores} on the CPU; allowed: >= {self.min_cpu_scores} "
+                           "(compiling flex takes seconds; smaller calls are faster elsewhere)")
             if spec.requires_grad:
                 out.append("gradients needed; flex_attention on the CPU is inference-only")
             if spec.return_lse:
@@ -400,8 +421,8 @@ class FlexBackend(Backend):
             return docs, fa.create_block_mask(docs.mask_mod(spec.causal, spec.window), None,
                                               None, pq, pk, device=q.device)
 
-        docs, bm = _cached_block_mask(("varlen", q.device, pq, pk, spec.causal, spec.window,
-                                       cu_host), build)
+        docs, bm = _cached_block_mask((q.device, pq, pk, spec.causal, spec.window, cu_host),
+                                      build, _doc_masks, _MAX_DOC_MASKS)
         qp, kp, vp = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, n - t.shape[0]))
                       .transpose(0, 1).unsqueeze(0) for t, n in ((q, pq), (k, pk), (v, pk)))
         sm = make_score_mod(spec.softcap, alibi_slopes, docs.distance, docs.row)
