@@ -68,11 +68,12 @@ def _meta(t: Any) -> Any:
     return (t.shape, t.dtype, t.device, t.requires_grad)
 
 
-def _candidates(selection: tuple[str, ...], device: torch.device) -> list[str]:
+def _candidates(selection: tuple[str, ...], device: torch.device,
+                spec: Optional[CallSpec] = None) -> list[str]:
     names = REGISTRY.names()
     out: list[str] = []
     for n in selection:
-        for c in (ranked(device, names) if n == "auto" else [n]):
+        for c in (ranked(device, names, spec) if n == "auto" else [n]):
             if c not in out:
                 out.append(c)
     return out
@@ -99,7 +100,7 @@ def _reasons(name: str, spec: CallSpec, forced: bool) -> list[str]:
 
 def _verdicts(spec: CallSpec, selection: tuple[str, ...], everyone: bool
               ) -> tuple[Optional[str], list[BackendVerdict]]:
-    cands = _candidates(selection, spec.device)
+    cands = _candidates(selection, spec.device, spec)
     chosen: Optional[str] = None
     verdicts = []
     others = [n for n in REGISTRY.names() if n not in cands] if everyone else []

@@ -15,11 +15,24 @@ CPU: torch's CPU flash kernel is 4-7x faster than math (bench/overhead.py
 and the conformance timings); flex (inference only there, compiled per
 signature) comes next: it takes the softcapped and different-Dv calls the
 CPU flash kernel refuses, ~10x faster than math at 1k tokens once compiled.
+
+Shape classes (``SHAPE_RANKINGS``), measured on the same H100 on 2026-11-26 with
+bench/gpu_bench.py (bf16, hdim 128, interleaved CUDA-event timing):
+* "short" (Sq > 1, max(Sq, Sk) <= 2048, or <= 4096 without gradients; no key
+  padding): cuDNN beats FA4 - B=16 S=1024 fwd 0.36 vs 0.48 ms, causal 0.26 vs
+  0.36 ms, fwd+bwd 1.36 vs 1.44 ms; B=4 S=4096 fwd 1.05 vs 1.10 ms, causal
+  0.66 vs 0.75 ms (fwd+bwd at 4096: FA4 3.32 vs 3.54 ms, so long).
+* "decode" (Sq == 1; B=32, Hq=32, Hkv=8, Sk=8192): sdpa-cudnn 484 us,
+  sdpa-flash 496 us, sdpa-mem-efficient 526 us, FA4 598 us, xformers 771 us.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from ._spec import CallSpec
 
 RANKINGS: dict[str, tuple[str, ...]] = {
     "sm90": ("flash-attn", "sdpa-cudnn", "xformers", "sdpa-flash", "flex",
@@ -35,6 +48,27 @@ RANKINGS: dict[str, tuple[str, ...]] = {
 }
 
 
+_SM90_SHORT = ("sdpa-cudnn", "flash-attn", "xformers", "sdpa-flash", "flex",
+               "sdpa-mem-efficient", "math")
+_SM90_DECODE = ("sdpa-cudnn", "sdpa-flash", "sdpa-mem-efficient", "flash-attn", "xformers",
+                "flex", "math")
+SHAPE_RANKINGS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("sm90", "short"): _SM90_SHORT,
+    ("sm90", "decode"): _SM90_DECODE,
+}
+
+
+def shape_class(spec: CallSpec) -> str:
+    """"decode", "short" or "long" (see the module docstring)."""
+    if spec.seq_q == 1:
+        return "decode"
+    longest = max(spec.seq_q, spec.seq_k)
+    if not spec.key_padding and not spec.varlen and (
+            longest <= 2048 or (longest <= 4096 and not spec.requires_grad)):
+        return "short"
+    return "long"
+
+
 def device_family(device: torch.device) -> str:
     """"cpu", "sm90", "sm100", "sm80", "cuda" (other CUDA) or "other"."""
     if device.type == "cpu":
@@ -45,10 +79,16 @@ def device_family(device: torch.device) -> str:
     return "other"
 
 
-def ranked(device: torch.device, registered: list[str]) -> list[str]:
-    """Registered backends in auto order for ``device``: the family's ranking,
-    with backends it does not name (plugins) placed just before ``math``."""
-    order = [n for n in RANKINGS[device_family(device)] if n in registered]
+def ranked(device: torch.device, registered: list[str], spec: Optional[CallSpec] = None
+           ) -> list[str]:
+    """Registered backends in auto order for ``device`` (and the call's shape
+    class, when ``spec`` is given): the ranking, with backends it does not name
+    (plugins) placed just before ``math``."""
+    family = device_family(device)
+    table = RANKINGS[family]
+    if spec is not None:
+        table = SHAPE_RANKINGS.get((family, shape_class(spec)), table)
+    order = [n for n in table if n in registered]
     extra = [n for n in registered if n not in order and n not in _ALL_RANKED]
     if "math" in order:
         i = order.index("math")

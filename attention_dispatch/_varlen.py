@@ -217,7 +217,7 @@ def decide_varlen(spec: CallSpec, selection: tuple[str, ...]
 
     forced = "auto" not in selection
     refused: dict[str, list[str]] = {}
-    for name in _candidates(selection, spec.device):
+    for name in _candidates(selection, spec.device, spec):
         native = _reasons(name, spec, forced)
         padded = _reasons(name, _dense_spec(spec), forced) if native else []
         if not native or not padded:

@@ -93,9 +93,10 @@ def measure(names: list[str], q: Tensor, k: Tensor, v: Tensor, kw: dict, bwd: bo
     if torch_default is not None:
         fns["torch-default"] = torch_default
     samples: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(args.repeats):
-        for n, fn in fns.items():
-            samples[n].append(time_ms(fn, 0, 1))
+    order = list(fns)
+    for r in range(args.repeats):  # rotating order: no entry always follows the same one
+        for n in order[r % len(order):] + order[:r % len(order)]:
+            samples[n].append(time_ms(fns[n], 0, 1))
     res.update({n: statistics.median(t) for n, t in samples.items()})
     torch.cuda.empty_cache()
     res["auto_choice"] = ad.explain(q, k, v, **kw).backend

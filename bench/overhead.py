@@ -88,9 +88,12 @@ def measure(device: str, repeats: int, modes: list[str]) -> dict[str, Any]:
         if "eager" in modes:
             out["eager"] = _pair(auto, direct, repeats, sync)
         if "compile" in modes:
-            ca = torch.compile(auto, fullgraph=True)
-            cd = torch.compile(direct, fullgraph=True)
-            out["compile"] = _pair(ca, cd, max(repeats // 4, 100), sync)
+            try:
+                ca = torch.compile(auto, fullgraph=True)
+                cd = torch.compile(direct, fullgraph=True)
+                out["compile"] = _pair(ca, cd, max(repeats // 4, 100), sync)
+            except Exception as exc:  # a kernel dynamo cannot trace (e.g. FA4's CuTe DSL)
+                out["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         if "cudagraph" in modes and device == "cuda":
             out["cudagraph"] = _pair(_graphed(auto), _graphed(direct), repeats, sync)
     return out
@@ -110,6 +113,8 @@ def main() -> None:
             m = r[mode]
             print(f"  {mode:<9} direct {m['direct_us']:7.2f} us  auto {m['auto_us']:7.2f} us  "
                   f"overhead {m['overhead_us']:+.2f} us/call")
+    if "compile_error" in r:
+        print(f"  compile   not measured: {r['compile_error']}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(r, f, indent=2)

@@ -373,3 +373,24 @@ def test_cpu_auto_falls_back_for_different_v_head_dim():
         assert d.backend == "math"
     assert d.backend not in (None, "sdpa-flash")
     assert ad.attention(q, k, v).shape == (1, 2, 4, 16)
+
+
+def test_shape_classes_of_the_ranking() -> None:
+    """Measured shape classes: decode and short calls put cuDNN first on sm90."""
+    import dataclasses
+
+    from attention_dispatch._ranking import SHAPE_RANKINGS, shape_class
+    from attention_dispatch._spec import CallSpec
+
+    base = CallSpec(device_type="cuda", device_index=0, dtype=torch.bfloat16, batch=1,
+                    heads_q=16, heads_kv=16, seq_q=16384, seq_k=16384, head_dim=128,
+                    head_dim_v=128)
+    assert shape_class(base) == "long"
+    assert shape_class(dataclasses.replace(base, seq_q=1)) == "decode"
+    assert shape_class(dataclasses.replace(base, seq_q=1024, seq_k=1024)) == "short"
+    assert shape_class(dataclasses.replace(base, seq_q=4096, seq_k=4096)) == "short"
+    assert shape_class(dataclasses.replace(base, seq_q=4096, seq_k=4096,
+                                           requires_grad=True)) == "long"
+    assert shape_class(dataclasses.replace(base, seq_q=1024, seq_k=1024,
+                                           key_padding=True)) == "long"
+    assert SHAPE_RANKINGS[("sm90", "decode")][0] == "sdpa-cudnn"

@@ -47,10 +47,13 @@ class SdpaCudnnBackend(Backend):
         return out
 
     def check(self, spec: CallSpec) -> list[str]:
+        out = []
         if spec.mask_grad:
-            return ["a float mask that requires grad; cuDNN attention gives no gradient "
-                    "for attn_bias"]
-        return []
+            out.append("a float mask that requires grad; cuDNN attention gives no gradient "
+                       "for attn_bias")
+        if spec.seq_q == 1 and spec.seq_k == 1:  # measured: "s_q = s_kv = 1 is not supported"
+            out.append("Sq = Sk = 1; cuDNN's frontend refuses it")
+        return out
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
                 mask: Optional[Tensor], key_padding_mask: Optional[Tensor],

@@ -39,14 +39,16 @@ def _once_ms(fn: Callable[[], Any], device: torch.device) -> float:
 def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device,
                      budget_s: float = 0.6, max_reps: int = 60) -> dict[str, float]:
     """Milliseconds per call of each function, measured in interleaved rounds
-    (so drifting clocks or a busy host hit all alike): the median of the rounds
+    whose order rotates (so drifting clocks, a busy host or the power state a
+    heavy kernel leaves behind hit all alike): the median of the rounds
     on CUDA (events), the minimum on CPU (wall clock; interference only adds)."""
     once = {n: _once_ms(f, device) for n, f in fns.items()}
     reps = int(min(max_reps, max(3, budget_s * 1e3 / max(sum(once.values()), 1e-3))))
     samples: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(reps):
-        for n, f in fns.items():
-            samples[n].append(_once_ms(f, device))
+    names = list(fns)
+    for r in range(reps):  # rotate the order: no backend always follows the same one
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            samples[n].append(_once_ms(fns[n], device))
     pick = statistics.median if device.type == "cuda" else min
     return {n: pick(s) for n, s in samples.items()}
 
