@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 from typing import Any, Callable, Optional
@@ -94,8 +95,10 @@ def measure(names: list[str], q: Tensor, k: Tensor, v: Tensor, kw: dict, bwd: bo
         fns["torch-default"] = torch_default
     samples: dict[str, list[float]] = {n: [] for n in fns}
     order = list(fns)
-    for r in range(args.repeats):  # rotating order: no entry always follows the same one
-        for n in order[r % len(order):] + order[:r % len(order)]:
+    rng = random.Random(0)
+    for _ in range(args.repeats):  # a fresh random order per round: no entry always
+        rng.shuffle(order)         # follows the same (e.g. a power-hungry) kernel
+        for n in order:
             samples[n].append(time_ms(fns[n], 0, 1))
     res.update({n: statistics.median(t) for n, t in samples.items()})
     torch.cuda.empty_cache()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 import sys
 import time
@@ -39,15 +40,17 @@ def _once_ms(fn: Callable[[], Any], device: torch.device) -> float:
 def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device,
                      budget_s: float = 0.6, max_reps: int = 60) -> dict[str, float]:
     """Milliseconds per call of each function, measured in interleaved rounds
-    whose order rotates (so drifting clocks, a busy host or the power state a
+    in a random order each round (so drifting clocks, a busy host or the power state a
     heavy kernel leaves behind hit all alike): the median of the rounds
     on CUDA (events), the minimum on CPU (wall clock; interference only adds)."""
     once = {n: _once_ms(f, device) for n, f in fns.items()}
     reps = int(min(max_reps, max(3, budget_s * 1e3 / max(sum(once.values()), 1e-3))))
     samples: dict[str, list[float]] = {n: [] for n in fns}
     names = list(fns)
-    for r in range(reps):  # rotate the order: no backend always follows the same one
-        for n in names[r % len(names):] + names[:r % len(names)]:
+    rng = random.Random(0)
+    for _ in range(reps):  # a fresh random order per round: no backend always
+        rng.shuffle(names)  # follows the same (e.g. a power-hungry) kernel
+        for n in names:
             samples[n].append(_once_ms(fns[n], device))
     pick = statistics.median if device.type == "cuda" else min
     return {n: pick(s) for n, s in samples.items()}
