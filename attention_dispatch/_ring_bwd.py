@@ -11,13 +11,16 @@ Implementations, chosen by ``impl``:
   ``aten._scaled_dot_product_flash_attention_for_cpu_backward``.
   GQA is expanded per call (kv heads repeated, dk/dv summed per group), and the
   heads are processed in chunks so the kernel's temporaries stay small.
-* ``"cudnn"`` (CUDA only, never chosen by "auto"): the same with cuDNN's
+* ``"cudnn"`` (CUDA; what "auto" takes there where it applies): the same with cuDNN's
   backward, ``aten._scaled_dot_product_cudnn_attention_backward`` (fp16/bf16,
   head dim a multiple of 8 up to 128, sm80+; lse passed as (B, H, S, 1)).
 * ``"torch"``: the same math in plain torch (float32, float64 for float64),
   query rows in chunks to bound the memory of the score block.
 
-``"auto"`` takes the fused kernel where :func:`fused_reason` allows it and
+``"auto"`` takes cuDNN's kernel on CUDA where it applies (on 2 H100s at
+n=128k, bf16, causal zig-zag, fwd+bwd: 1.88x one GPU with cuDNN's backward,
+1.23x with the flash backward; bench/ring_bench.py, 2026-11-26), else the
+flash kernel where :func:`fused_reason` allows it, and
 falls back to plain torch (once warned, remembered per signature) if the
 kernel raises.  All tensors are (B, H, S, D) views; lse is (B, Hq, Sq).
 """
@@ -191,10 +194,13 @@ def block_grads(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse:
                                       repr(impl), reason)
         return _fused(q, k, v, out, dout, lse, causal, scale, into, impl)
     key = _signature(q, k)
+    kernel = "fused"
+    if q.device.type == "cuda" and fused_reason(q, k, v, "cudnn") is None:
+        kernel, reason = "cudnn", None  # measured on 2 H100s at 128k: 1.88x vs 1.23x (flash)
     if reason is not None or key in _failed:
         return _plain(q, k, v, out, dout, lse, causal, scale, into)
     try:
-        return _fused(q, k, v, out, dout, lse, causal, scale, into)
+        return _fused(q, k, v, out, dout, lse, causal, scale, into, kernel)
     except (RuntimeError, NotImplementedError, TypeError) as exc:
         if isinstance(exc, (torch.OutOfMemoryError, _PartialFailure)):
             raise
