@@ -296,10 +296,7 @@ HALF = (torch.float16, torch.bfloat16)
 def known_issue(backend: str, c: Call, bad: list[str]) -> Optional[str]:
     """A violation already reported and pinned by a regression test below
     (the fuzzer counts it instead of failing), or None."""
-    if backend == "sdpa-flash" and c.grad and c.dtype in HALF and \
-            all(b.split(":")[0] in ("dq", "dk") for b in bad):
-        return "known: torch CPU flash backward in half precision (dq/dk)"
-    return None
+    return None  # none open: sdpa-flash's half-precision CPU backward is refused now
 
 
 def check(backend: str, c: Call) -> None:
@@ -371,14 +368,11 @@ def _violations(backend: str, c: Call) -> list[str]:
 # backward for float16/bfloat16: dq/dk errors several times math's (bf16 here:
 # dq 0.0225 > bound 0.0166, dk 0.0495 > bound 0.0173; math's 0.00096/0.0013).
 # Not mask-specific (no mask: up to 4x math's relative dq error over 200 seeds).
-# Fix belongs in adapters/sdpa_flash.py (refuse half-precision gradients on the
-# CPU, or run its backward through math); not strict: kernel numerics vary by CPU.
-FLASH_CPU_HALF_BWD = pytest.mark.xfail(
-    reason="torch's CPU flash backward loses precision in float16/bfloat16", strict=False)
+# Fixed in adapters/sdpa_flash.py: it refuses half-precision gradients on the CPU,
+# so these cases now run on another backend or are refused when forced.
 
 
 @pytest.mark.skipif("sdpa-flash" not in CPU_BACKENDS, reason="sdpa-flash not available")
-@FLASH_CPU_HALF_BWD
 def test_regression_sdpa_flash_cpu_half_backward_float_mask() -> None:
     try:
         bad = _violations("sdpa-flash", _case())
@@ -388,7 +382,6 @@ def test_regression_sdpa_flash_cpu_half_backward_float_mask() -> None:
 
 
 @pytest.mark.skipif("sdpa-flash" not in CPU_BACKENDS, reason="sdpa-flash not available")
-@FLASH_CPU_HALF_BWD
 def test_regression_sdpa_flash_cpu_half_backward_causal_float32_mask() -> None:
     c = _case(batch=2, heads_kv=1, seq_q=16, seq_k=5, head_dim=24, head_dim_v=24,
               mask_shape=(16, 5), mask_float32=True, dead_rows=(11, 15), causal=True,

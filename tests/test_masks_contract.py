@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -136,8 +138,12 @@ def test_fully_masked_rows(cpu_backend, kind, dtype, layout):
         q_, k_, v_ = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
     else:
         q_, k_, v_ = q, k, v
-    out, lse = ad.attention(q_, k_, v_, backend=cpu_backend, return_lse=True, layout=layout,
-                            **kw)
+    try:
+        out, lse = ad.attention(q_, k_, v_, backend=cpu_backend, return_lse=True,
+                                layout=layout, **kw)
+    except ad.BackendUnavailable as exc:  # a declared refusal (e.g. half-precision grads)
+        assert cpu_backend != "math"
+        pytest.skip(str(exc))
     if layout == "bshd":
         out = out.transpose(1, 2)
     assert out.dtype == dtype and lse.dtype == torch.float32
@@ -417,7 +423,10 @@ def test_kernels_without_mask_gradient_refuse_a_learned_bias():
     grad = dict(requires_grad=True, mask_grad=True)
     flash = ad.get_backend("sdpa-flash")
     assert any("requires grad" in r for r in flash.supports(spec("cpu", **grad)))
-    assert flash.supports(spec("cpu", requires_grad=True)) == []
+    cpu32 = dict(requires_grad=True, dtype=torch.float32)
+    assert flash.supports(dataclasses.replace(spec("cpu"), **cpu32)) == []
+    # and half-precision gradients on the CPU (its backward is inexact there)
+    assert any("half precision" in r for r in flash.supports(spec("cpu", requires_grad=True)))
     cudnn = ad.get_backend("sdpa-cudnn")
     assert any("requires grad" in r for r in cudnn.supports(spec("cuda", **grad)))
     assert cudnn.supports(spec("cuda", requires_grad=True)) == []
