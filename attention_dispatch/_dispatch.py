@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import math
 import threading
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 
@@ -36,6 +36,7 @@ class _Plan(NamedTuple):
     empty: bool  # Sq == 0 or Sk == 0: zeros without a kernel
     dropout_p: float
     selection: tuple[str, ...]  # for a runtime fallback
+    direct: Optional[Callable[..., Any]] = None  # backend.forward when nothing else is needed
 
 
 _plans: dict[tuple, _Plan] = {}
@@ -130,8 +131,11 @@ def _decide(spec: CallSpec, selection: tuple[str, ...], scale: Optional[float],
     _events.emit(_events.DECISION, chosen, f"selection {','.join(selection)}", spec)
     fix = spec.may_have_empty_rows and not inst.capabilities.empty_rows_exact
     eff_scale = float(scale) if scale is not None else 1.0 / math.sqrt(spec.head_dim)
-    return _Plan(inst, spec, eff_scale, fix, spec.seq_q == 0 or spec.seq_k == 0,
-                 float(dropout_p), selection)
+    empty = spec.seq_q == 0 or spec.seq_k == 0
+    simple = not (fix or empty or spec.alibi or (spec.key_padding
+                                                  and not inst.capabilities.key_padding))
+    return _Plan(inst, spec, eff_scale, fix, empty, float(dropout_p), selection,
+                 inst.forward if simple else None)
 
 
 def _autotuned(plan: _Plan, selection: tuple[str, ...], args: tuple) -> _Plan:
@@ -153,7 +157,8 @@ def _autotuned(plan: _Plan, selection: tuple[str, ...], args: tuple) -> _Plan:
     inst, _ = REGISTRY.load(best)
     _events.emit(_events.DECISION, best, f"autotune picked it over {plan.backend.name}", spec)
     fix = spec.may_have_empty_rows and not inst.capabilities.empty_rows_exact  # type: ignore
-    return plan._replace(backend=inst, fix_rows=fix)
+    return plan._replace(backend=inst, fix_rows=fix,
+                         direct=inst.forward if plan.direct is not None else None)
 
 
 def _plan_slow(key: Optional[tuple], selection: tuple[str, ...], q: Any, k: Any, v: Any,
@@ -313,6 +318,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
     if plan is None:
         plan = _plan_slow(key, selection, q, k, v, mask, key_padding_mask, causal, dropout_p,
                           scale, layout, return_lse, window, softcap, alibi_slopes)
+    direct = plan.direct
+    if direct is not None and layout == "bhsd" and not return_lse:  # the common case
+        try:
+            return direct(q, k, v, spec=plan.spec, mask=mask, key_padding_mask=key_padding_mask,
+                          dropout_p=plan.dropout_p, scale=plan.scale)[0]
+        except Exception as exc:
+            return _run(plan, q, k, v, mask, key_padding_mask, layout, return_lse,
+                        alibi_slopes, failure=exc)
     return _run(plan, q, k, v, mask, key_padding_mask, layout, return_lse, alibi_slopes)
 
 
@@ -335,8 +348,10 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor
 
 def _run(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
          key_padding_mask: Optional[Tensor], layout: str, return_lse: bool,
-         alibi_slopes: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
-    """Run a plan: layout views, the kernel, the empty-row fix, the result."""
+         alibi_slopes: Optional[Tensor] = None, failure: Optional[Exception] = None
+         ) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Run a plan: layout views, the kernel, the empty-row fix, the result.
+    ``failure``: the plan's kernel already raised this (bhsd): fall back at once."""
     spec = plan.spec
     if layout == "bshd":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -344,6 +359,8 @@ def _run(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
         out, lse = _empty(q, k, v, spec)
     else:
         try:
+            if failure is not None:
+                raise failure
             out, lse = _forward(plan, q, k, v, mask, key_padding_mask, alibi_slopes)
         except Exception as exc:
             plan, out, lse = _fallback(plan, exc, q, k, v, mask, key_padding_mask,
