@@ -80,7 +80,8 @@ def test_readme_setup_commands_match_ci() -> None:
     """The README's test command is the one CI runs."""
     readme = _readme()
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "pip install torch==2.13.0 && pip install -e . && attention-dispatch info" in readme
+    assert ('pip install torch==2.13.0 && pip install -e ".[bench]" && attention-dispatch info '
+            "&& attention-dispatch bench --quick --out bench-results") in readme
     assert ('pip install torch==2.13.0 && pip install -e ".[test]" -e backends/chunked && '
             "python -m pytest -q -p no:cacheprovider") in readme
     assert "python -m pytest -q -p no:cacheprovider" in ci
