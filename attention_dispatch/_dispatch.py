@@ -80,7 +80,7 @@ def _candidates(selection: tuple[str, ...], device: torch.device,
     return out
 
 
-def _reasons(name: str, spec: CallSpec, forced: bool) -> list[str]:
+def _reasons(name: str, spec: CallSpec, forced: bool, canary: bool = True) -> list[str]:
     """Probe, per-call check, demotion memory (not for a forced selection: it
     runs and raises its own error), then (once) the numeric canary."""
     reasons = REGISTRY.probe(name, spec.device)
@@ -94,7 +94,7 @@ def _reasons(name: str, spec: CallSpec, forced: bool) -> list[str]:
     if reasons:
         return reasons
     why = None if forced else _reliability.demotion_reason(name, spec)
-    if why is None and spec.device.type != "meta":
+    if why is None and canary and spec.device.type != "meta":
         why = _reliability.canary(inst, spec)  # type: ignore[arg-type]
     return [why] if why else []
 
@@ -108,7 +108,11 @@ def _verdicts(spec: CallSpec, selection: tuple[str, ...], everyone: bool
     for rank, name in [(i, n) for i, n in enumerate(cands)] + [(None, n) for n in others]:
         if chosen is not None and not everyone:
             break
-        reasons = _reasons(name, spec, "auto" not in selection)
+        # canaries run as dispatch runs them: up to the chosen backend; the rest
+        # of explain()'s list only reports earlier results (a canary of a
+        # compiled backend costs a compilation)
+        reasons = _reasons(name, spec, "auto" not in selection,
+                           canary=chosen is None and rank is not None)
         status = REFUSED if reasons else ACCEPTED
         if rank is None and not reasons:
             status = SKIPPED
