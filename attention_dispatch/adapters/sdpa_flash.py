@@ -15,6 +15,7 @@ Equivalent math: see :mod:`attention_dispatch.adapters.math`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -70,15 +71,37 @@ class SdpaFlashBackend(Backend):
                 mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
                 dropout_p: float, scale: float,
                 alibi_slopes: Optional[Tensor] = None) -> AttentionResult:
-        if spec.device_type == "cpu":
-            masked = mask is not None or key_padding_mask is not None or alibi_slopes is not None
-            is_causal, in_bias = top_left_causal_flag(spec, masked)
-            bias = torch_bias(spec, mask, key_padding_mask, q.dtype, in_bias, alibi_slopes)
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale)
-        else:
+        if spec.device_type != "cpu":
             return with_gqa(_cuda_kernel, q, k, v, spec, dropout_p=dropout_p, scale=scale)
+        if key_padding_mask is not None:
+            k, v, mask, key_padding_mask, spec = _drop_padded_tail(k, v, mask, key_padding_mask,
+                                                                   spec)
+        # the CPU kernel takes is_causal together with a mask (and then skips the
+        # blocks above the diagonal): the causal flag is used wherever top-left
+        # equals bottom-right, whatever other masks come with it
+        is_causal, in_bias = top_left_causal_flag(spec, other_masks=False)
+        bias = torch_bias(spec, mask, key_padding_mask, q.dtype, in_bias, alibi_slopes)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale)
         return out, (lse.float() if spec.return_lse else None)
+
+
+def _drop_padded_tail(k: Tensor, v: Tensor, mask: Optional[Tensor], kpm: Tensor,
+                      spec: CallSpec) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor, CallSpec]:
+    """Keys after the last real key of every batch row take no part: cut them
+    (views, no copy), so the CPU kernel skips their blocks.  Only where nothing
+    depends on Sk's value (not causal, no window, no ALiBi); a CPU host read of
+    the mask costs no device sync."""
+    if spec.causal or spec.window is not None or spec.alibi:
+        return k, v, mask, kpm, spec
+    real = kpm.any(0)
+    n = int(real.nonzero().max()) + 1 if bool(real.any()) else 1
+    if n >= spec.seq_k:
+        return k, v, mask, kpm, spec
+    if mask is not None and mask.shape[-1] != 1:
+        mask = mask[..., :n]
+    return (k[:, :, :n], v[:, :, :n], mask, kpm[:, :n],
+            dataclasses.replace(spec, seq_k=n))
 
 
 def _cuda_kernel(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec, *, dropout_p: float,
