@@ -3,8 +3,8 @@
 Source of the CUDA rankings: measurements on an H100 SXM (sm90), torch
 2.11+cu130, 2026-11-24, bf16, head dim 128, n=16384 (fwd TFLOP/s non-causal /
 causal): flash-attn (FA4) 716/648, sdpa-cudnn 588/589, xformers 363/328,
-sdpa-flash 328/296, flex 410/386 (as reported with the structured-attention
-work; compiled per signature), sdpa-mem-efficient 176/163; decode (Sq=1, GQA 32/8,
+sdpa-flash 328/296, flex 410/386 (reported for that H100, not re-measured;
+compiled per signature), sdpa-mem-efficient 176/163; decode (Sq=1, GQA 32/8,
 Sk=8192): sdpa-cudnn 351 us, FA4 358 us, sdpa-flash 398 us, xformers 403 us.
 flex ranks behind xformers and sdpa-flash although its forward beats them
 on paper, because it compiles a kernel per new shape (seconds); it
