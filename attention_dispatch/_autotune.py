@@ -168,24 +168,6 @@ def choose(spec: CallSpec, eligible: list[str], timer: Callable[[str], Optional[
     return best
 
 
-def reduced_case(spec: CallSpec) -> Any:
-    """A small conformance case with the call's dtype, head dims, GQA ratio,
-    masks and flags, for the correctness half of "fastest correct"."""
-    from . import testing
-
-    ratio = spec.heads_q // spec.heads_kv
-    hq = max(ratio, min(spec.heads_q, 4))
-    mask = {"none": "none", "bool": "bool", "float": "float"}[spec.mask_kind]
-    if spec.key_padding:
-        mask = "padding" if mask == "none" else f"{mask}+padding"
-    return testing.Case(batch=min(spec.batch, 2), heads_q=hq, heads_kv=hq // ratio,
-                        seq_q=min(spec.seq_q, 64), seq_k=min(spec.seq_k, 64),
-                        head_dim=spec.head_dim,
-                        head_dim_v=spec.head_dim_v if spec.head_dim_v != spec.head_dim else None,
-                        dtype=spec.dtype, layout=spec.layout, mask=mask, causal=spec.causal,
-                        lse=spec.return_lse)
-
-
 def timer_for(spec: CallSpec, run: Callable[[str], Any], repeats: int = 10
               ) -> Callable[[str], Optional[float]]:
     """``timer(name)``: correctness on a reduced case, then the median ms of
@@ -195,7 +177,7 @@ def timer_for(spec: CallSpec, run: Callable[[str], Any], repeats: int = 10
 
     def timer(name: str) -> Optional[float]:
         try:
-            testing.check_backend(name, reduced_case(spec), spec.device)
+            testing.check_backend(name, testing.reduced_case(spec), spec.device)
             with torch.no_grad():
                 run(name)
                 return time_interleaved({name: lambda: run(name)}, spec.device,

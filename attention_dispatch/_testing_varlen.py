@@ -11,7 +11,8 @@ from typing import Any, Optional
 
 import torch
 
-from .testing import CheckResult, alibi_slopes_for, judge, reference_attention
+from .testing import (CheckResult, alibi_slopes_for, judge, reference_attention,
+                      structure_label)
 
 Tensor = torch.Tensor
 
@@ -52,12 +53,7 @@ class VarlenCase:
         for flag in ("causal", "grad", "lse"):
             if getattr(self, flag):
                 parts.append(flag)
-        if self.window is not None:
-            parts.append(f"window{self.window[0]},{self.window[1]}")
-        if self.softcap is not None:
-            parts.append(f"softcap{self.softcap}")
-        if self.alibi != "none":
-            parts.append(f"alibi-{self.alibi}")
+        parts += structure_label(self.window, self.softcap, self.alibi)
         if self.scale is not None:
             parts.append(f"scale{self.scale}")
         if self.extra_max:

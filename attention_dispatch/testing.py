@@ -90,6 +90,19 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tenso
     return out, lse
 
 
+def structure_label(window: Optional[tuple[int, int]], softcap: Optional[float],
+                    alibi: str) -> list[str]:
+    """Case-id parts for the structured-attention features that are on."""
+    parts = []
+    if window is not None:
+        parts.append(f"window{window[0]},{window[1]}")
+    if softcap is not None:
+        parts.append(f"softcap{softcap}")
+    if alibi != "none":
+        parts.append(f"alibi-{alibi}")
+    return parts
+
+
 @dataclass(frozen=True)
 class Case:
     """One conformance case.  ``mask`` is one of "none", "bool", "float",
@@ -129,13 +142,7 @@ class Case:
                 parts.append(flag)
         if self.scale is not None:
             parts.append(f"scale{self.scale}")
-        if self.window is not None:
-            parts.append(f"window{self.window[0]},{self.window[1]}")
-        if self.softcap is not None:
-            parts.append(f"softcap{self.softcap}")
-        if self.alibi != "none":
-            parts.append(f"alibi-{self.alibi}")
-        return "-".join(parts)
+        return "-".join(parts + structure_label(self.window, self.softcap, self.alibi))
 
 
 def default_cases(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16,
@@ -207,6 +214,25 @@ def alibi_slopes_for(heads: int, batch: Optional[int] = None,
     if batch is None:
         return slopes.float()
     return (slopes[None, :] * (0.5 + torch.rand(batch, 1, generator=generator))).float()
+
+
+def reduced_case(spec: Any, max_seq: int = 64, grad: bool = False) -> Case:
+    """A small conformance case standing for a real call (a ``CallSpec``): the
+    call's dtype, head dims, GQA ratio, layout, mask kinds, causal and lse, with
+    at most 2 batches, 4 query heads and ``max_seq`` positions; gradients
+    checked if ``grad``.  Used where "correct" must be checked cheaply for a
+    large call (autotune, bench)."""
+    ratio = spec.heads_q // spec.heads_kv
+    hq = max(ratio, min(spec.heads_q, 4))
+    mask = spec.mask_kind
+    if spec.key_padding:
+        mask = "padding" if mask == "none" else f"{mask}+padding"
+    return Case(batch=min(spec.batch, 2), heads_q=hq, heads_kv=hq // ratio,
+                seq_q=min(spec.seq_q, max_seq), seq_k=min(spec.seq_k, max_seq),
+                head_dim=spec.head_dim,
+                head_dim_v=spec.head_dim_v if spec.head_dim_v != spec.head_dim else None,
+                dtype=spec.dtype, layout=spec.layout, mask=mask, causal=spec.causal,
+                lse=spec.return_lse, grad=grad)
 
 
 def make_inputs(case: Case, device: Any = "cpu", seed: int = 0) -> dict[str, Any]:

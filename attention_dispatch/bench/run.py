@@ -12,9 +12,11 @@ from typing import Any, Callable, Optional
 import torch
 
 from .. import testing
+from .._decision import Decision
 from .._dispatch import attention, explain
 from .._errors import BackendUnavailable
-from .cases import DTYPES, BenchCase
+from .._spec import CallSpec
+from .cases import BenchCase
 
 Row = dict[str, Any]
 
@@ -56,16 +58,10 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device,
     return {n: pick(s) for n, s in samples.items()}
 
 
-def correctness(case: BenchCase, backend: str, device: torch.device) -> tuple[bool, str]:
-    """The contract's accuracy rule on a reduced copy of the case (same dtype,
+def correctness(spec: CallSpec, backend: str, device: torch.device) -> tuple[bool, str]:
+    """The contract's accuracy rule on a reduced copy of the call (same dtype,
     head dim, GQA ratio, mask kind, causal and mode; at most 2 x 4 heads x 256)."""
-    ratio = case.heads_q // case.heads_kv
-    hq = max(ratio, min(case.heads_q, 4))
-    small = testing.Case(
-        batch=min(case.batch, 2), heads_q=hq, heads_kv=hq // ratio,
-        seq_q=min(case.seq_q, 256), seq_k=min(case.seq_k, 256), head_dim=case.head_dim,
-        dtype=DTYPES[case.dtype], causal=case.causal, grad=case.mode == "fwd+bwd",
-        mask={"none": "none", "padding": "padding", "bool": "bool"}[case.mask])
+    small = testing.reduced_case(spec, max_seq=256, grad=spec.requires_grad)
     try:
         res = testing.check_backend(backend, small, device)
     except AssertionError as exc:
@@ -104,18 +100,19 @@ def first_call(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
     return {"first_call_ms": round(first, 3), "peak_mb": peak}
 
 
-def accepted(case: BenchCase, backends: list[str], device: torch.device) -> tuple[list[str], str]:
-    """Backends of ``backends`` that accept the case, and auto's choice."""
-    d = explain(**case.inputs(device, requires_grad=case.mode == "fwd+bwd"))
+def accepted(kw: dict[str, Any], backends: list[str]) -> tuple[list[str], Decision]:
+    """Backends of ``backends`` that accept the call ``kw``, and auto's decision."""
+    d = explain(**kw)
     ok = {v.name for v in d.verdicts if not v.reasons}
-    return [b for b in backends if b in ok], d.backend or ""
+    return [b for b in backends if b in ok], d
 
 
 def run_case(case: BenchCase, backends: list[str], device: torch.device, check: bool,
              meta: dict[str, Any]) -> list[Row]:
     """Every accepting backend and auto on one case; auto_over_best on every row."""
-    names, chosen = accepted(case, backends, device)
     kw = case.inputs(device, requires_grad=case.mode == "fwd+bwd")
+    names, decision = accepted(kw, backends)
+    chosen = decision.backend or ""
     rows: dict[str, Row] = {}
     fns = {}
     for name in names + ["auto"]:
@@ -125,7 +122,8 @@ def run_case(case: BenchCase, backends: list[str], device: torch.device, check: 
         try:
             fn = _call(case, kw, name)
             row.update(first_call(fn, device))
-            ok, detail = correctness(case, row["chosen"], device) if check else (True, "not checked")
+            ok, detail = (correctness(decision.spec, row["chosen"], device) if check
+                          else (True, "not checked"))
             row.update(correct=ok, check=detail)
             fns[name] = fn
         except (BackendUnavailable, RuntimeError) as exc:
