@@ -41,12 +41,17 @@ INF = float("inf")
 
 
 def fake_attention_one(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool,
-                       empty_lse: float, dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+                       empty_lse: float, dropout_p: float = 0.0,
+                       window: tuple = (None, None), softcap: float = 0.0
+                       ) -> tuple[Tensor, Tensor]:
     """One sequence, kernel layout: q (Sq, Hq, D), k (Sk, Hkv, D), v (Sk, Hkv, Dv).
 
     Returns out (Sq, Hq, Dv) float64 and lse (Hq, Sq) float64.  Causal is
     bottom-right (query i sees key j iff j <= i + Sk - Sq); query head h reads kv
     head h // (Hq // Hkv); rows with no key give out 0 and lse ``empty_lse``.
+    FA4's window_size (left, right), None = unbounded: key j is allowed iff
+    i + Sk - Sq - left <= j <= i + Sk - Sq + right; causal sets right to 0.
+    softcap > 0: scores -> softcap * tanh(scores / softcap) (after the scale).
     """
     sq, hq, sk = q.shape[0], q.shape[1], k.shape[0]
     if sk == 0:
@@ -55,9 +60,16 @@ def fake_attention_one(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bo
     heads = torch.arange(hq) // (hq // k.shape[1])
     kd, vd = k.double()[:, heads], v.double()[:, heads]
     s = torch.einsum("ihd,jhd->hij", q.double(), kd) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    left, right = window
+    right = 0 if causal else right
+    rel = torch.arange(sk)[None, :] - (torch.arange(sq)[:, None] + (sk - sq))
     allowed = torch.ones(sq, sk, dtype=torch.bool)
-    if causal:
-        allowed = torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + (sk - sq)
+    if right is not None:
+        allowed &= rel <= right
+    if left is not None:
+        allowed &= rel >= -left
     s = s.masked_fill(~allowed, -INF)
     alive = allowed.any(-1)[None, :].expand(hq, sq)
     m = torch.where(alive, s.amax(-1), torch.zeros(())).detach()
@@ -89,10 +101,12 @@ class Recorder:
 
 
 def _dense(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], causal: bool,
-           empty_lse: float, dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+           empty_lse: float, dropout_p: float = 0.0, **structured: Any
+           ) -> tuple[Tensor, Tensor]:
     """Batched bshd: q (B, Sq, Hq, D) -> out (B, Sq, Hq, Dv) in q.dtype, lse (B, Hq, Sq) f32."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    res = [fake_attention_one(q[b], k[b], v[b], scale, causal, empty_lse, dropout_p)
+    res = [fake_attention_one(q[b], k[b], v[b], scale, causal, empty_lse, dropout_p,
+                              **structured)
            for b in range(q.shape[0])]
     return (torch.stack([o for o, _ in res]).to(q.dtype),
             torch.stack([lse for _, lse in res]).float())
@@ -113,7 +127,7 @@ def _segments(cu: Optional[Tensor], used: Optional[Tensor], n: int, b: int,
 
 def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], cu_k: Optional[Tensor],
             used_k: Optional[Tensor], scale: Optional[float], causal: bool, empty_lse: float,
-            dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+            dropout_p: float = 0.0, **structured: Any) -> tuple[Tensor, Tensor]:
     """Per-sequence attention: every row's causal aligned to its own lengths.
 
     q is packed (total_q, H, D) when cu_q is given, else dense (B, Sq, H, D);
@@ -129,7 +143,7 @@ def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], cu_k: Optio
     outs, lses = [], []
     for (qs, qe), (ks, ke) in zip(segq, segk):
         o, lse = fake_attention_one(qf[qs:qe], kf[ks:ke], vf[ks:ke], scale, causal, empty_lse,
-                                    dropout_p)
+                                    dropout_p, **structured)
         outs.append(o)
         lses.append(lse)
     out = torch.cat(outs).to(q.dtype)
@@ -238,8 +252,10 @@ class FakeFA4(Recorder):
                         return_lse=False, gather_bwd_recompute_p=False,
                         gather_bwd_token_chunk=None) -> Any:
         self.record("flash_attn_func", (q, k, v), dict(softmax_scale=softmax_scale, causal=causal,
-                                                       return_lse=return_lse))
-        out, lse = _dense(q, k, v, softmax_scale, causal, -INF)
+                                                       return_lse=return_lse,
+                                                       window_size=window_size, softcap=softcap))
+        out, lse = _dense(q, k, v, softmax_scale, causal, -INF, window=window_size,
+                          softcap=softcap)
         return out, (lse if return_lse else None)
 
     def flash_attn_varlen_func(self, q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None,
@@ -256,9 +272,9 @@ class FakeFA4(Recorder):
         self.record("flash_attn_varlen_func", (q, k, v),
                     dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                          seqused_k=seqused_k, softmax_scale=softmax_scale, causal=causal,
-                         return_lse=return_lse))
+                         return_lse=return_lse, window_size=window_size, softcap=softcap))
         out, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softmax_scale, causal,
-                           -INF)
+                           -INF, window=window_size, softcap=softcap)
         return out, (lse if return_lse else None)
 
     def modules(self) -> dict[str, types.ModuleType]:
@@ -586,6 +602,11 @@ def _reasons(**kw: Any) -> list[str]:
     ("fa2", dict(dropout_p=0.1, return_lse=True), "FA2 returns the LSE only through"),
     ("fa3", dict(shape=dict(dv=32)), "head_dim_v=32 != head_dim=16; FA3 path allowed"),
     ("fa2", dict(shape=dict(dv=32)), "head_dim_v=32 != head_dim=16; FA2 allowed"),
+    ("fa3", dict(window=(2, 2)), "window=(2, 2); the FA3 path takes no window (FA4 does)"),
+    ("fa2", dict(softcap=5.0), "softcap=5.0; the FA2 path takes no softcap (FA4 does)"),
+    ("fa4", dict(window=(2, 0), key_padding_mask=padding_mask([10, 4], 10)),
+     "window with key_padding_mask: the kernel aligns the window"),
+    ("fa4", dict(alibi_slopes=torch.ones(4)), "alibi_slopes given; allowed: no ALiBi"),
 ])
 def test_refusal_reasons(flash_env: Callable, api: str, kw: dict, expect: str) -> None:
     flash_env(API_FAKES[api]())
@@ -613,6 +634,53 @@ def test_newest_api_that_accepts_is_chosen(flash_env: Callable) -> None:
     assert backend.chosen_api(spec) == "FA2, flash_attn"
     backend = flash_env(fa4, fa3, fa2, cc=(8, 0))  # FA4 and FA3 unusable on sm80
     assert backend.chosen_api(ad.explain(q, k, v, layout="bshd").spec) == "FA2, flash_attn"
+
+
+# ----------------------------------------------------------------- window and softcap
+
+
+@pytest.mark.parametrize("window, causal, fa4", [
+    ((3, 2), False, (3, 2)), ((4, -1), True, (4, None)), ((-1, 2), False, (None, 2)),
+    ((0, 0), False, (0, 0)),
+])
+def test_fa4_window_translation(flash_env: Callable, window: tuple, causal: bool,
+                                fa4: tuple) -> None:
+    fake = FakeFA4()
+    flash_env(fake)
+    q, k, v = make_qkv(sq=7, sk=19)
+    out = ad.attention(q, k, v, layout="bshd", backend="flash-attn", window=window,
+                       causal=causal, softcap=2.5)
+    assert fake.last[2]["window_size"] == fa4 and fake.last[2]["softcap"] == 2.5
+    assert fake.last[2]["causal"] is causal
+    want = reference(q, k, v, "bshd", window=window, causal=causal, softcap=2.5)[0]
+    assert_close(out.transpose(1, 2), want)
+
+
+def test_fa4_softcap_with_key_padding_uses_seqused(flash_env: Callable) -> None:
+    fake = FakeFA4()
+    flash_env(fake)
+    q, k, v = make_qkv()
+    kpm = padding_mask([10, 4], 10)
+    out = ad.attention(q, k, v, layout="bshd", backend="flash-attn", softcap=3.0,
+                       key_padding_mask=kpm)
+    name, _, kw = fake.last
+    assert name == "flash_attn_varlen_func" and kw["softcap"] == 3.0
+    want = reference(q, k, v, "bshd", key_padding_mask=kpm, softcap=3.0)[0]
+    assert_close(out.transpose(1, 2), want)
+
+
+def test_structured_cases_through_fake_fa4(flash_env: Callable) -> None:
+    """Every structured case FA4 accepts (window, softcap, with GQA, causal,
+    empty rows, lse, gradients) meets the accuracy rule through the fake."""
+    flash_env(FakeFA4())
+    passed = 0
+    for case in testing.structured_cases(dtypes=(torch.float16,)):
+        try:
+            testing.check_backend("flash-attn", case, device="cpu")
+            passed += 1
+        except ad.BackendUnavailable:
+            pass
+    assert passed >= 15, passed
 
 
 # ----------------------------------------------------------------- the conformance matrix

@@ -255,8 +255,18 @@ def _fa4_call_reasons(spec: CallSpec, cc: CC) -> list[str]:
     return out
 
 
-def _fa3_call_reasons(spec: CallSpec, cc: CC) -> list[str]:
+def _structured_reasons(label: str, spec: CallSpec) -> list[str]:
+    """FA3/FA2: window and softcap are taken on the FA4 path only."""
     out = []
+    if spec.window is not None:
+        out.append(f"window={spec.window}; the {label} path takes no window (FA4 does)")
+    if spec.softcap is not None:
+        out.append(f"softcap={spec.softcap}; the {label} path takes no softcap (FA4 does)")
+    return out
+
+
+def _fa3_call_reasons(spec: CallSpec, cc: CC) -> list[str]:
+    out = _structured_reasons("FA3", spec)
     if spec.dropout:
         out.append("dropout_p > 0; FA3 has no dropout")
     if spec.head_dim != spec.head_dim_v:
@@ -266,7 +276,7 @@ def _fa3_call_reasons(spec: CallSpec, cc: CC) -> list[str]:
 
 
 def _fa2_call_reasons(spec: CallSpec, cc: CC) -> list[str]:
-    out = []
+    out = _structured_reasons("FA2", spec)
     d = spec.head_dim
     if d != spec.head_dim_v:
         out.append(f"head_dim_v={spec.head_dim_v} != head_dim={d}; FA2 allowed: equal head dims")
@@ -297,16 +307,34 @@ def _fa3_lse_kwargs(fn: Any, need_lse: bool) -> dict[str, Any]:
     return {"return_attn_probs": True} if need_lse and "return_attn_probs" in _params(fn) else {}
 
 
+def fa4_structured(window: Optional[tuple[int, int]], softcap: Optional[float]
+                   ) -> dict[str, Any]:
+    """FA4 keyword arguments for the contract's window and softcap.
+
+    The contract's -1 (unbounded side) is FA4's None; FA4 aligns the window
+    bottom-right (j - (i + Sk - Sq) in [-left, right]) as the contract does,
+    and with causal caps the right side at 0, as the contract does.
+    """
+    kw: dict[str, Any] = {}
+    if window is not None:
+        kw["window_size"] = tuple(None if w < 0 else w for w in window)
+    if softcap is not None:
+        kw["softcap"] = softcap
+    return kw
+
+
 def call_dense(api: FlashApi, mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, *,
-               causal: bool, dropout_p: float, scale: float, need_lse: bool
-               ) -> tuple[Tensor, Optional[Tensor]]:
+               causal: bool, dropout_p: float, scale: float, need_lse: bool,
+               fa4_kw: Optional[dict[str, Any]] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Run ``api`` on bshd q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv).
 
+    ``fa4_kw``: window / softcap arguments (FA4 only; see :func:`fa4_structured`).
     Returns out (B, Sq, Hq, Dv) and the kernel's lse (B, Hq, Sq) or None.
     """
     fn = mod.flash_attn_func
     if api is FA4:
-        return _split(fn(q, k, v, softmax_scale=scale, causal=causal, return_lse=need_lse))
+        return _split(fn(q, k, v, softmax_scale=scale, causal=causal, return_lse=need_lse,
+                         **(fa4_kw or {})))
     if api is FA3:
         return _split(fn(q, k, v, softmax_scale=scale, causal=causal,
                          **_fa3_lse_kwargs(fn, need_lse)))
@@ -315,13 +343,17 @@ def call_dense(api: FlashApi, mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, 
 
 
 def call_seqused(mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, *,
-                 causal: bool, scale: float, need_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
+                 causal: bool, scale: float, need_lse: bool,
+                 fa4_kw: Optional[dict[str, Any]] = None) -> tuple[Tensor, Optional[Tensor]]:
     """FA4 with key lengths: bshd q, k/v whose first ``lengths[b]`` keys are real.
 
+    ``fa4_kw``: softcap only (a window would be aligned to each row's real key
+    count; the backend refuses window with key padding).
     Returns out (B, Sq, Hq, Dv) and lse (B, Hq, Sq) or None.
     """
     return _split(mod.flash_attn_varlen_func(q, k, v, seqused_k=lengths, softmax_scale=scale,
-                                             causal=causal, return_lse=need_lse))
+                                             causal=causal, return_lse=need_lse,
+                                             **(fa4_kw or {})))
 
 
 def call_varlen(api: FlashApi, mod: ModuleType, q: Tensor, k: Tensor, v: Tensor,

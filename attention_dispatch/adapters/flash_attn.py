@@ -19,6 +19,10 @@ Translation of the contract:
   reshaped back to (B, Sq, H, Dv).  Causal with key padding (Sq > 1) is refused:
   varlen kernels align causal to each row's real key count, the contract to the
   padded Sk.
+* window / softcap: FA4 only (``window_size`` with -1 as None, ``softcap``),
+  both bottom-right and capped by causal as in the contract.  A window with
+  key padding is refused (the kernel would align it to each row's real key
+  count, like causal below).
 * refused: dense bool/float masks, float32/float64, dropout on FA3/FA4, head
   dims a kernel lacks, Dv != D on FA3/FA2, LSE with dropout on FA2.
 * rows with no allowed key are zeroed by the dispatcher (FA2 writes lse=+inf).
@@ -26,7 +30,8 @@ Translation of the contract:
 Equivalent math (what every path computes)::
 
     s = scale * q @ k.T                       # (B, Hq, Sq, Sk), kv head h // (Hq // Hkv)
-    s[~(key_padding & causal_bottom_right)] = -inf
+    s = softcap * tanh(s / softcap)           # if softcap
+    s[~(key_padding & causal_bottom_right & window)] = -inf
     out = dropout(softmax(s)) @ v;  lse = logsumexp(s, -1)
 """
 
@@ -50,6 +55,9 @@ from ._varlen import (CAUSAL_PADDING_REASON, causal_differs_with_padding, cu_seq
 
 Tensor = torch.Tensor
 Choice = tuple[FlashApi, ModuleType]
+WINDOW_PADDING_REASON = (
+    "window with key_padding_mask: the kernel aligns the window to each row's real key "
+    "count, the contract to the padded Sk; allowed: a window without key padding")
 _MAX_CHOICES = 4096
 
 
@@ -94,6 +102,8 @@ class FlashAttnBackend(Backend):
         min_compute_capability=(8, 0),
         mask_kinds=frozenset(),
         native_layout="bshd",
+        window=True,   # FA4 path; see call reasons
+        softcap=True,  # FA4 path
     )
 
     def __init__(self) -> None:
@@ -135,6 +145,8 @@ class FlashAttnBackend(Backend):
             res: tuple[Optional[Choice], list[str]] = (None, self.probe(spec.device))
         elif causal_differs_with_padding(spec.causal, spec.seq_q, spec.key_padding):
             res = (None, [CAUSAL_PADDING_REASON])
+        elif spec.window is not None and spec.key_padding:
+            res = (None, [WINDOW_PADDING_REASON])
         else:
             res = (None, [])
             for api, mod in st.usable:
@@ -185,6 +197,8 @@ class FlashAttnBackend(Backend):
         qs, ks, vs = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         causal = spec.causal and spec.seq_q > 1
         kw = dict(causal=causal, scale=scale, need_lse=spec.return_lse)
+        if spec.window is not None or spec.softcap is not None:
+            kw["fa4_kw"] = api_mod.fa4_structured(spec.window, spec.softcap)
         if key_padding_mask is None:
             out, lse = api_mod.call_dense(api, mod, qs, ks, vs, dropout_p=dropout_p, **kw)
         elif api is FA4:
