@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
+import shlex
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ import torch
 
 import attention_dispatch as ad
 from attention_dispatch import _autotune
+from attention_dispatch.bench import run as bench_run
 from attention_dispatch.bench.cases import BenchCase
 from attention_dispatch.cli import main
 
@@ -73,8 +77,6 @@ def test_autotune_fills_and_reuses_cache(cache_home: Path, monkeypatch: pytest.M
     # a new process state: decisions come from the file, nothing is timed again
     ad.clear_cache()
     _autotune._memory.clear()
-    from attention_dispatch.bench import run as bench_run
-
     monkeypatch.setattr(bench_run, "time_interleaved", lambda *a, **k: pytest.fail("re-timed"))
     out2 = ad.attention(q, q, q, causal=True)
     torch.testing.assert_close(out, out2)
@@ -109,3 +111,119 @@ def test_cache_write_is_atomic_and_merges(cache_home: Path) -> None:
     assert set(data["decisions"]) == {"a", "b"}
     leftovers = list((cache_home / "attention-dispatch").glob(".autotune-*"))
     assert not leftovers
+
+
+# --resume, --max-seconds and the per-case checkpoint, on a tiny grid
+
+TINY = ["bench", "--device", "cpu", "--dtype", "fp32", "--causal", "false", "--backends", "math",
+        "--shapes", "1,2,64,16;1,2,128,16;1,2,32,16"]
+TINY_CASES = 3
+
+
+@pytest.fixture()
+def fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short timing budget per case: these tests are about the files, not the times."""
+    monkeypatch.setattr(bench_run, "time_interleaved",
+                        functools.partial(bench_run.time_interleaved, budget_s=0.01, max_reps=3))
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def _assert_complete(out: Path) -> list[dict]:
+    data = _results(out)
+    rows = data["rows"]
+    assert data["complete"] is True
+    assert data["cases_done"] == data["cases_total"] == TINY_CASES
+    per_row = Counter((r["case"], r["backend"]) for r in rows)
+    assert set(per_row.values()) == {1}, per_row  # every case and backend exactly once
+    assert len({r["case"] for r in rows}) == TINY_CASES
+    assert {r["backend"] for r in rows} == {"math", "auto"}
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.glob(".results.*"))  # no temporary file left behind
+    return rows
+
+
+def test_max_seconds_stops_early_and_resume_completes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], fast: None) -> None:
+    # the first case of a session always runs; a tiny limit stops before the second
+    assert main(TINY + ["--out", str(tmp_path), "--max-seconds", "0.001"]) == 0
+    data = _results(tmp_path)
+    assert data["complete"] is False
+    assert (data["cases_done"], data["cases_total"]) == (1, TINY_CASES)
+    first = data["rows"]
+    assert len({r["case"] for r in first}) == 1
+    out = capsys.readouterr().out
+    assert f"partial: 1/{TINY_CASES} cases done, {TINY_CASES - 1} remain" in out
+    # the printed command continues the run, one case per session here
+    command = shlex.split(out.split("continue with:")[1].strip().splitlines()[0])
+    assert command[:2] == ["attention-dispatch", "bench"] and "--resume" in command
+    for done in range(2, TINY_CASES + 1):
+        assert main(command[1:]) == 0
+        assert _results(tmp_path)["cases_done"] == done
+    assert "resume: 2/3 cases already in" in capsys.readouterr().out
+    rows = _assert_complete(tmp_path)
+    assert rows[:len(first)] == first  # earlier rows kept as they were, not run again
+    # a complete grid resumed runs nothing and keeps every row
+    assert main(TINY + ["--out", str(tmp_path), "--resume"]) == 0
+    assert _assert_complete(tmp_path) == rows
+
+
+def test_checkpoint_after_every_case(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     fast: None) -> None:
+    seen: list = []
+    run_case = bench_run.run_case
+
+    def spy(*args: object, **kw: object) -> list:
+        path = tmp_path / "results.json"
+        seen.append(json.loads(path.read_text()) if path.exists() else None)
+        assert not (tmp_path / "results.png").exists()  # the plot only at the end
+        return run_case(*args, **kw)
+
+    monkeypatch.setattr(bench_run, "run_case", spy)
+    assert main(TINY + ["--out", str(tmp_path)]) == 0
+    assert seen[0] is None
+    for i, data in enumerate(seen[1:], start=1):
+        assert data["complete"] is False and data["cases_done"] == i
+        assert len({r["case"] for r in data["rows"]}) == i
+    _assert_complete(tmp_path)
+
+
+def test_killed_run_resumes_from_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            fast: None) -> None:
+    run_case = bench_run.run_case
+    calls = []
+
+    def dies_on_second(*args: object, **kw: object) -> list:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process is stopped in the middle of a case
+        return run_case(*args, **kw)
+
+    monkeypatch.setattr(bench_run, "run_case", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        main(TINY + ["--out", str(tmp_path)])
+    data = _results(tmp_path)
+    assert data["complete"] is False and data["cases_done"] == 1
+    monkeypatch.setattr(bench_run, "run_case", run_case)
+    assert main(TINY + ["--out", str(tmp_path), "--resume"]) == 0
+    _assert_complete(tmp_path)
+    # without --resume the earlier results are replaced
+    assert main(TINY[:-1] + ["1,2,32,16", "--out", str(tmp_path)]) == 0
+    data = _results(tmp_path)
+    assert data["complete"] is True and data["cases_total"] == 1
+    assert {r["case"] for r in data["rows"]} == {"fp32 B1 H2 q32 k32 d16 fwd"}
+
+
+def test_resume_and_max_seconds_arguments(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(TINY + ["--max-seconds", "-1"])
+    assert exc.value.code == 2
+    assert "--max-seconds" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text("{")
+    with pytest.raises(SystemExit, match="--resume: cannot read"):
+        main(TINY + ["--out", str(tmp_path), "--resume"])

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
-from typing import Any, Iterable
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Iterable, Mapping, Union
 
 import torch
 
@@ -65,6 +65,16 @@ class BenchCase:
             kw["mask"] = (torch.rand(self.batch, 1, self.seq_q, self.seq_k, generator=g) > 0.1
                           ).to(device)
         return kw
+
+
+CaseKey = tuple[Any, ...]
+
+
+def case_key(case: Union[BenchCase, Mapping[str, Any]]) -> CaseKey:
+    """A case's identity: the values of its BenchCase fields.  Bench rows carry
+    the same fields, so a row maps to the case it was measured on."""
+    values = asdict(case) if isinstance(case, BenchCase) else case
+    return tuple(values.get(f.name) for f in fields(BenchCase))
 
 
 def _tokens_grid(tokens: int, seqs: Iterable[int], heads: int, dims: Iterable[int]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+import shlex
+import sys
+import time
+from typing import Any, Optional
 
 import torch
 
@@ -13,8 +16,8 @@ from .._dispatch import attention, clear_cache, explain
 from .._registry import list_backends
 from .._select import normalize
 from . import report
-from .cases import DTYPES, MASKS, MODES, BenchCase, parse_shapes
-from .run import run
+from .cases import DTYPES, MASKS, MODES, BenchCase, case_key, parse_shapes
+from .run import Row, run
 
 
 def add_parser(sub: Any) -> None:
@@ -30,6 +33,10 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--quick", action="store_true", help="the quick preset (< 60 s on a CPU)")
     b.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     b.add_argument("--out", default="bench-results", help="folder for JSON, CSV and PNG")
+    b.add_argument("--resume", action="store_true",
+                   help="keep the rows of DIR/results.json and run only the missing cases")
+    b.add_argument("--max-seconds", type=_seconds, default=0.0, metavar="S",
+                   help="start no new case after S seconds (0: no limit); --resume continues")
     r = sub.add_parser("rank", help="print the auto ranking that bench results imply")
     r.add_argument("results", help="a results.json written by bench")
     t = sub.add_parser("tune", help="fill the autotune cache ahead of time")
@@ -42,6 +49,16 @@ def add_parser(sub: Any) -> None:
     t.add_argument("--mode", default="fwd")
     c = sub.add_parser("cache", help="show or clear the autotune cache")
     c.add_argument("action", choices=["show", "clear"])
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0; got {text!r}")
+    return value
 
 
 def _list(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
@@ -59,16 +76,68 @@ def _cases(a: argparse.Namespace, shapes: str) -> list[BenchCase]:
                         a.kv_heads, torch.device(a.device))
 
 
+def _previous_rows(a: argparse.Namespace, env: dict[str, Any]) -> list[Row]:
+    """With --resume, the rows of the results.json under --out (none without one)."""
+    if not a.resume:
+        return []
+    data = report.load(a.out)
+    if data is None:
+        print(f"resume: no results.json under {a.out}; running every case")
+        return []
+    old = data.get("environment") or {}
+    changed = [k for k in ("device", "device_name", "torch", "cuda", "flash_attn_4", "flash_attn",
+                           "xformers", "attention_dispatch") if old.get(k) != env.get(k)]
+    if changed:
+        print(f"resume: the earlier rows come from a different {', '.join(changed)}",
+              file=sys.stderr)
+    return list(data["rows"])
+
+
+def _state(cases: list[BenchCase], rows: list[Row]) -> dict[str, Any]:
+    have = {case_key(r) for r in rows}
+    return report.status(sum(case_key(c) in have for c in cases), len(cases))
+
+
+def _resume_command(a: argparse.Namespace) -> str:
+    """The command line that continues this run."""
+    opts = [("--device", a.device), ("--dtype", a.dtype), ("--shapes", a.shapes),
+            ("--kv-heads", str(a.kv_heads) if a.kv_heads else None), ("--causal", a.causal), ("--mask", a.mask),
+            ("--mode", a.mode), ("--backends", a.backends), ("--out", a.out)]
+    parts = ["attention-dispatch", "bench"] + [x for flag, v in opts if v for x in (flag, v)]
+    parts += ["--quick"] * a.quick + ["--no-check"] * a.no_check + ["--resume"]
+    if a.max_seconds:
+        parts += ["--max-seconds", f"{a.max_seconds:g}"]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
+    deadline: Optional[float] = time.monotonic() + a.max_seconds if a.max_seconds else None
     device = torch.device(a.device)
     cases = _cases(a, "quick" if a.quick else a.shapes)
     backends = list(normalize("--backends", a.backends)) if a.backends else list_backends()
     env = report.environment(device)
-    rows = run(cases, [b for b in backends if b != "auto"], device, check=not a.no_check, meta=env)
+    rows = _previous_rows(a, env)
+    done = {case_key(r) for r in rows}
+    pending = [c for c in cases if case_key(c) not in done]
+    if a.resume and rows:
+        print(f"resume: {len(cases) - len(pending)}/{len(cases)} cases already in "
+              f"{a.out}, {len(pending)} to run")
+
+    def checkpoint(new: list[Row]) -> None:
+        rows.extend(new)
+        report.write(rows, a.out, env, _state(cases, rows), png=False)
+
+    run(pending, [b for b in backends if b != "auto"], device, check=not a.no_check, meta=env,
+        on_case=checkpoint, deadline=deadline)
+    state = _state(cases, rows)
     print(report.table(rows))
     print(report.summary(rows))
-    paths = report.write(rows, a.out, env)
+    paths = report.write(rows, a.out, env, state)
     print("wrote " + ", ".join(paths.values()))
+    if not state["complete"]:
+        print(f"partial: {state['cases_done']}/{state['cases_total']} cases done, "
+              f"{state['cases_total'] - state['cases_done']} remain (--max-seconds "
+              f"{a.max_seconds:g}); continue with:\n  {_resume_command(a)}")
     return 0 if all(r.get("correct") is not False for r in rows) else 1
 
 

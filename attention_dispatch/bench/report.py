@@ -8,8 +8,9 @@ import os
 import platform
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from importlib import metadata
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -61,19 +62,59 @@ def summary(rows: list[Row]) -> str:
             f"{bad} incorrect rows")
 
 
-def write(rows: list[Row], out_dir: str, env: dict[str, Any]) -> dict[str, str]:
-    """results.json, results.csv and results.png under ``out_dir``."""
+def status(cases_done: int, cases_total: int) -> dict[str, Any]:
+    """The grid's state, stored at the top of results.json."""
+    return {"complete": cases_done >= cases_total, "cases_done": cases_done,
+            "cases_total": cases_total}
+
+
+@contextmanager
+def _replacing(path: str) -> Iterator[str]:
+    """A temporary path beside ``path``, moved over it once the block succeeds:
+    readers see the old file or the new one, never a partial one."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write(rows: list[Row], out_dir: str, env: dict[str, Any],
+          state: Optional[dict[str, Any]] = None, png: bool = True) -> dict[str, str]:
+    """results.json, results.csv and (unless ``png`` is false) results.png under
+    ``out_dir``, each replaced atomically; ``state`` (see status) goes into the JSON."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f"results.{k}") for k in ("json", "csv", "png")}
-    with open(paths["json"], "w") as f:
-        json.dump({"environment": env, "rows": rows}, f, indent=1)
+    with _replacing(paths["json"]) as tmp, open(tmp, "w") as f:
+        json.dump({"environment": env, **(state or {}), "rows": rows}, f, indent=1)
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(paths["csv"], "w", newline="") as f:
+    with _replacing(paths["csv"]) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    plot(rows, paths["png"], env)
+    if not png:
+        return {k: p for k, p in paths.items() if k != "png"}
+    with _replacing(paths["png"]) as tmp:
+        plot(rows, tmp, env)
     return paths
+
+
+def load(out_dir: str) -> Optional[dict[str, Any]]:
+    """The results.json that bench wrote under ``out_dir``; None when there is none."""
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--resume: cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise SystemExit(f"--resume: {path} is not a results file written by bench")
+    return data
 
 
 def plot(rows: list[Row], path: str, env: dict[str, Any]) -> None:
@@ -107,7 +148,7 @@ def plot(rows: list[Row], path: str, env: dict[str, Any]) -> None:
         ax.axis("off")
     fig.suptitle(f"{env['device_name']} torch {env['torch']} {env['date']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, format="png")
     plt.close(fig)
 
 
