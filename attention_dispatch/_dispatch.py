@@ -370,7 +370,8 @@ def _run(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
             plan, out, lse = _fallback(plan, exc, q, k, v, mask, key_padding_mask,
                                        alibi_slopes)
         if plan.fix_rows:
-            out, lse = zero_empty_rows(out, lse, alive_rows(spec, mask, key_padding_mask))
+            out, lse = zero_empty_rows(out, lse, alive_rows(spec, mask, key_padding_mask),
+                                       (q, k, v))
     if layout == "bshd":
         out = out.transpose(1, 2)
     if return_lse:

@@ -131,19 +131,42 @@ def alive_rows(spec: CallSpec, mask: Optional[Tensor],
     return keep.any(-1)
 
 
-def zero_empty_rows(out: Tensor, lse: Optional[Tensor], alive: Optional[Tensor]
-                    ) -> tuple[Tensor, Optional[Tensor]]:
+def zero_empty_rows(out: Tensor, lse: Optional[Tensor], alive: Optional[Tensor],
+                    inputs: tuple[Tensor, ...] = ()) -> tuple[Tensor, Optional[Tensor]]:
     """out (B, Hq, Sq, Dv) -> 0 and lse -> -inf where ``alive`` is False.
 
     The gradient of the zeroed rows is zero, so a kernel's garbage there never
-    reaches q, k or v.
+    reaches q, k or v.  Without autograd the kernel's own output buffer is
+    zeroed in place (unless it shares memory with one of ``inputs``); with autograd a copy is made only when some row is dead
+    (one tiny reduction read back, skipped while a CUDA graph is captured or
+    a graph is traced), so a padded batch without dead rows costs no second
+    output-sized buffer.
     """
     if alive is None:
         return out, lse
-    out = out.masked_fill(~alive.unsqueeze(-1), 0.0)
+    dead = ~alive
     if lse is not None:
-        lse = lse.masked_fill(~alive, float("-inf"))
-    return out, lse
+        lse = lse.masked_fill(dead, float("-inf"))
+    if not out.requires_grad and _owned(out, inputs):
+        return out.masked_fill_(dead.unsqueeze(-1), 0.0), lse
+    if _may_read_back(out) and not bool(dead.any()):
+        return out, lse
+    return out.masked_fill(dead.unsqueeze(-1), 0.0), lse
+
+
+def _owned(out: Tensor, inputs: tuple[Tensor, ...]) -> bool:
+    """Whether ``out`` may be written in place: eager, and no input shares its memory."""
+    if torch.compiler.is_compiling():
+        return False
+    ptr = out.untyped_storage().data_ptr()
+    return all(t.untyped_storage().data_ptr() != ptr for t in inputs)
+
+
+def _may_read_back(t: Tensor) -> bool:
+    """Whether a host read of a value on ``t``'s device is allowed now."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def expand_kv(t: Tensor, heads_q: int) -> Tensor:

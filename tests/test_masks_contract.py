@@ -432,3 +432,24 @@ def test_kernels_without_mask_gradient_refuse_a_learned_bias():
     assert cudnn.supports(spec("cuda", requires_grad=True)) == []
     # the memory-efficient kernel differentiates its bias
     assert ad.get_backend("sdpa-mem-efficient").supports(spec("cuda", **grad)) == []
+
+
+# ----------------------------------------------------------------- empty-row fix: no extra buffer
+
+
+def test_zero_empty_rows_reuses_the_output_when_it_can() -> None:
+    from attention_dispatch._masks import zero_empty_rows
+
+    alive = torch.tensor([True, False])[:, None, None]  # (B, 1, 1): batch row 1 dead
+    out = torch.ones(2, 3, 4, 5)
+    got, _ = zero_empty_rows(out, None, alive)
+    assert got is out and got[1].abs().sum() == 0 and got[0].eq(1).all()  # in place
+    v = torch.ones(2, 3, 4, 5)
+    got, _ = zero_empty_rows(v, None, alive, inputs=(v,))  # shares an input's memory
+    assert got is not v and v.eq(1).all() and got[1].abs().sum() == 0
+    g = torch.ones(2, 3, 4, 5, requires_grad=True) * 1.0
+    got, _ = zero_empty_rows(g, None, torch.ones(2, 1, 1, dtype=torch.bool))
+    assert got is g  # autograd, no dead row: nothing copied
+    got, lse = zero_empty_rows(g, torch.zeros(2, 3, 4), alive)
+    assert got is not g and got[1].abs().sum() == 0 and torch.isneginf(lse[1]).all()
+    got.sum().backward()
