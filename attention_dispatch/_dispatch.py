@@ -199,7 +199,7 @@ def _fallback(plan: _Plan, exc: Exception, q: Tensor, k: Tensor, v: Tensor,
         if not _reliability.may_fall_back(exc):
             raise exc
         if "auto" not in plan.selection:
-            raise BackendRuntimeError(name, plan.selection) from exc
+            raise BackendRuntimeError(name, plan.selection, exc) from exc
         _reliability.demote(name, plan.spec, exc)
         with _lock:
             dropped = [k_ for k_, p in _plans.items() if p.backend is plan.backend

@@ -9,7 +9,7 @@ expected, what came, and where possible how to fix it.
 from __future__ import annotations
 
 import difflib
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 
 class AttentionDispatchError(Exception):
@@ -76,12 +76,16 @@ class BackendRuntimeError(AttentionDispatchError, RuntimeError):
     """A forced backend raised while running; the original error is chained
     (``__cause__``).  Selections that include "auto" fall back instead."""
 
-    def __init__(self, backend: str, selection: Sequence[str]) -> None:
+    def __init__(self, backend: str, selection: Sequence[str],
+                 cause: Optional[BaseException] = None) -> None:
         self.backend = backend
-        cause = "see the chained exception above"
+        what = "see the chained exception above"
+        if cause is not None:
+            first = (str(cause).strip().splitlines() or [""])[0][:200]
+            what = f"{type(cause).__name__}: {first}; traceback chained above"
         super().__init__(
             f"backend {backend!r} failed at run time and the selection {list(selection)} "
-            f"has no 'auto' to fall back to ({cause}). Fix: add 'auto' to the selection, "
+            f"has no 'auto' to fall back to ({what}). Fix: add 'auto' to the selection, "
             "or report the failure with `attention-dispatch info`.")
 
 

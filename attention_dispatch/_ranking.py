@@ -22,6 +22,10 @@ bench/gpu_bench.py (bf16, hdim 128, interleaved CUDA-event timing):
   padding): cuDNN beats FA4 - B=16 S=1024 fwd 0.36 vs 0.48 ms, causal 0.26 vs
   0.36 ms, fwd+bwd 1.36 vs 1.44 ms; B=4 S=4096 fwd 1.05 vs 1.10 ms, causal
   0.66 vs 0.75 ms (fwd+bwd at 4096: FA4 3.32 vs 3.54 ms, so long).
+  Refined from the full bench grid (``attention-dispatch bench --shapes default``,
+  H100, 2026-11-26, bf16 and fp16): forward at S=8192 with head dim 128 cuDNN
+  beats FA4 by 1-6 % (B=2, H=16: 1.02 vs 1.08 ms causal), so "short" reaches
+  8192 there; causal GQA forwards (32/8) go to FA4 from S=4096 (1.09 vs 1.25 ms).
 * "decode" (Sq == 1; B=32, Hq=32, Hkv=8, Sk=8192): sdpa-cudnn 484 us,
   sdpa-flash 496 us, sdpa-mem-efficient 526 us, FA4 598 us, xformers 771 us.
 """
@@ -62,11 +66,14 @@ def shape_class(spec: CallSpec) -> str:
     """"decode", "short" or "long" (see the module docstring)."""
     if spec.seq_q == 1:
         return "decode"
+    if spec.key_padding or spec.varlen:
+        return "long"
     longest = max(spec.seq_q, spec.seq_k)
-    if not spec.key_padding and not spec.varlen and (
-            longest <= 2048 or (longest <= 4096 and not spec.requires_grad)):
+    if longest <= 2048:
         return "short"
-    return "long"
+    if spec.requires_grad or (spec.causal and spec.heads_q != spec.heads_kv):
+        return "long"  # cuDNN's causal GQA forward reads expanded K/V
+    return "short" if longest <= (8192 if spec.head_dim >= 128 else 4096) else "long"
 
 
 def device_family(device: torch.device) -> str:

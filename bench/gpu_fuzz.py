@@ -7,7 +7,9 @@ from a pool of 1..300 (1, non-multiples of 8, powers of two and their
 neighbours: a small pool keeps compiled kernels reusable), D 64/128 (and some
 32/96), bf16/fp16, layout bhsd/bshd, masks (none, bool or float of a random
 broadcastable shape, -inf entries, fully masked rows, key padding prefix or
-scattered with an all-False batch row), causal, scale, return_lse, gradients.
+scattered with an all-False batch row), causal, scale, return_lse, gradients,
+a sliding window (p 0.2: left, right from {-1, 0, 1, 3, 16, 64}, not both -1;
+combined with causal, masks and padding) and a softcap (p 0.15: 5, 20 or 50).
 
 Per example the float64 reference (on the device, for speed) and the ``math``
 backend in the call's dtype run once; then every backend is checked with the
@@ -18,21 +20,46 @@ contract's accuracy rule, for the output, the lse and the gradients::
 with lse = -inf exactly where the reference has it.  All errors of one example
 are reduced on the device and read back with one synchronisation.
 
-A backend that refuses a call is counted as refused (with its reasons); one
-that accepts it and raises, or breaks the rule, is a violation.  The numeric
-canary is turned off (ATTENTION_DISPATCH_CANARY=0): the kernels themselves are
-under test.  Exit status 1 on any violation.
+A backend that refuses a call (e.g. a window or softcap it cannot express) is
+counted as refused (with its reasons); one that accepts it and raises, or
+breaks the rule, is a violation.  The numeric canary is turned off
+(ATTENTION_DISPATCH_CANARY=0): the kernels themselves are under test.  Exit
+status 1 on any violation.
 
-Time bounds (defaults keep a 20000-example run under 8 minutes whatever the
-kernels' compile times): ``--every flex:20`` runs backends that compile a kernel
+Compile time.  Backends that build a kernel per shape (sdpa-cudnn: a cuDNN
+graph; flash-attn: FA4's CuTe-DSL JIT, seconds per new configuration; flex:
+torch.compile) spend most of a run compiling, on one CPU core per process:
+
+* ``--workers N`` runs N worker processes (this script, seeds ``seed * 1000 + i``,
+  an equal share of ``--examples`` each, output in per-worker log files) on the
+  same device, so N compiles run at once; the parent merges their reports (counts,
+  seconds and refusal reasons summed, violations concatenated with their worker)
+  and prints one table.  A worker that exits without a report is a failure (its
+  stderr's tail is printed).  Workers get TORCHINDUCTOR_COMPILE_THREADS=1 and
+  OMP_NUM_THREADS = cores / N unless set.
+* ``--shape-pool K``: each worker draws K sizes (B, Hkv, group, Sq, Sk, D) once and
+  every example takes its sizes from them (dtype, layout, masks, padding, causal,
+  scale, lse, gradients, window and softcap are still drawn per example), so
+  kernels compiled for a shape are reused.  The trade-off: a run covers only
+  N * K shapes instead of a fresh one per example, so a bug at a size outside the
+  pools is not reached by that run (other seeds draw other pools); in exchange
+  the compiling backends get many more examples in the same time.  0 = off.
+* FA4 keeps its compiled kernels in a file-locked disk cache, shared by the
+  workers and by later runs: the script sets FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1
+  and FLASH_ATTENTION_CUTE_DSL_CACHE_DIR (``--fa4-cache-dir``, default
+  /tmp/fa4-cute-cache) before torch is imported, keeping values already set in
+  the environment (an explicit ``--fa4-cache-dir`` wins).
+
+Time bounds (per worker): ``--every flex:20`` runs backends that compile a kernel
 per shape on every 20th example only; ``--backend-budget-s 75`` stops giving
-examples to a backend once it has used that long (compiles included; the rest
-are counted as skipped); ``--max-seconds 470`` stops the whole run early (the
-report says so).
+examples to a backend once it has used that long in the worker (compiles
+included; the rest are counted as skipped); ``--max-seconds 470`` stops the
+worker early (the report says so).
 
 Usage::
 
-    python bench/gpu_fuzz.py --examples 20000 --seed 0 --out gpu-fuzz.json
+    python bench/gpu_fuzz.py --examples 20000 --workers 8 --shape-pool 48 \\
+        --max-seconds 300 --out gpu-fuzz.json
     python bench/gpu_fuzz.py --device cpu --examples 50          # smoke test
 """
 
@@ -45,12 +72,32 @@ import math
 import os
 import platform
 import random
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-os.environ["ATTENTION_DISPATCH_CANARY"] = "0"  # before the first call: test the kernels
+FA4_CACHE_DIR = "/tmp/fa4-cute-cache"
+
+
+def set_env(argv: list[str]) -> None:
+    """Environment read when torch and the kernels load: set before importing them.
+    Values already in the environment are kept; an explicit --fa4-cache-dir wins."""
+    os.environ["ATTENTION_DISPATCH_CANARY"] = "0"  # test the kernels themselves
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--fa4-cache-dir", default=None)
+    given = pre.parse_known_args(argv)[0].fa4_cache_dir
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    if given:
+        os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"] = given
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", FA4_CACHE_DIR)
+
+
+set_env(sys.argv[1:] if __name__ == "__main__" else [])
 
 import torch  # noqa: E402
 
@@ -58,12 +105,16 @@ import attention_dispatch as ad  # noqa: E402
 from attention_dispatch.testing import atol, reference_attention  # noqa: E402
 
 Tensor = torch.Tensor
+Sizes = tuple[int, int, int, int, int, int]  # batch, heads_kv, group, seq_q, seq_k, head_dim
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
           "fp64": torch.float64}
 SEQ_POOL = (1, 1, 2, 3, 5, 7, 8, 13, 16, 17, 31, 33, 63, 64, 65, 100, 127, 128, 129, 191,
             200, 255, 256, 257, 300)
 HEAD_DIMS = ((64, 0.4), (128, 0.4), (32, 0.1), (96, 0.1))
+WINDOW_P, WINDOW_SIDES = 0.2, (-1, 0, 1, 3, 16, 64)
+SOFTCAP_P, SOFTCAPS = 0.15, (5.0, 20.0, 50.0)
 NAMES = ("out", "lse", "dq", "dk", "dv")
+BASELINE = "(inputs, reference, math)"
 
 
 @dataclass(frozen=True)
@@ -85,6 +136,8 @@ class Spec:
     scale: Optional[float]
     lse: bool
     grad: bool
+    window: Optional[tuple[int, int]]
+    softcap: Optional[float]
     seed: int
 
     @property
@@ -92,10 +145,26 @@ class Spec:
         return self.heads_kv * self.group
 
 
-def draw(rng: random.Random, dtypes: list[str], grad_p: float) -> Spec:
+def draw_sizes(rng: random.Random) -> Sizes:
     b, hkv, group = rng.randint(1, 4), rng.randint(1, 4), rng.randint(1, 4)
     sq, sk = rng.choice(SEQ_POOL), rng.choice(SEQ_POOL)
     d = rng.choices([h for h, _ in HEAD_DIMS], [w for _, w in HEAD_DIMS])[0]
+    return b, hkv, group, sq, sk, d
+
+
+def draw_window(rng: random.Random) -> Optional[tuple[int, int]]:
+    if rng.random() >= WINDOW_P:
+        return None
+    while True:
+        window = (rng.choice(WINDOW_SIDES), rng.choice(WINDOW_SIDES))
+        if window != (-1, -1):  # (-1, -1) is no window
+            return window
+
+
+def draw(rng: random.Random, dtypes: list[str], grad_p: float,
+         pool: Optional[list[Sizes]] = None) -> Spec:
+    """One call; its sizes from ``pool`` when given, else freshly drawn."""
+    b, hkv, group, sq, sk, d = rng.choice(pool) if pool else draw_sizes(rng)
     mask = rng.choices(("none", "bool", "float"), (0.5, 0.25, 0.25))[0]
     shape: tuple[int, ...] = ()
     dead: tuple[int, ...] = ()
@@ -112,6 +181,8 @@ def draw(rng: random.Random, dtypes: list[str], grad_p: float) -> Spec:
                 dead_batch=rng.random() < 0.2, causal=rng.random() < 0.5,
                 scale=None if rng.random() < 0.7 else round(rng.uniform(0.02, 0.3), 4),
                 lse=rng.random() < 0.3, grad=rng.random() < grad_p,
+                window=draw_window(rng),
+                softcap=rng.choice(SOFTCAPS) if rng.random() < SOFTCAP_P else None,
                 seed=rng.randrange(2**31))
 
 
@@ -162,7 +233,7 @@ def run(backend: str, s: Spec, inp: dict[str, Any]) -> list[Optional[Tensor]]:
     q, k, v = (inp[n].detach().requires_grad_(s.grad) for n in "qkv")
     res = ad.attention(q, k, v, mask=inp["mask"], key_padding_mask=inp["key_padding_mask"],
                        causal=s.causal, scale=s.scale, layout=s.layout, backend=backend,
-                       return_lse=s.lse)
+                       return_lse=s.lse, window=s.window, softcap=s.softcap)
     out, lse = res if s.lse else (res, None)
     want = (s.batch, s.heads_q, s.seq_q, s.head_dim)
     if s.layout == "bshd":
@@ -182,7 +253,7 @@ def reference(s: Spec, inp: dict[str, Any]) -> list[Optional[Tensor]]:
     q, k, v = (_bhsd(inp[n], s.layout).double().requires_grad_(s.grad) for n in "qkv")
     out, lse = reference_attention(q, k, v, mask=inp["mask"],
                                    key_padding_mask=inp["key_padding_mask"], causal=s.causal,
-                                   scale=s.scale)
+                                   scale=s.scale, window=s.window, softcap=s.softcap)
     grads: list[Optional[Tensor]] = [None, None, None]
     if s.grad:
         out.backward(inp["grad_out"].double())
@@ -241,7 +312,410 @@ def available_backends(device: torch.device, wanted: Optional[list[str]]) -> dic
     return out
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+@dataclass
+class Config:
+    """What one fuzzing process runs."""
+
+    device: torch.device
+    dtypes: list[str]
+    backends: list[str]
+    every: dict[str, int]
+    shape_pool: int
+    grad_fraction: float
+    budget_s: float
+    max_listed: int
+
+
+@dataclass
+class Tally:
+    """What one fuzzing process counted."""
+
+    backends: list[str]
+    counts: dict[str, collections.Counter] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
+    reasons: dict[str, collections.Counter] = field(default_factory=dict)
+    listed: list[dict[str, Any]] = field(default_factory=list)
+    n_viol: int = 0
+    done: int = 0
+    stopped_early: bool = False
+
+    def __post_init__(self) -> None:
+        self.counts = {n: collections.Counter() for n in self.backends}
+        self.reasons = {n: collections.Counter() for n in self.backends}
+
+
+def describe(exc: BaseException) -> str:
+    """"Type: first line" of ``exc`` and of each exception chained below it."""
+    parts = []
+    seen: Optional[BaseException] = exc
+    while seen is not None and len(parts) < 4:
+        first = str(seen).strip().splitlines()[0][:300] if str(seen).strip() else ""
+        parts.append(f"{type(seen).__name__}: {first}")
+        seen = seen.__cause__ or seen.__context__
+    return " <- ".join(parts)
+
+
+def run_backends(i: int, spec: Spec, inp: dict[str, Any], ref: list[Optional[Tensor]],
+                 cfg: Config, tally: Tally
+                 ) -> tuple[list[tuple[str, list[Tensor]]], dict[str, str]]:
+    """Every backend but math on example ``i``: (name, errors) of those that ran,
+    and name -> error of those that accepted the call and raised."""
+    per: list[tuple[str, list[Tensor]]] = []
+    crashed: dict[str, str] = {}
+    for name in cfg.backends:
+        if name == "math":
+            continue
+        if i % cfg.every.get(name, 1) or (cfg.budget_s and tally.seconds[name] > cfg.budget_s):
+            tally.counts[name]["skipped"] += 1
+            continue
+        t0 = time.perf_counter()
+        try:
+            got = run(name, spec, inp)
+        except ad.BackendUnavailable as exc:
+            tally.counts[name]["refused"] += 1
+            for r in exc.reasons.get(name, ["?"]):
+                tally.reasons[name][r[:120]] += 1
+            continue
+        except Exception as exc:  # accepted the call, then broke: a violation
+            tally.counts[name]["run"] += 1
+            crashed[name] = describe(exc)
+            continue
+        finally:
+            tally.seconds[name] += time.perf_counter() - t0
+        tally.counts[name]["run"] += 1
+        per.append((name, errors(got, ref)))
+    return per, crashed
+
+
+def judge(spec: Spec, ref: list[Optional[Tensor]], per: list[tuple[str, list[Tensor]]],
+          crashed: dict[str, str]) -> dict[str, dict[str, str]]:
+    """name -> {output: why} for every backend that broke the rule on this example.
+    ``per[0]`` is math's errors.  One device->host transfer per example."""
+    flat = [e for _, es in per for e in es] + magnitudes(ref)
+    values = torch.stack([e.double().reshape(()) for e in flat]).tolist()
+    k = len(per[0][1])
+    tops = values[len(values) - k:]
+    math_err = values[:k]
+    outs = [n for n in NAMES if ref[NAMES.index(n)] is not None]
+    viol: dict[str, dict[str, str]] = {n: {"raised": why} for n, why in crashed.items()}
+    for j, (name, _) in enumerate(per):
+        if name == "math":
+            continue
+        errs = values[j * k:(j + 1) * k]
+        for o, e, em, top in zip(outs, errs, math_err, tops):
+            dt = DTYPES[spec.dtype] if o != "lse" or spec.dtype != "fp64" else torch.float32
+            bound = 2 * em + atol(dt) * (1 + top)
+            if not e <= bound:
+                viol.setdefault(name, {})[o] = f"error {e:.4g} > bound {bound:.4g} (math {em:.4g})"
+    return viol
+
+
+def one_example(i: int, spec: Spec, cfg: Config, tally: Tally) -> None:
+    """Check every backend on one drawn call; count into ``tally``."""
+    tally.counts["math"]["run"] += 1
+    viol: Optional[dict[str, dict[str, str]]] = None
+    t0 = time.perf_counter()
+    try:
+        inp = build(spec, cfg.device)
+        ref = reference(spec, inp)
+        base = run("math", spec, inp)  # once per example, reused for every backend
+    except Exception as exc:  # the baseline itself broke: counted against math
+        viol = {"math": {"raised": "reference or math: " + describe(exc)}}
+    tally.seconds[BASELINE] += time.perf_counter() - t0
+    if viol is None:
+        per, crashed = run_backends(i, spec, inp, ref, cfg, tally)
+        viol = judge(spec, ref, [("math", errors(base, ref))] + per, crashed)
+    for name, what in viol.items():
+        tally.counts[name]["violations"] += 1
+        tally.n_viol += 1
+        if len(tally.listed) < cfg.max_listed:
+            tally.listed.append({"example": i, "backend": name, "spec": asdict(spec),
+                                 "failures": what})
+            print(f"VIOLATION example {i} {name}: {what}\n  {spec}", file=sys.stderr)
+
+
+def fuzz(cfg: Config, seed: int, examples: int, max_seconds: float) -> Tally:
+    """Draw and check ``examples`` calls (fewer if ``max_seconds`` runs out)."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    pool = [draw_sizes(rng) for _ in range(cfg.shape_pool)]
+    tally = Tally(cfg.backends)
+    sync = torch.cuda.synchronize if cfg.device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    for i in range(examples):
+        if max_seconds and time.perf_counter() - start > max_seconds:
+            tally.stopped_early = True
+            break
+        one_example(i, draw(rng, cfg.dtypes, cfg.grad_fraction, pool), cfg, tally)
+        tally.done += 1
+        if tally.done % 1000 == 0:
+            sync()
+            print(f"  {tally.done} examples, {time.perf_counter() - start:.0f} s, "
+                  f"{tally.n_viol} violations", flush=True)
+    sync()
+    return tally
+
+
+def process_report(a: argparse.Namespace, cfg: Config, tally: Tally, elapsed: float,
+                   avail: dict[str, str]) -> dict[str, Any]:
+    """The JSON report of one fuzzing process."""
+    device = cfg.device
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        platform.processor() or platform.machine(),
+        "torch": torch.__version__, "attention_dispatch": ad.__version__,
+        "versions": {n: ad.get_backend(n).describe() for n in cfg.backends},
+        "seed": a.seed, "examples_requested": a.examples, "examples_run": tally.done,
+        "stopped_early": tally.stopped_early, "seconds": round(elapsed, 2),
+        "dtypes": cfg.dtypes, "grad_fraction": a.grad_fraction, "every": cfg.every,
+        "backend_budget_s": a.backend_budget_s, "max_seconds": a.max_seconds,
+        "backends": {n: dict(tally.counts[n], seconds=round(tally.seconds.get(n, 0.0), 2))
+                     for n in cfg.backends},
+        "baseline_seconds": round(tally.seconds[BASELINE], 2),
+        "unavailable": {n: why for n, why in avail.items() if why},
+        "refusal_reasons": {n: dict(tally.reasons[n].most_common(20)) for n in cfg.backends},
+        "violations_total": tally.n_viol,
+        "violations": tally.listed,
+        "workers": 1, "shape_pool": cfg.shape_pool,
+    }
+
+
+def print_summary(r: dict[str, Any]) -> None:
+    """The table of a (process or merged) report."""
+    rows = [["backend", "run", "refused", "skipped", "violations", "seconds"]]
+    for n, c in r["backends"].items():
+        rows.append([n] + [str(c.get(k, 0)) for k in ("run", "refused", "skipped", "violations")]
+                    + [f"{c.get('seconds', 0.0):.1f}"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    workers = f", {r['workers']} workers" if r.get("workers", 1) > 1 else ""
+    pool = f", shape pool {r['shape_pool']}" if r.get("shape_pool") else ""
+    print(f"\n{r['examples_run']} examples in {r['seconds']:.1f} s (seed {r['seed']}"
+          f"{workers}{pool})" + (" -- stopped early (--max-seconds)" if r["stopped_early"] else ""))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    print(f"inputs, reference and math baseline: {r['baseline_seconds']:.1f} s")
+    for n, reasons in r["refusal_reasons"].items():
+        for why, c in collections.Counter(reasons).most_common(3):
+            print(f"  {n} refused {c}x: {why}")
+
+
+def write_report(report: dict[str, Any], path: Optional[str]) -> None:
+    if not path:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    os.replace(tmp, path)  # a reader never sees half a report
+    print(f"report: {path}")
+
+
+def run_single(a: argparse.Namespace) -> int:
+    """Fuzz in this process."""
+    device = torch.device(a.device)
+    avail = available_backends(device, a.backends.split(",") if a.backends else None)
+    backends = [n for n, why in avail.items() if not why]
+    if "math" not in backends:
+        backends.append("math")
+    print(f"device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+          + f", torch {torch.__version__}; backends: {', '.join(backends)}", flush=True)
+    for n, why in avail.items():
+        if why:
+            print(f"  not available: {n}: {why}")
+    cfg = Config(device=device, dtypes=a.dtype_list, backends=backends, every=a.every_map,
+                 shape_pool=a.shape_pool, grad_fraction=a.grad_fraction,
+                 budget_s=a.backend_budget_s, max_listed=a.max_violations_listed)
+    start = time.perf_counter()
+    tally = fuzz(cfg, a.seed, a.examples, a.max_seconds)
+    report = process_report(a, cfg, tally, time.perf_counter() - start, avail)
+    print_summary(report)
+    write_report(report, a.out)
+    return 1 if tally.n_viol else 0
+
+
+@dataclass
+class Worker:
+    """One worker process: its files are ``base`` + .json / .log / .err."""
+
+    index: int
+    seed: int
+    examples: int
+    base: str
+    proc: subprocess.Popen
+    killed: bool = False
+
+
+def worker_argv(a: argparse.Namespace, seed: int, examples: int, out: str) -> list[str]:
+    argv = [sys.executable, os.path.abspath(__file__), "--workers", "1",
+            "--seed", str(seed), "--examples", str(examples), "--out", out,
+            "--device", a.device, "--dtypes", a.dtypes, "--grad-fraction", str(a.grad_fraction),
+            "--max-seconds", str(a.max_seconds), "--backend-budget-s", str(a.backend_budget_s),
+            "--every", a.every, "--max-violations-listed", str(a.max_violations_listed),
+            "--shape-pool", str(a.shape_pool)]
+    if a.backends:
+        argv += ["--backends", a.backends]
+    if a.fa4_cache_dir:
+        argv += ["--fa4-cache-dir", a.fa4_cache_dir]
+    return argv
+
+
+def spawn(a: argparse.Namespace, n: int, workdir: str, workers: list[Worker]) -> None:
+    """Start n workers into ``workers``: seeds seed * 1000 + i, examples split as evenly
+    as possible.  Compiles run in parallel across the workers, not inside each one."""
+    env = dict(os.environ)
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    for i in range(n):
+        seed, share = a.seed * 1000 + i, a.examples // n + (i < a.examples % n)
+        base = os.path.join(workdir, f"worker{i}")
+        with open(base + ".log", "w") as out, open(base + ".err", "w") as err:
+            proc = subprocess.Popen(worker_argv(a, seed, share, base + ".json"), env=env,
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        workers.append(Worker(i, seed, share, base, proc))
+
+
+def wait_all(workers: list[Worker], limit_s: float) -> None:
+    """Wait for every worker; kill those still running after ``limit_s`` (0: none)."""
+    start = time.perf_counter()
+    for w in workers:
+        left = max(0.0, limit_s - (time.perf_counter() - start)) if limit_s else None
+        try:
+            w.proc.wait(timeout=left)
+        except subprocess.TimeoutExpired:
+            w.proc.kill()
+            w.proc.wait()
+            w.killed = True
+
+
+def tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:]).rstrip()
+    except OSError:
+        return "(no stderr)"
+
+
+def collect(workers: list[Worker]) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+    """(index, report) of the workers that wrote one, and a line per failed worker
+    (exited without a report, or with a status other than 0 / 1 = violations)."""
+    reports: list[tuple[int, dict[str, Any]]] = []
+    failures: list[str] = []
+    for w in workers:
+        rc, report = w.proc.returncode, None
+        try:
+            with open(w.base + ".json") as f:
+                report = json.load(f)
+        except (OSError, ValueError):
+            pass
+        name = f"worker {w.index} (seed {w.seed})"
+        if report is not None:
+            reports.append((w.index, report))
+            print(f"  {name}: {report['examples_run']} examples in {report['seconds']:.0f} s, "
+                  f"{report['violations_total']} violations, exit status {rc}")
+        if report is None or rc not in (0, 1):
+            why = "killed at the time limit" if w.killed else f"exit status {rc}"
+            failures.append(f"{name}: {why}" + ("" if report else ", no report")
+                            + f"; stderr tail:\n{tail(w.base + '.err')}")
+    return reports, failures
+
+
+def sum_counts(tables: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Sum {name: {key: number}} tables key by key."""
+    out: dict[str, dict[str, float]] = {}
+    for table in tables:
+        for name, row in table.items():
+            acc = out.setdefault(name, {})
+            for key, v in row.items():
+                acc[key] = acc.get(key, 0) + v
+    return out
+
+
+def merge(a: argparse.Namespace, workers: list[Worker],
+          reports: list[tuple[int, dict[str, Any]]], elapsed: float) -> dict[str, Any]:
+    """One report with the schema of a process report from the workers' reports:
+    counts, seconds and refusal reasons summed, violations concatenated (each with
+    its worker; ``example`` counts within the worker).  ``seconds`` is wall time."""
+    rs = [r for _, r in reports]
+    first = rs[0]
+    out = {k: first[k] for k in ("device", "device_name", "torch", "attention_dispatch",
+                                 "versions")}
+    out.update(seed=a.seed, examples_requested=a.examples,
+               examples_run=sum(r["examples_run"] for r in rs),
+               stopped_early=any(r["stopped_early"] for r in rs), seconds=round(elapsed, 2))
+    out.update({k: first[k] for k in ("dtypes", "grad_fraction", "every", "backend_budget_s",
+                                      "max_seconds")})
+    backends = sum_counts([r["backends"] for r in rs])
+    out["backends"] = {n: {k: round(v, 2) if k == "seconds" else v for k, v in c.items()}
+                       for n, c in backends.items()}
+    out["baseline_seconds"] = round(sum(r["baseline_seconds"] for r in rs), 2)
+    out["unavailable"] = first["unavailable"]
+    reasons = sum_counts([r["refusal_reasons"] for r in rs])
+    out["refusal_reasons"] = {n: dict(collections.Counter(c).most_common(20))
+                              for n, c in reasons.items()}
+    out["violations_total"] = sum(r["violations_total"] for r in rs)
+    out["violations"] = [dict(v, worker=i) for i, r in reports
+                         for v in r["violations"]][:a.max_violations_listed]
+    by_index = dict(reports)  # lists below are per worker, None for one without a report
+    out.update(workers=len(workers), shape_pool=a.shape_pool,
+               worker_seeds=[w.seed for w in workers],
+               worker_examples_run=[by_index.get(w.index, {}).get("examples_run")
+                                    for w in workers],
+               worker_seconds=[by_index.get(w.index, {}).get("seconds") for w in workers])
+    return out
+
+
+def print_merged(report: dict[str, Any]) -> None:
+    print(f"device {report['device']} ({report['device_name']}), torch {report['torch']}")
+    for n, why in report["unavailable"].items():
+        print(f"  not available: {n}: {why}")
+    print_summary(report)
+    for v in report["violations"][:10]:
+        print(f"VIOLATION worker {v['worker']} example {v['example']} {v['backend']}: "
+              f"{v['failures']}", file=sys.stderr)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # runs the finally that stops the workers
+
+
+def run_workers(a: argparse.Namespace) -> int:
+    """Fuzz in worker processes on the same device, then merge their reports."""
+    n = min(a.workers, max(1, a.examples))
+    workdir = tempfile.mkdtemp(prefix="gpu-fuzz-")
+    print(f"{n} workers, seeds {a.seed * 1000}..{a.seed * 1000 + n - 1}, logs in {workdir}",
+          flush=True)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    start = time.perf_counter()
+    workers: list[Worker] = []
+    try:  # a worker still running after its own --max-seconds plus slack is hung
+        spawn(a, n, workdir, workers)
+        wait_all(workers, a.max_seconds + 120 if a.max_seconds else 0)
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+                w.proc.wait()
+    reports, failures = collect(workers)
+    if reports:
+        report = merge(a, workers, reports, time.perf_counter() - start)
+        print_merged(report)
+    else:
+        report = {"seed": a.seed, "examples_requested": a.examples, "examples_run": 0,
+                  "violations_total": 0, "workers": n,
+                  "worker_seeds": [w.seed for w in workers]}
+    report["worker_failures"] = failures
+    for f in failures:
+        print(f"FAILED {f}", file=sys.stderr)
+    write_report(report, a.out)
+    if failures:
+        print(f"worker logs kept in {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if failures or report["violations_total"] else 0
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--examples", type=int, default=20000)
     p.add_argument("--seed", type=int, default=0)
@@ -252,157 +726,44 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="comma separated (default: every backend available on the device)")
     p.add_argument("--grad-fraction", type=float, default=0.3)
     p.add_argument("--max-seconds", type=float, default=470.0,
-                   help="stop early after this long, the report says so (0: no limit)")
+                   help="a worker stops early after this long, the report says so (0: no limit)")
     p.add_argument("--backend-budget-s", type=float, default=75.0,
-                   help="a backend that has spent this long (kernel compiles included) "
-                        "skips the remaining examples, counted as skipped (0: no limit)")
+                   help="a backend that has spent this long in a worker (kernel compiles "
+                        "included) skips its remaining examples, counted as skipped (0: no limit)")
     p.add_argument("--every", default="flex:20",
                    help="NAME:N,... run NAME on every N-th example only (backends that "
                         "compile a kernel per shape)")
     p.add_argument("--max-violations-listed", type=int, default=200)
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing the device (parallel kernel compiles); "
+                        "their reports are merged")
+    p.add_argument("--shape-pool", type=int, default=0,
+                   help="each worker draws this many sizes once and reuses them, so compiled "
+                        "kernels are reused (0: fresh sizes per example)")
+    p.add_argument("--fa4-cache-dir", default=None,
+                   help="FA4's compiled-kernel disk cache (default: "
+                        f"$FLASH_ATTENTION_CUTE_DSL_CACHE_DIR or {FA4_CACHE_DIR})")
     a = p.parse_args(argv)
-
-    device = torch.device(a.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("gpu_fuzz: CUDA is not available here; use --device cpu", file=sys.stderr)
-        return 2
-    dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
-    bad = [d for d in dtypes if d not in DTYPES]
+    a.dtype_list = [d.strip() for d in a.dtypes.split(",") if d.strip()]
+    bad = [d for d in a.dtype_list if d not in DTYPES]
     if bad:
         p.error(f"--dtypes: unknown {bad}; allowed {sorted(DTYPES)}")
-    avail = available_backends(device, a.backends.split(",") if a.backends else None)
-    backends = [n for n, why in avail.items() if not why]
-    if "math" not in backends:
-        backends.append("math")
-    print(f"device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-          + f", torch {torch.__version__}; backends: {', '.join(backends)}")
-    for n, why in avail.items():
-        if why:
-            print(f"  not available: {n}: {why}")
-
-    every = {}
+    if a.workers < 1 or a.shape_pool < 0:
+        p.error("--workers must be >= 1 and --shape-pool >= 0")
+    a.every_map = {}
     for item in filter(None, (x.strip() for x in a.every.split(","))):
         name, _, n = item.partition(":")
-        every[name] = max(1, int(n or 1))
+        a.every_map[name] = max(1, int(n or 1))
+    return a
 
-    rng = random.Random(a.seed)
-    torch.manual_seed(a.seed)
-    counts: dict[str, collections.Counter] = {n: collections.Counter() for n in backends}
-    seconds: dict[str, float] = collections.defaultdict(float)
-    reasons: dict[str, collections.Counter] = {n: collections.Counter() for n in backends}
-    listed: list[dict[str, Any]] = []
-    n_viol = 0
-    start = time.perf_counter()
-    done = 0
-    stopped_early = False
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for i in range(a.examples):
-        if a.max_seconds and time.perf_counter() - start > a.max_seconds:
-            stopped_early = True
-            break
-        spec = draw(rng, dtypes, a.grad_fraction)
-        t0 = time.perf_counter()
-        inp = build(spec, device)
-        ref = reference(spec, inp)
-        base = run("math", spec, inp)  # once per example, reused for every backend
-        seconds["(inputs, reference, math)"] += time.perf_counter() - t0
-        per: list[tuple[str, list[Tensor]]] = [("math", errors(base, ref))]
-        crashed: dict[str, str] = {}
-        for name in backends:
-            if name == "math":
-                counts[name]["run"] += 1
-                continue
-            if i % every.get(name, 1) or (a.backend_budget_s
-                                          and seconds[name] > a.backend_budget_s):
-                counts[name]["skipped"] += 1
-                continue
-            t0 = time.perf_counter()
-            try:
-                got = run(name, spec, inp)
-            except ad.BackendUnavailable as exc:
-                counts[name]["refused"] += 1
-                for r in exc.reasons.get(name, ["?"]):
-                    reasons[name][r[:120]] += 1
-                continue
-            except Exception as exc:  # accepted the call, then broke: a violation
-                counts[name]["run"] += 1
-                crashed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-                continue
-            finally:
-                seconds[name] += time.perf_counter() - t0
-            counts[name]["run"] += 1
-            per.append((name, errors(got, ref)))
-        # one device->host transfer per example
-        flat = [e for _, es in per for e in es] + magnitudes(ref)
-        values = torch.stack([e.double().reshape(()) for e in flat]).tolist() if flat else []
-        k = len(per[0][1])
-        tops = values[len(values) - k:]
-        math_err = values[:k]
-        outs = [n for n in NAMES if ref[NAMES.index(n)] is not None]
-        viol: dict[str, dict[str, str]] = {n: {"raised": why} for n, why in crashed.items()}
-        for j, (name, _) in enumerate(per):
-            if name == "math":
-                continue
-            errs = values[j * k:(j + 1) * k]
-            for o, e, em, top in zip(outs, errs, math_err, tops):
-                bound = 2 * em + atol(DTYPES[spec.dtype] if o != "lse" else
-                                      torch.float32 if spec.dtype == "fp64"
-                                      else DTYPES[spec.dtype]) * (1 + top)
-                if not e <= bound:
-                    viol.setdefault(name, {})[o] = f"error {e:.4g} > bound {bound:.4g} (math {em:.4g})"
-        for name, what in viol.items():
-            counts[name]["violations"] += 1
-            n_viol += 1
-            if len(listed) < a.max_violations_listed:
-                listed.append({"example": i, "backend": name, "spec": asdict(spec),
-                               "failures": what})
-                print(f"VIOLATION example {i} {name}: {what}\n  {spec}", file=sys.stderr)
-        done += 1
-        if done % 1000 == 0:
-            sync()
-            print(f"  {done} examples, {time.perf_counter() - start:.0f} s, "
-                  f"{n_viol} violations", flush=True)
-    sync()
-    elapsed = time.perf_counter() - start
 
-    rows = [["backend", "run", "refused", "skipped", "violations", "seconds"]]
-    for n in backends:
-        c = counts[n]
-        rows.append([n, str(c["run"]), str(c["refused"]), str(c["skipped"]),
-                     str(c["violations"]), f"{seconds.get(n, 0.0):.1f}"])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print(f"\n{done} examples in {elapsed:.1f} s (seed {a.seed})"
-          + (" -- stopped early (--max-seconds)" if stopped_early else ""))
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    print(f"inputs, reference and math baseline: {seconds['(inputs, reference, math)']:.1f} s")
-    for n in backends:
-        for why, c in reasons[n].most_common(3):
-            print(f"  {n} refused {c}x: {why}")
-    if a.out:
-        report = {
-            "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
-            platform.processor() or platform.machine(),
-            "torch": torch.__version__, "attention_dispatch": ad.__version__,
-            "versions": {n: ad.get_backend(n).describe() for n in backends},
-            "seed": a.seed, "examples_requested": a.examples, "examples_run": done,
-            "stopped_early": stopped_early, "seconds": round(elapsed, 2),
-            "dtypes": dtypes, "grad_fraction": a.grad_fraction, "every": every,
-            "backend_budget_s": a.backend_budget_s, "max_seconds": a.max_seconds,
-            "backends": {n: dict(counts[n], seconds=round(seconds.get(n, 0.0), 2))
-                         for n in backends},
-            "baseline_seconds": round(seconds["(inputs, reference, math)"], 2),
-            "unavailable": {n: why for n, why in avail.items() if why},
-            "refusal_reasons": {n: dict(reasons[n].most_common(20)) for n in backends},
-            "violations_total": n_viol,
-            "violations": listed,
-        }
-        with open(a.out, "w") as f:
-            json.dump(report, f, indent=2, default=str)
-        print(f"report: {a.out}")
-    return 1 if n_viol else 0
+def main(argv: Optional[list[str]] = None) -> int:
+    a = parse_args(argv)
+    set_env(sys.argv[1:] if argv is None else argv)  # again, for a call from Python
+    if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
+        print("gpu_fuzz: CUDA is not available here; use --device cpu", file=sys.stderr)
+        return 2
+    return run_workers(a) if a.workers > 1 else run_single(a)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,18 @@
 # Every GPU check and measurement the closing notes quote, on the device machine.
 # From the repository root, after `bash .gpu/install.sh stash` on the same machine:
 #   bash bench/gpu_run.sh install verify     # FA4 + xformers, GPU tests, matrix, benches
-#   bash bench/gpu_run.sh grid fuzz          # the full bench grid, 20k fuzz examples
+#   bash bench/gpu_run.sh structured         # key-padding memory, 32k sliding window, FA4 window tests
+#   bash bench/gpu_run.sh grid               # the full bench grid; repeat until it says complete
+#   bash bench/gpu_run.sh fuzz               # 20k fuzz examples over parallel workers
+#   bash bench/gpu_run.sh fit                # longest sequence, 1 GPU vs ring of 2 (2 GPUs)
 # Logs and results go to $OUT (default ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 LOG="$OUT/run.log"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+# FA4 keeps its compiled kernels on disk: later stages and processes reuse them
+export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=/tmp/fa4-cute-cache
 export PYTHONPATH=$PWD:$PWD/backends/chunked${PYTHONPATH:+:$PYTHONPATH}
 step() { echo "=== $* ($(date +%T))" | tee -a "$LOG"; }
 env_on() { [ -f /tmp/gpu-env.sh ] && source /tmp/gpu-env.sh; }
@@ -28,14 +33,26 @@ for stage in "$@"; do
       step gpu-bench; python3 bench/gpu_bench.py --out "$OUT/gpu-bench.json" 2>&1 | tee -a "$LOG"
       step overhead; python3 bench/overhead.py --device cuda --repeats 5000 \
         --json "$OUT/overhead-cuda.json" 2>&1 | tee -a "$LOG" ;;
+    structured)
+      env_on
+      step structured; python3 bench/structured_bench.py --out "$OUT/structured-h100.json" 2>&1 | tee -a "$LOG"
+      step structured-tests
+      python3 -m pytest tests/gpu/test_gpu_structured.py -m gpu -q -p no:cacheprovider -rfE \
+        -k "flash-attn" 2>&1 | tail -15 | tee -a "$LOG" ;;
+    fit)
+      step fit; python3 bench/ring_bench.py --gpus 2 --skip-check --skip-timing \
+        --backward-impl cudnn --out "$OUT/ring-fit.json" 2>&1 | tail -20 | tee -a "$LOG" ;;
     grid)
       env_on
-      step grid; python3 -m attention_dispatch bench --device cuda --dtype bf16,fp16 \
-        --shapes default --backends flash-attn,sdpa-cudnn,xformers,sdpa-flash,sdpa-mem-efficient --out "$OUT/bench" 2>&1 | tail -140 | tee -a "$LOG" ;;
+      step grid; python3 -m attention_dispatch bench --device cuda --shapes default \
+        --backends flash-attn,sdpa-cudnn,xformers,sdpa-flash,sdpa-mem-efficient \
+        --out /tmp/ad-grid --resume --max-seconds "${GRID_SECONDS:-450}" 2>&1 | tail -140 | tee -a "$LOG"
+      mkdir -p "$OUT/bench" && cp -r /tmp/ad-grid/. "$OUT/bench/" ;;
     fuzz)
       env_on
-      step fuzz; timeout 400 python3 bench/gpu_fuzz.py --examples 20000 --out "$OUT/fuzz.json" 2>&1 \
-        | tail -30 | tee -a "$LOG" ;;
+      step fuzz; timeout 560 python3 bench/gpu_fuzz.py --examples 20000 --workers 8 --shape-pool 48 \
+        --max-seconds "${FUZZ_SECONDS:-300}" --backend-budget-s 150 --every flex:5 \
+        --out "$OUT/fuzz.json" 2>&1 | tail -40 | tee -a "$LOG" ;;
     *) echo "unknown stage $stage" | tee -a "$LOG"; exit 2 ;;
   esac
 done

@@ -25,9 +25,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import importlib.util
+import json
 import math
+import os
+import random
+import subprocess
+import sys
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import pytest
@@ -423,13 +430,7 @@ def test_fuzz_counts() -> None:
 
 def test_gpu_fuzz_script_runs_on_cpu(tmp_path) -> None:
     """bench/gpu_fuzz.py (the GPU fuzzer) stays runnable: a CPU smoke run."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_fuzz.py"
+    script = GPU_FUZZ
     out = tmp_path / "fuzz.json"
     backends = ",".join(b for b in ("math", "sdpa-flash", "chunked") if b in CPU_BACKENDS)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATTENTION_DISPATCH_")}
@@ -442,3 +443,99 @@ def test_gpu_fuzz_script_runs_on_cpu(tmp_path) -> None:
     assert report["examples_run"] == 8 and report["violations_total"] == 0
     assert set(report["backends"]) == set(backends.split(","))
     assert all(c.get("run", 0) + c.get("refused", 0) == 8 for c in report["backends"].values())
+
+
+GPU_FUZZ = Path(__file__).resolve().parents[1] / "bench" / "gpu_fuzz.py"
+
+# Loads bench/gpu_fuzz.py as a module, makes worker 1 die without a report, runs
+# the parent with 2 workers: the parent must name the worker and its stderr.
+CRASHING_WORKER = r'''
+import importlib.util, sys
+path, out = sys.argv[1], sys.argv[2]
+spec = importlib.util.spec_from_file_location("gpu_fuzz", path)
+mod = importlib.util.module_from_spec(spec)
+sys.modules["gpu_fuzz"] = mod
+spec.loader.exec_module(mod)
+real = mod.worker_argv
+
+def worker_argv(a, seed, examples, out_path):
+    if seed % 1000 == 1:
+        return [sys.executable, "-c", "import sys; sys.exit('worker exploded')"]
+    return real(a, seed, examples, out_path)
+
+mod.worker_argv = worker_argv
+sys.exit(mod.main(["--device", "cpu", "--examples", "6", "--workers", "2", "--dtypes", "fp32",
+                   "--backends", "math", "--out", out]))
+'''
+
+
+def _script_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("ATTENTION_DISPATCH_")}
+
+
+def test_gpu_fuzz_script_workers_merge_reports(tmp_path: Path) -> None:
+    """--workers 2 --shape-pool: two worker processes, one merged report."""
+    out = tmp_path / "fuzz.json"
+    backends = ",".join(b for b in ("math", "sdpa-flash", "chunked") if b in CPU_BACKENDS)
+    proc = subprocess.run([sys.executable, str(GPU_FUZZ), "--device", "cpu", "--examples", "25",
+                           "--seed", "3", "--dtypes", "fp32,bf16", "--workers", "2",
+                           "--shape-pool", "4", "--backends", backends, "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, env=_script_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["workers"] == 2 and report["worker_seeds"] == [3000, 3001]
+    assert report["shape_pool"] == 4 and report["worker_failures"] == []
+    assert report["worker_examples_run"] == [13, 12]
+    assert report["examples_run"] == sum(report["worker_examples_run"]) == 25
+    assert report["violations_total"] == 0 and report["violations"] == []
+    assert set(report["backends"]) == set(backends.split(","))
+    for c in report["backends"].values():
+        assert c.get("run", 0) + c.get("refused", 0) + c.get("skipped", 0) == 25
+    assert "25 examples in" in proc.stdout and "2 workers" in proc.stdout
+
+
+def test_gpu_fuzz_script_reports_a_crashed_worker(tmp_path: Path) -> None:
+    """A worker that exits without a report fails the run (exit 1), named with its
+    stderr; the other worker's examples are still merged."""
+    out = tmp_path / "fuzz.json"
+    env = dict(_script_env(), TMPDIR=str(tmp_path))  # the failed workers' logs stay there
+    proc = subprocess.run([sys.executable, "-c", CRASHING_WORKER, str(GPU_FUZZ), str(out)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAILED worker 1 (seed 1)" in proc.stderr and "worker exploded" in proc.stderr
+    report = json.loads(out.read_text())
+    assert len(report["worker_failures"]) == 1
+    assert report["worker_examples_run"] == [3, None] and report["examples_run"] == 3
+    assert list(tmp_path.glob("gpu-fuzz-*/worker1.err")), "failed workers' logs are kept"
+
+
+def test_gpu_fuzz_shape_pool_structured_draws_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sizes come from the pool, window/softcap are drawn at their rates, FA4's
+    disk cache variables are set without overriding the caller's."""
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the script sets variables
+    spec = importlib.util.spec_from_file_location("gpu_fuzz_under_test", GPU_FUZZ)
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_fuzz_under_test", mod)
+    spec.loader.exec_module(mod)
+    rng = random.Random(0)
+    pool = [mod.draw_sizes(rng) for _ in range(5)]
+    specs = [mod.draw(rng, ["bf16", "fp16"], 0.3, pool) for _ in range(400)]
+    sizes = {(s.batch, s.heads_kv, s.group, s.seq_q, s.seq_k, s.head_dim) for s in specs}
+    assert sizes <= set(pool)
+    assert len({(s.mask, s.causal, s.dtype, s.layout) for s in specs}) > 10  # still per example
+    windows = [s.window for s in specs if s.window is not None]
+    assert 40 < len(windows) < 120 and (-1, -1) not in windows
+    assert {x for w in windows for x in w} <= {-1, 0, 1, 3, 16, 64}
+    caps = [s.softcap for s in specs if s.softcap is not None]
+    assert 25 < len(caps) < 100 and set(caps) <= {5.0, 20.0, 50.0}
+
+    dir_var, on_var = "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
+    os.environ.pop(dir_var, None)
+    os.environ.pop(on_var, None)
+    mod.set_env([])
+    assert os.environ[on_var] == "1" and os.environ[dir_var] == mod.FA4_CACHE_DIR
+    os.environ[dir_var], os.environ[on_var] = "/elsewhere", "0"
+    mod.set_env(["--examples", "5"])
+    assert os.environ[dir_var] == "/elsewhere" and os.environ[on_var] == "0"
+    mod.set_env(["--fa4-cache-dir", "/given"])
+    assert os.environ[dir_var] == "/given"

@@ -393,4 +393,11 @@ def test_shape_classes_of_the_ranking() -> None:
                                            requires_grad=True)) == "long"
     assert shape_class(dataclasses.replace(base, seq_q=1024, seq_k=1024,
                                            key_padding=True)) == "long"
+    h128 = dataclasses.replace(base, head_dim=128, head_dim_v=128, seq_q=8192, seq_k=8192)
+    assert shape_class(h128) == "short"  # forward at 8k, head dim 128: cuDNN
+    assert shape_class(dataclasses.replace(h128, head_dim=64, head_dim_v=64)) == "long"
+    assert shape_class(dataclasses.replace(h128, seq_q=16384, seq_k=16384)) == "long"
+    gqa = dataclasses.replace(base, seq_q=4096, seq_k=4096, heads_q=32, heads_kv=8)
+    assert shape_class(gqa) == "short"
+    assert shape_class(dataclasses.replace(gqa, causal=True)) == "long"  # FA4 for causal GQA
     assert SHAPE_RANKINGS[("sm90", "decode")][0] == "sdpa-cudnn"

@@ -53,3 +53,19 @@ def test_no_fold_for_masks_or_equal_heads() -> None:
     assert _folded_spec(dataclasses.replace(spec, mask_kind="bool")) is None
     assert _folded_spec(dataclasses.replace(spec, alibi=True)) is None
     assert _folded_spec(validate(q, q, q)) is None
+
+
+def test_cudnn_refusals_found_on_the_gpu() -> None:
+    """Calls cuDNN gets wrong (measured on an H100) are refused with a reason."""
+    import attention_dispatch as ad
+    from attention_dispatch._spec import CallSpec
+
+    backend = ad.get_backend("sdpa-cudnn")
+    base = CallSpec(device_type="cuda", device_index=0, dtype=torch.float16, batch=1,
+                    heads_q=2, heads_kv=2, seq_q=1, seq_k=3, head_dim=64, head_dim_v=64)
+    assert backend.check(base) == []
+    masked = dataclasses.replace(base, mask_kind="bool")
+    assert backend.check(masked) == []  # forward only: the dispatcher zeroes dead rows
+    why = backend.check(dataclasses.replace(masked, requires_grad=True))
+    assert why and "non-finite gradients" in why[0]
+    assert backend.check(dataclasses.replace(base, seq_k=1))[0].startswith("Sq = Sk = 1")

@@ -53,6 +53,11 @@ class SdpaCudnnBackend(Backend):
                        "for attn_bias")
         if spec.seq_q == 1 and spec.seq_k == 1:  # measured: "s_q = s_kv = 1 is not supported"
             out.append("Sq = Sk = 1; cuDNN's frontend refuses it")
+        if spec.seq_q == 1 and spec.requires_grad and spec.may_have_empty_rows:
+            # measured (GPU fuzzing, H100, cuDNN 9.19): a fully masked query row at
+            # Sq = 1 gives non-finite dq/dk/dv where the answer is 0
+            out.append("gradients at Sq = 1 with a mask or key padding; cuDNN's backward "
+                       "gives non-finite gradients for a fully masked row there")
         return out
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,

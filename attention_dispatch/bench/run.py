@@ -128,7 +128,8 @@ def run_case(case: BenchCase, backends: list[str], device: torch.device, check: 
             fns[name] = fn
         except (BackendUnavailable, RuntimeError) as exc:
             row.update(correct=False, check=f"{type(exc).__name__}: {exc}"[:200])
-    for name, ms in time_interleaved(fns, device).items():
+    budget = 1.0 if device.type == "cuda" else 0.6
+    for name, ms in time_interleaved(fns, device, budget_s=budget).items():
         rows[name].update(ms=round(ms, 4), tflops=round(case.flops / (ms * 1e-3) / 1e12, 3))
     timed = [r["ms"] for n, r in rows.items() if n != "auto" and r["ms"] and r["correct"]]
     auto = rows["auto"]["ms"]
