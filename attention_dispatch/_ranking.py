@@ -25,7 +25,8 @@ bench/gpu_bench.py (bf16, hdim 128, interleaved CUDA-event timing):
   Refined from the full bench grid (``attention-dispatch bench --shapes default``,
   H100, 2026-11-26, bf16 and fp16): forward at S=8192 with head dim 128 cuDNN
   beats FA4 by 1-6 % (B=2, H=16: 1.02 vs 1.08 ms causal), so "short" reaches
-  8192 there; causal GQA forwards (32/8) go to FA4 from S=4096 (1.09 vs 1.25 ms).
+  8192 there; causal GQA forwards (32/8) go to FA4 from S=4096 (1.09 vs 1.25 ms);
+  forward+backward with head dim 64 at S=2048 goes to FA4 (2.21 vs 2.34 ms, B=8, H=32).
 * "decode" (Sq == 1; B=32, Hq=32, Hkv=8, Sk=8192): sdpa-cudnn 484 us,
   sdpa-flash 496 us, sdpa-mem-efficient 526 us, FA4 598 us, xformers 771 us.
 """
@@ -69,7 +70,7 @@ def shape_class(spec: CallSpec) -> str:
     if spec.key_padding or spec.varlen:
         return "long"
     longest = max(spec.seq_q, spec.seq_k)
-    if longest <= 2048:
+    if longest <= (2048 if spec.head_dim >= 128 or not spec.requires_grad else 1024):
         return "short"
     if spec.requires_grad or (spec.causal and spec.heads_q != spec.heads_kv):
         return "long"  # cuDNN's causal GQA forward reads expanded K/V

@@ -50,8 +50,8 @@ for stage in "$@"; do
       mkdir -p "$OUT/bench" && cp -r /tmp/ad-grid/. "$OUT/bench/" ;;
     fuzz)
       env_on
-      step fuzz; timeout 560 python3 bench/gpu_fuzz.py --examples 20000 --workers 8 --shape-pool 48 \
-        --max-seconds "${FUZZ_SECONDS:-300}" --backend-budget-s 150 --every flex:5 \
+      step fuzz; timeout 560 python3 bench/gpu_fuzz.py --examples 20000 --workers 12 --shape-pool 48 \
+        --max-seconds "${FUZZ_SECONDS:-380}" --backend-budget-s 100 --every flex:3 \
         --out "$OUT/fuzz.json" 2>&1 | tail -40 | tee -a "$LOG" ;;
     *) echo "unknown stage $stage" | tee -a "$LOG"; exit 2 ;;
   esac

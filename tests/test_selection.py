@@ -400,4 +400,8 @@ def test_shape_classes_of_the_ranking() -> None:
     gqa = dataclasses.replace(base, seq_q=4096, seq_k=4096, heads_q=32, heads_kv=8)
     assert shape_class(gqa) == "short"
     assert shape_class(dataclasses.replace(gqa, causal=True)) == "long"  # FA4 for causal GQA
+    d64 = dataclasses.replace(base, seq_q=2048, seq_k=2048, head_dim=64, head_dim_v=64,
+                              requires_grad=True)
+    assert shape_class(d64) == "long"  # FA4's backward at head dim 64
+    assert shape_class(dataclasses.replace(d64, seq_q=1024, seq_k=1024)) == "short"
     assert SHAPE_RANKINGS[("sm90", "decode")][0] == "sdpa-cudnn"

@@ -278,13 +278,15 @@ def _bucket(n: int) -> int:
 
 
 def _gqa(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, bool]:
-    """flex's native GQA needs a power-of-two group size (its decoding
-    kernel); other group sizes expand K/V."""
-    groups = q.shape[1] // k.shape[1]
-    if groups == 1:
+    """K/V expanded to the query heads (native GQA off).
+
+    Measured on an H100 (torch 2.11, GPU fuzzing): flex's native GQA
+    (``enable_gqa=True``) fails to compile for many short-query shapes
+    (inductor "NoValidChoicesError", e.g. Sq=127, Sk=129, group 2), and group
+    sizes that are not powers of two are not supported by its decoding kernel.
+    """
+    if q.shape[1] == k.shape[1]:
         return k, v, False
-    if groups & (groups - 1) == 0:
-        return k, v, True
     return expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1]), False
 
 
@@ -353,6 +355,12 @@ class FlexBackend(Backend):
             for name, d in (("head_dim", spec.head_dim), ("head_dim_v", spec.head_dim_v)):
                 if not 16 <= d <= 256:
                     out.append(f"{name}={d} on CUDA; allowed: 16..256")
+            if spec.requires_grad and spec.may_have_empty_rows:
+                # measured (GPU fuzzing, H100, torch 2.11): dq/dk/dv off by 1e2 when
+                # some query row has no key (causal Sq > Sk, padding under causal)
+                out.append("gradients for a call that may leave query rows without keys "
+                           "(mask, key padding, causal with Sq > Sk, window); flex's "
+                           "backward is wrong for such rows on CUDA")
         return out
 
     _lse_request: Optional[dict] = None
