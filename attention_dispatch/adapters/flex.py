@@ -355,6 +355,12 @@ class FlexBackend(Backend):
             for name, d in (("head_dim", spec.head_dim), ("head_dim_v", spec.head_dim_v)):
                 if not 16 <= d <= 256:
                     out.append(f"{name}={d} on CUDA; allowed: 16..256")
+            group = spec.heads_q // spec.heads_kv
+            if spec.requires_grad and group & (group - 1):
+                # measured (GPU fuzzing, H100, torch 2.11): Hkv=4, group 3 (K/V expanded to
+                # 12 heads): dq/dk/dv off by 1e2, with and without empty rows
+                out.append(f"gradients with a GQA group of {group} on CUDA; allowed: groups "
+                           "that are powers of two (flex's backward was wrong with group 3)")
             if spec.requires_grad and spec.may_have_empty_rows:
                 # measured (GPU fuzzing, H100, torch 2.11): dq/dk/dv off by 1e2 when
                 # some query row has no key (causal Sq > Sk, padding under causal)
