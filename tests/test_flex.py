@@ -133,3 +133,21 @@ def test_key_padding_block_mask_classes():
         a = dense(getattr(ours, num), getattr(ours, idx), (2, 1, 2, 3), kpm.device)
         b = dense(getattr(theirs, num), getattr(theirs, idx), (2, 1, 2, 3), kpm.device)
         assert torch.equal(a, b), (num, a, b)
+
+
+def test_cuda_refusals_found_by_gpu_fuzzing() -> None:
+    """Gradients flex got wrong on an H100 are refused on CUDA, with reasons."""
+    import dataclasses
+
+    from attention_dispatch._spec import CallSpec
+
+    flex = ad.get_backend("flex")
+    base = CallSpec(device_type="cuda", device_index=0, dtype=torch.bfloat16, batch=2,
+                    heads_q=12, heads_kv=4, seq_q=100, seq_k=257, head_dim=64, head_dim_v=64,
+                    causal=True)
+    assert flex.check(base) == []  # forward: fine
+    why = flex.check(dataclasses.replace(base, requires_grad=True))
+    assert any("GQA group of 3" in w for w in why)
+    assert flex.check(dataclasses.replace(base, heads_q=8, requires_grad=True)) == []
+    empty = dataclasses.replace(base, heads_q=8, requires_grad=True, key_padding=True)
+    assert any("without keys" in w for w in flex.check(empty))
