@@ -147,6 +147,15 @@ def clear() -> list[str]:
     return removed
 
 
+def cached_choice(spec: CallSpec, eligible: list[str]) -> Optional[str]:
+    """The stored decision for ``spec``'s bucket if it is one of ``eligible``
+    (nothing is timed; None when there is none)."""
+    if len(eligible) < 2:
+        return None
+    hit = load(spec.device)["decisions"].get(bucket_key(spec))
+    return hit["backend"] if hit and hit.get("backend") in eligible else None
+
+
 def choose(spec: CallSpec, eligible: list[str], timer: Callable[[str], Optional[float]]
            ) -> str:
     """The cached or newly measured fastest of ``eligible`` (in rank order).
@@ -156,11 +165,10 @@ def choose(spec: CallSpec, eligible: list[str], timer: Callable[[str], Optional[
     """
     if len(eligible) < 2:
         return eligible[0]
-    device = spec.device
-    bucket = bucket_key(spec)
-    hit = load(device)["decisions"].get(bucket)
-    if hit and hit.get("backend") in eligible:
-        return hit["backend"]
+    hit = cached_choice(spec, eligible)
+    if hit is not None:
+        return hit
+    device, bucket = spec.device, bucket_key(spec)
     times = {n: timer(n) for n in eligible}
     good = {n: t for n, t in times.items() if t is not None}
     best = min(good, key=lambda n: good[n]) if good else eligible[0]

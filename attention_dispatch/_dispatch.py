@@ -397,6 +397,13 @@ def explain(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
 
 def explain_spec(spec: CallSpec, selection: tuple[str, ...] = ("auto",),
                  source: str = "argument") -> Decision:
-    """:func:`explain` for a :class:`CallSpec` (no tensors needed)."""
+    """:func:`explain` for a :class:`CallSpec` (no tensors needed).  With autotune
+    on, the backend is the stored autotune decision for the call's bucket, when
+    there is one (``source`` then ends in "+autotune")."""
     chosen, verdicts = _verdicts(spec, selection, everyone=True)
+    if "auto" in selection and chosen is not None and _autotune.enabled():
+        eligible = [v.name for v in verdicts if v.rank is not None and not v.reasons]
+        tuned = _autotune.cached_choice(spec, eligible)
+        if tuned is not None and tuned != chosen:
+            chosen, source = tuned, source + "+autotune"
     return Decision(chosen, selection, source, spec, tuple(verdicts))

@@ -227,3 +227,19 @@ def test_resume_and_max_seconds_arguments(tmp_path: Path,
     (tmp_path / "results.json").write_text("{")
     with pytest.raises(SystemExit, match="--resume: cannot read"):
         main(TINY + ["--out", str(tmp_path), "--resume"])
+
+
+def test_explain_reports_the_autotune_decision(cache_home: Path) -> None:
+    """With autotune on, explain() names the backend autotune stored for the bucket."""
+    ad.autotune(True)
+    ad.clear_cache()
+    q = torch.randn(1, 2, 64, 32)
+    static = ad.explain(q, q, q).backend
+    spec = ad.explain(q, q, q).spec
+    other = next(v.name for v in ad.explain(q, q, q).verdicts
+                 if v.name != static and not v.reasons and v.rank is not None)
+    _autotune.store(spec.device, _autotune.bucket_key(spec), {"backend": other, "ms": {}})
+    d = ad.explain(q, q, q)
+    assert d.backend == other and d.source.endswith("+autotune")
+    ad.autotune(False)
+    assert ad.explain(q, q, q).backend == static

@@ -122,6 +122,8 @@ def run_case(case: BenchCase, backends: list[str], device: torch.device, check: 
         try:
             fn = _call(case, kw, name)
             row.update(first_call(fn, device))
+            if name == "auto":  # autotune (when on) decided during the first call
+                row["chosen"] = explain(**kw).backend or chosen
             ok, detail = (correctness(decision.spec, row["chosen"], device) if check
                           else (True, "not checked"))
             row.update(correct=ok, check=detail)
