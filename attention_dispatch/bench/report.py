@@ -118,7 +118,8 @@ def load(out_dir: str) -> Optional[dict[str, Any]]:
 
 
 def plot(rows: list[Row], path: str, env: dict[str, Any]) -> None:
-    """TFLOP/s per backend over sequence length, one panel per (dtype, causal, mode)."""
+    """TFLOP/s per backend over sequence length, one panel per (dtype, head dim,
+    heads, causal, mode): GQA cases get their own panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,9 +128,9 @@ def plot(rows: list[Row], path: str, env: dict[str, Any]) -> None:
     panels: dict[tuple, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r.get("tflops") and r["mask"] == "none" and r["seq_q"] > 1:
-            key = (r["dtype"], r["head_dim"], r["causal"], r["mode"])
+            key = (r["dtype"], r["head_dim"], r["heads_q"], r["heads_kv"], r["causal"], r["mode"])
             panels[key][r["backend"]].append((r["seq_k"], r["tflops"]))
-    keys = sorted(panels) or [("none", 0, False, "fwd")]
+    keys = sorted(panels) or [("none", 0, 1, 1, False, "fwd")]
     cols = min(4, len(keys))
     nrows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.4 * nrows), squeeze=False)
@@ -138,8 +139,10 @@ def plot(rows: list[Row], path: str, env: dict[str, Any]) -> None:
             pts.sort()
             style = dict(lw=2.5, color="black") if backend == "auto" else {}
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend, **style)
-        dt, d, causal, mode = key
-        ax.set_title(f"{dt} d{d} {'causal' if causal else 'non-causal'} {mode}", fontsize=9)
+        dt, d, hq, hkv, causal, mode = key
+        heads = f"H{hq}" if hq == hkv else f"GQA {hq}/{hkv}"
+        ax.set_title(f"{dt} d{d} {heads} {'causal' if causal else 'non-causal'} {mode}",
+                     fontsize=9)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length")
         ax.set_ylabel("TFLOP/s")
