@@ -456,14 +456,15 @@ spec = importlib.util.spec_from_file_location("gpu_fuzz", path)
 mod = importlib.util.module_from_spec(spec)
 sys.modules["gpu_fuzz"] = mod
 spec.loader.exec_module(mod)
-real = mod.worker_argv
+import fuzz_workers  # bench/ is on sys.path once gpu_fuzz is loaded
+real = fuzz_workers.worker_argv
 
 def worker_argv(a, seed, examples, out_path):
     if seed % 1000 == 1:
         return [sys.executable, "-c", "import sys; sys.exit('worker exploded')"]
     return real(a, seed, examples, out_path)
 
-mod.worker_argv = worker_argv
+fuzz_workers.worker_argv = worker_argv
 sys.exit(mod.main(["--device", "cpu", "--examples", "6", "--workers", "2", "--dtypes", "fp32",
                    "--backends", "math", "--out", out]))
 '''
