@@ -2,6 +2,7 @@
 
     attention-dispatch info
     attention-dispatch bench [--quick] [--device cuda] [--shapes ...] [--out DIR]
+                             [--max-seconds S] [--resume]
     attention-dispatch rank results.json
     attention-dispatch tune --shapes B,H,S,D;... [--device cuda]
     attention-dispatch cache show|clear
