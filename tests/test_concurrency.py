@@ -118,6 +118,23 @@ def choices(counting: list[str]) -> list[tuple[Any, str]]:
 # ------------------------------------------------------------------ threads
 
 
+def run_threads(fn: Callable[[int], None], n: int = N_THREADS) -> list[BaseException]:
+    errors: list[BaseException] = []
+
+    def wrapped(i: int) -> None:
+        try:
+            fn(i)
+        except BaseException as exc:  # pragma: no cover
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wrapped, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
 def test_threads_share_the_cache_without_cross_talk(monkeypatch, counting):
     plan = choices(counting)
     names = sorted({b for _, b in plan})
@@ -125,33 +142,25 @@ def test_threads_share_the_cache_without_cross_talk(monkeypatch, counting):
     inputs = [tiny(0), tiny(1, (1, 2, 3, 8)), tiny(2, (2, 1, 5, 8))]
     expected_out = {}  # thread index -> results to check on a sample of calls
     idents: dict[int, int] = {}
-    errors: list[BaseException] = []
     barrier = threading.Barrier(N_THREADS)
 
     def work(i: int) -> None:
         sel, _ = plan[i]
         idents[i] = threading.get_ident()
         barrier.wait()
-        try:
-            for n in range(N_CALLS):
-                q, k, v = inputs[n % len(inputs)]
-                causal = n % 5 == 0
-                if n % 2:
-                    out = ad.attention(q, k, v, causal=causal, backend=sel)
-                else:
-                    with ad.use_backend(sel):
-                        out = ad.attention(q, k, v, causal=causal)
-                if n % 97 == 0:
-                    assert close_to_reference(out, q, k, v, causal=causal)
-                    expected_out[i] = expected_out.get(i, 0) + 1
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for n in range(N_CALLS):
+            q, k, v = inputs[n % len(inputs)]
+            causal = n % 5 == 0
+            if n % 2:
+                out = ad.attention(q, k, v, causal=causal, backend=sel)
+            else:
+                with ad.use_backend(sel):
+                    out = ad.attention(q, k, v, causal=causal)
+            if n % 97 == 0:
+                assert close_to_reference(out, q, k, v, causal=causal)
+                expected_out[i] = expected_out.get(i, 0) + 1
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(N_THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_threads(work)
     assert not errors, errors
     calls = rec.by_caller()
     cross_talk = 0
@@ -290,24 +299,16 @@ def test_concurrent_first_calls_of_many_signatures():
     ad.clear_events()
     barrier = threading.Barrier(N_THREADS)
     results: dict[tuple[int, int], Any] = {}
-    errors: list[BaseException] = []
 
     def work(t: int) -> None:
         order = list(range(len(calls)))
         random.Random(t).shuffle(order)
         barrier.wait()
-        try:
-            for i in order:
-                (q, k, v), kw = calls[i]
-                results[(t, i)] = ad.attention(q, k, v, **kw)
-        except BaseException as exc:  # pragma: no cover
-            errors.append(exc)
+        for i in order:
+            (q, k, v), kw = calls[i]
+            results[(t, i)] = ad.attention(q, k, v, **kw)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(N_THREADS)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    errors = run_threads(work)
     assert not errors, errors
     assert len(results) == N_THREADS * len(calls)
     for (t, i), res in results.items():
@@ -355,23 +356,6 @@ def flaky_first(register_temp, monkeypatch) -> type:
     monkeypatch.setitem(_ranking.RANKINGS, "cpu", ("flaky",) + _ranking.RANKINGS["cpu"])
     ad.clear_cache()
     return cls
-
-
-def run_threads(fn: Callable[[int], None], n: int = N_THREADS) -> list[BaseException]:
-    errors: list[BaseException] = []
-
-    def wrapped(i: int) -> None:
-        try:
-            fn(i)
-        except BaseException as exc:  # pragma: no cover
-            errors.append(exc)
-
-    threads = [threading.Thread(target=wrapped, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return errors
 
 
 def test_demotion_by_one_thread_is_seen_by_the_others(flaky_first):

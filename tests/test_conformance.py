@@ -18,6 +18,7 @@ import torch
 
 import attention_dispatch as ad
 from attention_dispatch import testing
+from _helpers import skip_unless_usable
 
 FP64_CASES = testing.default_cases(dtypes=(torch.float64,))
 _base = testing.Case()
@@ -110,15 +111,7 @@ def test_check_backend_detects_a_wrong_backend(register_temp):
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 @pytest.mark.parametrize("name", GPU_BACKENDS)
 def test_cuda_conformance(name, case):
-    if name not in ad.list_backends():
-        pytest.skip(f"{name} is not registered")
-    try:
-        reasons = ad.get_backend(name).probe(torch.device("cuda"))
-    except ad.BackendRegistrationError as exc:
-        pytest.skip(str(exc))
-    if reasons:
-        assert name != "math", reasons
-        pytest.skip(f"{name} unavailable on cuda: {'; '.join(reasons)}")
+    skip_unless_usable(name)
     assert _check(name, case, "cuda").ok
 
 

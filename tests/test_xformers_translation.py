@@ -31,6 +31,8 @@ from attention_dispatch import testing
 from attention_dispatch.adapters import xformers as xf
 from attention_dispatch.adapters.xformers import XformersBackend
 
+from _helpers import assert_close, bhsd, make_qkv, padding_mask, reference
+
 Tensor = torch.Tensor
 INF = float("inf")
 CALLS: list[dict[str, Any]] = []
@@ -250,39 +252,6 @@ def xf_env(monkeypatch: pytest.MonkeyPatch) -> Callable[..., XformersBackend]:
     BROKEN.clear()
     backend.forget()
     ad.clear_cache()
-
-
-def make_qkv(b: int = 2, hq: int = 4, hkv: int = 4, sq: int = 6, sk: int = 10, d: int = 16,
-             dv: Optional[int] = None, layout: str = "bshd", dtype: torch.dtype = torch.float16,
-             grad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    g = torch.Generator().manual_seed(0)
-
-    def rnd(h: int, s: int, dd: int) -> Tensor:
-        t = torch.randn(b, s, h, dd, generator=g)
-        t = t if layout == "bshd" else t.transpose(1, 2).contiguous()
-        return t.to(dtype).requires_grad_(grad)
-
-    return rnd(hq, sq, d), rnd(hkv, sk, d), rnd(hkv, sk, dv or d)
-
-
-def bhsd(t: Tensor, layout: str) -> Tensor:
-    return t.transpose(1, 2) if layout == "bshd" else t
-
-
-def reference(q: Tensor, k: Tensor, v: Tensor, layout: str, **kw: Any) -> tuple[Tensor, Tensor]:
-    return testing.reference_attention(*(bhsd(t, layout).detach() for t in (q, k, v)), **kw)
-
-
-def assert_close(got: Tensor, want: Tensor, tol: float = 3e-3) -> None:
-    got, want = got.double(), want.double()
-    finite = torch.isfinite(want)
-    assert torch.equal(torch.isfinite(got), finite)
-    err = (got - want)[finite].abs().max().item() if finite.any() else 0.0
-    assert err <= tol * (1 + want[finite].abs().max().item()), err
-
-
-def padding_mask(lengths: list[int], sk: int) -> Tensor:
-    return torch.arange(sk)[None, :] < torch.tensor(lengths)[:, None]
 
 
 def op_names(call: dict) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 
 import attention_dispatch as ad  # noqa: E402
 from attention_dispatch import testing  # noqa: E402
+from _helpers import skip_unless_usable  # noqa: E402  (tests/, on sys.path via conftest)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -44,20 +45,8 @@ FLEX_STRUCTURED = [c for c in STRUCTURED if c.head_dim == 128 and c.dtype == tor
 FLEX_VARLEN = [c for c in VARLEN if c.head_dim == 128 and c.dtype == torch.bfloat16][-6:]
 
 
-def _usable(name: str) -> None:
-    if name not in ad.list_backends():
-        pytest.skip(f"{name} is not registered")
-    try:
-        reasons = ad.get_backend(name).probe(torch.device("cuda"))
-    except ad.BackendRegistrationError as exc:
-        pytest.skip(str(exc))
-    if reasons:
-        assert name != "math", reasons
-        pytest.skip(f"{name} unavailable on cuda: {'; '.join(reasons)}")
-
-
 def _run(check, name: str, case) -> None:
-    _usable(name)
+    skip_unless_usable(name)
     try:
         assert check(name, case, "cuda").ok
     except ad.BackendUnavailable as exc:
@@ -88,7 +77,7 @@ def test_cuda_merge_of_key_chunks(name, n):
     """LSE from each backend merges over key chunks to the one-call result
     (plain calls: every backend takes them; fully masked partials are covered
     on the CPU in tests/test_merge.py)."""
-    _usable(name)
+    skip_unless_usable(name)
     g = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(2, 8, s, 128, generator=g).to("cuda", torch.bfloat16)
                for s in (64, 512, 512))
@@ -107,7 +96,7 @@ def test_cuda_merge_of_key_chunks(name, n):
 def test_cuda_flex_long_window_softcap_with_gradients():
     """flex at a training shape (bf16, hdim 128, 4k tokens): causal sliding
     window + softcap + ALiBi, forward and backward, against math in float32."""
-    _usable("flex")
+    skip_unless_usable("flex")
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 8, 4096, 128, generator=g) for _ in range(3))
     slopes = testing.alibi_slopes_for(8).cuda()
@@ -124,7 +113,7 @@ def test_cuda_flex_long_window_softcap_with_gradients():
 
 
 def test_cuda_flex_steady_state_compiles_nothing():
-    _usable("flex")
+    skip_unless_usable("flex")
     from attention_dispatch.adapters import flex
 
     q, k, v = (torch.randn(2, 8, 1024, 64, device="cuda", dtype=torch.bfloat16)
