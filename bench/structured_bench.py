@@ -12,7 +12,8 @@
 (b) sliding window: B=1, S=32768, H=16, D=128, bfloat16, ``causal=True,
     window=(4096, 0)`` (Mistral style: each query sees itself and the 4096 keys
     before it).  Every backend that accepts the call is timed side by side with
-    auto (CUDA events, a random order in each round, median); forward and
+    auto (``attention_dispatch.bench.run.time_interleaved``: CUDA events, a random
+    order in each round, median of --rounds); forward and
     forward+backward.  TFLOP/s count the score entries the window admits
     (4 * B * H * D * pairs per forward, x2.5 with backward).  Goal: auto >= 0.97 x
     the best.  The outputs of every backend are compared with each other.
@@ -27,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
-import statistics
 import sys
 from typing import Any, Callable, Optional
 
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import attention_dispatch as ad
+from attention_dispatch.bench.run import time_interleaved
 
 Tensor = torch.Tensor
 MB = 2 ** 20
@@ -108,27 +108,6 @@ def memory_rows(b: int, s: int, h: int, d: int) -> list[dict[str, Any]]:
     return rows
 
 
-def time_side_by_side(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-    """Median ms of each closure; every round runs all of them in a fresh random order."""
-    for fn in fns.values():  # warm-up (compiles)
-        fn()
-        fn()
-    torch.cuda.synchronize()
-    samples: dict[str, list[float]] = {n: [] for n in fns}
-    names = list(fns)
-    order = random.Random(0)
-    for _ in range(rounds):
-        order.shuffle(names)
-        for n in names:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fns[n]()
-            end.record()
-            end.synchronize()
-            samples[n].append(start.elapsed_time(end))
-    return {n: statistics.median(v) for n, v in samples.items()}
-
-
 def window_pairs(s: int, left: int) -> int:
     """Score entries a causal window (left, 0) admits in an S x S call."""
     return sum(min(i, left) + 1 for i in range(s))
@@ -155,7 +134,9 @@ def window_mode(b: int, s: int, h: int, d: int, left: int, rounds: int, skip: se
             outs = {n: ad.attention(q, k, v, backend=n, **kw).float() for n in names}
         agree = {n: float((o - outs[names[0]]).abs().max()) for n, o in outs.items()}
         agree["against"] = names[0]
-    ms = time_side_by_side(fns, rounds)
+    for fn in fns.values():  # compiles (flex) before the untimed call of the timer
+        fn()
+    ms = time_interleaved(fns, torch.device("cuda"), rounds=rounds)
     best = min(ms[n] for n in names)
     flops = 4 * b * h * d * window_pairs(s, left) * (2.5 if grad else 1.0)
     rows = [dict(case=f"S={s} causal window ({left}, 0)", mode=mode, backend=n,
