@@ -137,10 +137,10 @@ def zero_empty_rows(out: Tensor, lse: Optional[Tensor], alive: Optional[Tensor],
 
     The gradient of the zeroed rows is zero, so a kernel's garbage there never
     reaches q, k or v.  Without autograd the kernel's own output buffer is
-    zeroed in place (unless it shares memory with one of ``inputs``); with autograd a copy is made only when some row is dead
-    (one tiny reduction read back, skipped while a CUDA graph is captured or
-    a graph is traced), so a padded batch without dead rows costs no second
-    output-sized buffer.
+    zeroed in place (unless it shares memory with one of ``inputs``); with
+    autograd a copy is made only when some row is dead (one tiny reduction
+    read back, skipped while a CUDA graph is captured or a graph is traced),
+    so a padded batch without dead rows costs no second output-sized buffer.
     """
     if alive is None:
         return out, lse

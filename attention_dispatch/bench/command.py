@@ -101,8 +101,8 @@ def _state(cases: list[BenchCase], rows: list[Row]) -> dict[str, Any]:
 def _resume_command(a: argparse.Namespace) -> str:
     """The command line that continues this run."""
     opts = [("--device", a.device), ("--dtype", a.dtype), ("--shapes", a.shapes),
-            ("--kv-heads", str(a.kv_heads) if a.kv_heads else None), ("--causal", a.causal), ("--mask", a.mask),
-            ("--mode", a.mode), ("--backends", a.backends), ("--out", a.out)]
+            ("--kv-heads", str(a.kv_heads) if a.kv_heads else None), ("--causal", a.causal),
+            ("--mask", a.mask), ("--mode", a.mode), ("--backends", a.backends), ("--out", a.out)]
     parts = ["attention-dispatch", "bench"] + [x for flag, v in opts if v for x in (flag, v)]
     parts += ["--quick"] * a.quick + ["--no-check"] * a.no_check + ["--resume"]
     if a.max_seconds:
