@@ -7,6 +7,7 @@ from typing import ClassVar, Optional
 import torch
 
 from ._capabilities import Capabilities, capability_reasons, device_reasons
+from ._layout import StrideRequirements
 from ._spec import CallSpec
 
 AttentionResult = tuple[torch.Tensor, Optional[torch.Tensor]]
@@ -23,7 +24,9 @@ class Backend:
 
     ``forward`` always receives q, k, v in the ``bhsd`` view (a transposed view
     of the caller's tensors when the caller used ``bshd``; ``k.is_contiguous()``
-    tells nothing about the caller's layout, ``spec.layout`` does) and must
+    tells nothing about the caller's layout, ``spec.layout`` does; their
+    memory already meets :meth:`stride_requirements`, and K/V slots excluded
+    by ``key_padding_mask`` hold zeros unless ``capabilities.padded_keys_unread``) and must
     return ``(out, lse)``: out as (B, Hq, Sq, Dv) (any strides), lse as
     (B, Hq, Sq) float32 or None when ``return_lse`` is False.
 
@@ -53,6 +56,12 @@ class Backend:
     def check(self, spec: CallSpec) -> list[str]:
         """Per-call reasons beyond the declared capabilities (override if needed)."""
         return []
+
+    def stride_requirements(self, spec: CallSpec) -> StrideRequirements:
+        """What the kernel needs of its inputs' memory for the call ``spec``
+        (default: ``capabilities.strides``; override where it depends on the
+        device).  The dispatcher copies the tensors that break it."""
+        return self.capabilities.strides
 
     def supports(self, spec: CallSpec) -> list[str]:
         """Every reason this backend refuses the call ``spec``; [] if it accepts."""

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from ._layout import UNIT_LAST_STRIDE, StrideRequirements
 from ._spec import CallSpec
 
 _DTYPE_NAMES = {
@@ -45,7 +46,16 @@ class Capabilities:
         lse: can return the log-sum-exp.
         gqa: accepts Hq != Hkv.
         backward: gradients flow through it.
-        native_layout: the layout the kernel reads without a copy.
+        native_layout: the axis order ("bhsd"/"bshd") the kernel reads without
+            a copy; a tensor that must be copied (``strides``) is copied into it.
+        strides: what the kernel needs of the memory of q, k, v and a dense
+            mask (unit last stride, aligned strides and pointers, stride-0
+            axes); the dispatcher copies the tensors that break it, and only
+            those.  Default: a unit last stride.  See ``_layout``.
+        padded_keys_unread: the kernel never reads the key/value slots that
+            ``key_padding_mask`` excludes (it takes lengths, e.g. ``seqused_k``);
+            if False, the dispatcher zeroes those slots in one masked copy of
+            K and V first, so NaN or Inf stored there cannot reach the result.
         empty_rows_exact: output 0 / lse -inf for rows with no allowed key
             without help; if False the dispatcher restores that after the call.
         window: sliding windows (``spec.window``, with or without causal).
@@ -78,6 +88,8 @@ class Capabilities:
     gqa: bool = True
     backward: bool = True
     native_layout: str = "bhsd"
+    strides: StrideRequirements = UNIT_LAST_STRIDE
+    padded_keys_unread: bool = False
     empty_rows_exact: bool = False
     window: bool = False
     softcap: bool = False

@@ -35,6 +35,9 @@ class Decision:
             "ATTENTION_DISPATCH_BACKEND" or "default").
         spec: the call signature.
         verdicts: one entry per registered backend.
+        copies: what is copied before the chosen kernel runs, and why (a
+            tensor whose memory layout the kernel cannot read, key-padding
+            slots zeroed); empty when the kernel reads the caller's tensors.
     """
 
     backend: Optional[str]
@@ -42,6 +45,7 @@ class Decision:
     source: str
     spec: CallSpec
     verdicts: tuple[BackendVerdict, ...] = field(default_factory=tuple)
+    copies: tuple[str, ...] = ()
 
     def reasons(self, name: str) -> tuple[str, ...]:
         """Why ``name`` did not run the call (empty if it could)."""
@@ -60,7 +64,9 @@ class Decision:
         if s.window is not None or s.softcap is not None or s.alibi or s.varlen:
             head += f" window={s.window} softcap={s.softcap} alibi={s.alibi} varlen={s.varlen}"
         lines = [head, f"selection: {','.join(self.selection)} (from {self.source})",
-                 f"chosen: {self.backend or 'none'}", ""]
+                 f"chosen: {self.backend or 'none'}"]
+        lines += [f"  {c}" for c in self.copies]
+        lines.append("")
         width = max([len(v.name) for v in self.verdicts] + [7])
         lines.append(f"{'rank':>4}  {'backend':<{width}}  {'status':<9}  reasons")
         for v in self.verdicts:

@@ -14,6 +14,7 @@ from . import _autotune, _compile, _events, _reliability
 from ._backend import Backend
 from ._decision import ACCEPTED, CHOSEN, REFUSED, SKIPPED, BackendVerdict, Decision
 from ._errors import BackendRuntimeError, BackendUnavailable
+from ._layout import MemoryPlan, apply_memory, plan_memory
 from ._masks import alive_rows, zero_empty_rows
 from ._ranking import ranked
 from ._registry import REGISTRY
@@ -37,6 +38,10 @@ class _Plan(NamedTuple):
     dropout_p: float
     selection: tuple[str, ...]  # for a runtime fallback
     direct: Optional[Callable[..., Any]] = None  # backend.forward when nothing else is needed
+    # copies for the memory layout and key padding, decided for the strides of
+    # the cache key (None: decided per call, e.g. after a fallback or when traced)
+    memory: Optional[MemoryPlan] = None
+    align: int = 0  # data-pointer alignment the hot path checks (0: none)
 
 
 _plans: dict[tuple, _Plan] = {}
@@ -67,6 +72,33 @@ def _meta(t: Any) -> Any:
     if t is None:
         return None
     return (t.shape, t.dtype, t.device, t.requires_grad)
+
+
+def _mask_meta(t: Any) -> Any:
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+
+
+def _memory_for(backend: Backend, spec: CallSpec, q: Tensor, k: Tensor, v: Tensor,
+                mask: Optional[Tensor]) -> MemoryPlan:
+    """The copies ``backend`` needs for these tensors (bhsd views)."""
+    caps = backend.capabilities
+    clean = spec.key_padding and caps.key_padding and not caps.padded_keys_unread
+    return plan_memory(backend.stride_requirements(spec), caps.native_layout, clean,
+                       q, k, v, mask)
+
+
+def _bind(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+          layout: str) -> _Plan:
+    """``plan`` for tensors with the strides of these (the caller's layout):
+    its memory plan, and the direct kernel call when nothing else is needed."""
+    if layout == "bshd":
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    spec, inst = plan.spec, plan.backend
+    mp = _memory_for(inst, spec, q, k, v, mask)
+    simple = mp.idle and not (plan.fix_rows or plan.empty or spec.alibi
+                              or (spec.key_padding and not inst.capabilities.key_padding))
+    align = mp.req.pointer_alignment if mp.req.checks_pointers else 0
+    return plan._replace(memory=mp, direct=inst.forward if simple else None, align=align)
 
 
 def _candidates(selection: tuple[str, ...], device: torch.device,
@@ -136,10 +168,7 @@ def _decide(spec: CallSpec, selection: tuple[str, ...], scale: Optional[float],
     fix = spec.may_have_empty_rows and not inst.capabilities.empty_rows_exact
     eff_scale = float(scale) if scale is not None else 1.0 / math.sqrt(spec.head_dim)
     empty = spec.seq_q == 0 or spec.seq_k == 0
-    simple = not (fix or empty or spec.alibi or (spec.key_padding
-                                                  and not inst.capabilities.key_padding))
-    return _Plan(inst, spec, eff_scale, fix, empty, float(dropout_p), selection,
-                 inst.forward if simple else None)
+    return _Plan(inst, spec, eff_scale, fix, empty, float(dropout_p), selection)
 
 
 def _autotuned(plan: _Plan, selection: tuple[str, ...], args: tuple) -> _Plan:
@@ -161,8 +190,7 @@ def _autotuned(plan: _Plan, selection: tuple[str, ...], args: tuple) -> _Plan:
     inst, _ = REGISTRY.load(best)
     _events.emit(_events.DECISION, best, f"autotune picked it over {plan.backend.name}", spec)
     fix = spec.may_have_empty_rows and not inst.capabilities.empty_rows_exact  # type: ignore
-    return plan._replace(backend=inst, fix_rows=fix,
-                         direct=inst.forward if plan.direct is not None else None)
+    return plan._replace(backend=inst, fix_rows=fix)
 
 
 def _plan_slow(key: Optional[tuple], selection: tuple[str, ...], q: Any, k: Any, v: Any,
@@ -177,6 +205,7 @@ def _plan_slow(key: Optional[tuple], selection: tuple[str, ...], q: Any, k: Any,
     plan = _decide(spec, selection, scale, dropout_p)
     if "auto" in selection and _autotune.enabled():
         plan = _autotuned(plan, selection, (q, k, v, mask, kpm, layout, alibi_slopes))
+    plan = _bind(plan, q, k, v, mask, layout)
     if key is not None:
         with _lock:
             if len(_plans) >= _MAX_ENTRIES:
@@ -306,11 +335,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
     else:
         selection = resolve(backend)[0]
     try:
-        key = (selection, layout, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype,
-               q.device, k.device, v.device,
+        key = (selection, layout, q.shape, k.shape, v.shape, q.stride(), k.stride(),
+               v.stride(), q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
                _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                     or (mask is not None and mask.requires_grad)),
-               None if mask is None else _meta(mask),
+               None if mask is None else _mask_meta(mask),
                None if key_padding_mask is None else _meta(key_padding_mask),
                causal, dropout_p, scale, return_lse,
                type(causal), type(dropout_p), type(scale), type(return_lse),
@@ -323,7 +352,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
         plan = _plan_slow(key, selection, q, k, v, mask, key_padding_mask, causal, dropout_p,
                           scale, layout, return_lse, window, softcap, alibi_slopes)
     direct = plan.direct
-    if direct is not None and layout == "bhsd" and not return_lse:  # the common case
+    if (direct is not None and layout == "bhsd" and not return_lse  # the common case
+            and not (plan.align and (q.data_ptr() | k.data_ptr() | v.data_ptr()) % plan.align)):
         try:
             return direct(q, k, v, spec=plan.spec, mask=mask, key_padding_mask=key_padding_mask,
                           dropout_p=plan.dropout_p, scale=plan.scale)[0]
@@ -336,7 +366,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
 def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
              kpm: Optional[Tensor], alibi_slopes: Optional[Tensor]) -> tuple[Tensor, Any]:
     """The kernel call (bhsd views): ``alibi_slopes=`` only when given; key
-    padding through ``forward_varlen`` for a varlen backend without key_padding."""
+    padding through ``forward_varlen`` for a varlen backend without key_padding.
+    First the copies the memory plan names (strides, pointers, key-padding slots)."""
+    mp = plan.memory
+    if mp is None:
+        mp = _memory_for(plan.backend, plan.spec, q, k, v, mask)
+    if not mp.idle or mp.req.checks_pointers:
+        q, k, v, mask = apply_memory(mp, q, k, v, mask, kpm)
+    if kpm is not None and not kpm.is_contiguous():  # (B, Sk) bools: a tiny copy
+        kpm = kpm.contiguous()
     if kpm is not None and not plan.backend.capabilities.key_padding:
         from ._varlen import dense_via_varlen
 
@@ -387,12 +425,21 @@ def explain(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
             alibi_slopes: Optional[Tensor] = None) -> Decision:
     """Which backend :func:`attention` would run for these arguments, and, for
     every registered backend, whether it accepts the call or the exact reasons
-    why not.  Nothing runs; the decision cache is not touched."""
+    why not, and (``Decision.copies``) which tensors the chosen backend gets
+    as copies (memory layout, key-padding slots zeroed) and why.  Nothing
+    runs; the decision cache is not touched."""
     selection, source = resolve(backend)
     spec = validate(q, k, v, mask=mask, key_padding_mask=key_padding_mask, causal=causal,
                     dropout_p=dropout_p, scale=scale, layout=layout, return_lse=return_lse,
                     window=window, softcap=softcap, alibi_slopes=alibi_slopes)
-    return explain_spec(spec, selection, source)
+    decision = explain_spec(spec, selection, source)
+    if decision.backend is None:
+        return decision
+    inst, _ = REGISTRY.load(decision.backend)
+    if layout == "bshd":
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    notes = _memory_for(inst, spec, q, k, v, mask).notes  # type: ignore[arg-type]
+    return dataclasses.replace(decision, copies=notes) if notes else decision
 
 
 def explain_spec(spec: CallSpec, selection: tuple[str, ...] = ("auto",),

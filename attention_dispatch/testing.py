@@ -45,6 +45,8 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tenso
 
     Returns (out, lse).  Rows with no key they may attend give out 0, lse -inf,
     and zero gradients.  Independent of the package's adapters on purpose.
+    Key/value slots that ``key_padding_mask`` excludes are never read: NaN or
+    Inf stored there changes nothing, and their gradients are 0.
 
     Structured attention: ``softcap`` c turns the scaled scores into
     c * tanh(s / c) (before anything is added or masked); ``alibi_slopes``
@@ -56,6 +58,9 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tenso
     Hkv, Sk = k.shape[1], k.shape[2]
     heads = torch.arange(Hq) // (Hq // Hkv)
     k, v = k[:, heads], v[:, heads]
+    if key_padding_mask is not None:  # padded slots are never read
+        padded = ~key_padding_mask[:, None, :, None].to(q.device)
+        k, v = k.masked_fill(padded, 0.0), v.masked_fill(padded, 0.0)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     s = torch.einsum("bhid,bhjd->bhij", q, k) * scale
     if softcap:
@@ -421,3 +426,12 @@ from ._testing_varlen import check_backend_varlen  # noqa: E402,F401
 from ._testing_varlen import make_varlen_inputs  # noqa: E402,F401
 from ._testing_varlen import reference_varlen  # noqa: E402,F401
 from ._testing_varlen import varlen_cases  # noqa: E402,F401
+from ._testing_memory import MEMORY_KINDS  # noqa: E402,F401
+from ._testing_memory import MemoryDraw  # noqa: E402,F401
+from ._testing_memory import draw_memory  # noqa: E402,F401
+from ._testing_memory import kpm_view  # noqa: E402,F401
+from ._testing_memory import mask_view  # noqa: E402,F401
+from ._testing_memory import memory_view  # noqa: E402,F401
+from ._testing_memory import packed_qkv  # noqa: E402,F401
+from ._testing_memory import poison_padded  # noqa: E402,F401
+from ._testing_memory import qkv_makers  # noqa: E402,F401

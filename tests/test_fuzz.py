@@ -7,7 +7,12 @@ dtype the backend declares, layout bhsd/bshd, a mask (none, bool or float of a
 random broadcastable shape, float with -inf entries, some rows fully masked, a
 learned float bias that needs a gradient), a key padding mask (prefix or
 scattered, one batch row possibly all False), causal, scale None or random,
-return_lse and gradients.  The backend's output, lse and gradients must obey
+return_lse and gradients, and the memory behind every tensor (the layout
+dimension, ``attention_dispatch.testing.draw_memory``): q, k, v stored
+transposed, broadcast with stride 0 on any axis including the last, step
+slices, storage offsets or views of one packed qkv projection; masks stored
+transposed or broadcast with stride 0; key-padding masks that are step slices;
+NaN and Inf in the padded K/V slots.  The backend's output, lse and gradients must obey
 
     max|backend - ref| <= 2 * max|math - ref| + atol(dtype) * (1 + max|ref|)
 
@@ -43,7 +48,8 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 import attention_dispatch as ad
-from attention_dispatch.testing import atol, reference_attention
+from attention_dispatch.testing import (MemoryDraw, atol, draw_memory, kpm_view, mask_view,
+                                        poison_padded, qkv_makers, reference_attention)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 HEAD_DIMS = (8, 16, 24, 32)
@@ -127,6 +133,7 @@ class Call:
     lse: bool
     grad: bool
     seed: int
+    memory: MemoryDraw = MemoryDraw()
 
     @property
     def heads_q(self) -> int:
@@ -171,12 +178,28 @@ def calls(draw: Any, dtypes: tuple[torch.dtype, ...],
         if draw(flag(f["padding"])) and draw(st.booleans()) else "none",
         dead_batch=draw(st.booleans()), causal=draw(flag(f["causal"])),
         scale=draw(st.one_of(st.none(), st.floats(0.05, 2.0))), lse=draw(flag(f["lse"])),
-        grad=grad, seed=draw(st.integers(0, 2**31 - 1)))
+        grad=grad, seed=draw(st.integers(0, 2**31 - 1)),
+        memory=draw_memory(random.Random(draw(st.integers(0, 2**31 - 1))),
+                           packable=sq == sk and group == 1 and dv == d, padding=True))
+
+
+def with_memory(c: Call) -> Call:
+    """The drawn memory, less what the call cannot have (no key padding:
+    no poison or step-sliced padding mask; no mask: no mask view)."""
+    m = c.memory
+    if c.padding == "none" and (m.poison or m.kpm_step):
+        m = dataclasses.replace(m, poison=False, kpm_step=False)
+    if c.mask == "none" and m.mask != "plain":
+        m = dataclasses.replace(m, mask="plain")
+    return dataclasses.replace(c, memory=m)
 
 
 def build(c: Call) -> dict[str, Any]:
-    """Tensors of the call (q, k, v in the call's layout) and the gradient seed."""
+    """Tensors of the call: ``base`` (the leaves: q, k, v in the call's layout,
+    or the packed projection) and ``make`` (leaf -> the drawn view), masks
+    (as drawn views) and the gradient seed."""
     g = torch.Generator().manual_seed(c.seed)
+    mem = c.memory
 
     def rnd(h: int, s: int, d: int) -> torch.Tensor:
         t = torch.randn(c.batch, h, s, d, generator=g)
@@ -187,6 +210,9 @@ def build(c: Call) -> dict[str, Any]:
     kw: dict[str, Any] = {"q": rnd(c.heads_q, c.seq_q, c.head_dim),
                           "k": rnd(c.heads_kv, c.seq_k, c.head_dim),
                           "v": rnd(c.heads_kv, c.seq_k, c.head_dim_v)}
+    if mem.packed:
+        packed = torch.randn(c.batch, c.seq_q, 3 * c.heads_q * c.head_dim, generator=g)
+        kw = dict.fromkeys("qkv", packed.to(c.dtype))
     mask = None
     if c.mask == "bool":
         mask = torch.rand(c.mask_shape, generator=g) > 0.3
@@ -206,8 +232,11 @@ def build(c: Call) -> dict[str, Any]:
         kpm = torch.rand(c.batch, c.seq_k, generator=g) > 0.4
     if kpm is not None and c.dead_batch:
         kpm[torch.randint(0, c.batch, (1,), generator=g)] = False
+    if kpm is not None and mem.poison:
+        kw["k"], kw["v"] = (poison_padded(kw[n], kpm, c.layout, g) for n in "kv")
+    kw["make"] = qkv_makers(mem, c.heads_q, c.layout)
     kw["mask"] = mask
-    kw["key_padding_mask"] = kpm
+    kw["key_padding_mask"] = None if kpm is None else kpm_view(mem, kpm)
     kw["grad_out"] = torch.randn(c.batch, c.heads_q, c.seq_q, c.head_dim_v, generator=g)
     return kw
 
@@ -218,11 +247,16 @@ def _bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 def run(backend: str, c: Call, inp: dict[str, Any]) -> list[Optional[torch.Tensor]]:
     """[out, lse, dq, dk, dv, dmask] in bhsd (None where not requested)."""
-    q, k, v = (inp[n].detach().clone().requires_grad_(c.grad) for n in "qkv")
+    leaves = [inp[n].detach().clone().requires_grad_(c.grad) for n in "qkv"]
+    q, k, v = (inp["make"][n](t) for n, t in zip("qkv", leaves))
+    if c.grad:
+        for t in (q, k, v):
+            t.retain_grad()
     mask = inp["mask"]
     if mask is not None and c.mask_grad:
         mask = mask.detach().clone().requires_grad_()
-    res = ad.attention(q, k, v, mask=mask, key_padding_mask=inp["key_padding_mask"],
+    view = mask if mask is None else mask_view(c.memory, mask, full_shape(c))
+    res = ad.attention(q, k, v, mask=view, key_padding_mask=inp["key_padding_mask"],
                        causal=c.causal, scale=c.scale, layout=c.layout, backend=backend,
                        return_lse=c.lse)
     out, lse = res if c.lse else (res, None)
@@ -245,18 +279,24 @@ def run(backend: str, c: Call, inp: dict[str, Any]) -> list[Optional[torch.Tenso
     return [_bhsd(out, c.layout).detach(), lse] + grads
 
 
+def full_shape(c: Call) -> tuple[int, ...]:
+    return (c.batch, c.heads_q, c.seq_q, c.seq_k)
+
+
 def reference(c: Call, inp: dict[str, Any]) -> tuple[list[Optional[torch.Tensor]], bool]:
     """[out, lse, dq, dk, dv, dmask] in float64, and whether some row has no key."""
-    q, k, v = (_bhsd(inp[n], c.layout).double().requires_grad_(c.grad) for n in "qkv")
-    mask = inp["mask"]
+    q, k, v = (_bhsd(inp["make"][n](inp[n]), c.layout).detach().double()
+               .requires_grad_(c.grad) for n in "qkv")
+    leaf = mask = inp["mask"]
     if mask is not None and mask.dtype != torch.bool:
-        mask = mask.double().requires_grad_(c.mask_grad)
+        leaf = mask.double().requires_grad_(c.mask_grad)
+    mask = leaf if leaf is None else mask_view(c.memory, leaf, full_shape(c))
     out, lse = reference_attention(q, k, v, mask=mask, key_padding_mask=inp["key_padding_mask"],
                                    causal=c.causal, scale=c.scale)
     grads: list[Optional[torch.Tensor]] = [None, None, None, None]
     if c.grad:
         out.backward(inp["grad_out"].to(c.dtype).double())
-        grads = [q.grad, k.grad, v.grad, mask.grad if c.mask_grad else None]
+        grads = [q.grad, k.grad, v.grad, leaf.grad if c.mask_grad else None]
     empty = bool(torch.isneginf(lse).any())
     return [out.detach(), lse.detach() if c.lse else None] + grads, empty
 
@@ -308,6 +348,7 @@ def known_issue(backend: str, c: Call, bad: list[str]) -> Optional[str]:
 
 def check(backend: str, c: Call) -> None:
     counts = FUZZ_COUNTS[backend]
+    c = with_memory(c)
     inp = build(c)
     try:
         got = run(backend, c, inp)
@@ -325,6 +366,8 @@ def check(backend: str, c: Call) -> None:
     counts["key padding"] += c.padding != "none"
     counts["causal"] += c.causal
     counts["empty rows"] += empty
+    counts["memory views"] += c.memory.label() != "contiguous"
+    counts["poisoned padding"] += c.memory.poison
     known = known_issue(backend, c, bad) if bad else None
     if known:
         counts[known] += 1

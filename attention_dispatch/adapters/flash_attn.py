@@ -47,6 +47,7 @@ import torch
 
 from .._backend import AttentionResult, Backend
 from .._capabilities import Capabilities
+from .._layout import CUDA_ALIGNED
 from .._spec import CallSpec
 from . import _flash_api as api_mod
 from ._flash_api import APIS, FA4, FlashApi
@@ -95,6 +96,7 @@ class FlashAttnBackend(Backend):
     package = "flash-attn-4"
     capabilities = Capabilities(
         device_types=frozenset({"cuda"}),
+        strides=CUDA_ALIGNED,
         dtypes=frozenset({torch.float16, torch.bfloat16}),
         max_head_dim=256,
         head_dim_multiple=8,
@@ -102,6 +104,9 @@ class FlashAttnBackend(Backend):
         min_compute_capability=(8, 0),
         mask_kinds=frozenset(),
         native_layout="bshd",
+        # key padding goes in as lengths (FA4 seqused_k; FA2/FA3 varlen on the
+        # real keys only): the kernel never reads the padded slots
+        padded_keys_unread=True,
         window=True,   # FA4 path; see call reasons
         softcap=True,  # FA4 path
     )

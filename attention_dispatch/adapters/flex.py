@@ -52,6 +52,7 @@ import torch
 
 from .._backend import AttentionResult, Backend
 from .._capabilities import Capabilities
+from .._layout import CUDA_ALIGNED, StrideRequirements
 from .._masks import expand_kv
 from .._spec import CallSpec
 
@@ -315,6 +316,11 @@ class FlexBackend(Backend):
         alibi=True,
         varlen=True,
     )
+
+    def stride_requirements(self, spec: CallSpec) -> StrideRequirements:
+        """CPU: a unit last stride; CUDA: the aligned rule of the fused kernels
+        (the triton kernel loads rows with aligned vector loads)."""
+        return CUDA_ALIGNED if spec.device_type == "cuda" else self.capabilities.strides
 
     def describe(self) -> str:
         return (f"torch {torch.__version__} flex_attention (compiled per signature; CPU: "

@@ -22,6 +22,7 @@ import torch
 
 from .._backend import AttentionResult, Backend
 from .._capabilities import Capabilities
+from .._layout import ANY_STRIDES
 from .._masks import additive_bias, expand_kv, softcap_scores
 from .._spec import CallSpec
 
@@ -51,6 +52,7 @@ class MathBackend(Backend):
     capabilities = Capabilities(
         device_types=frozenset({"cpu", "cuda", "mps", "xpu"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+        strides=ANY_STRIDES,
         empty_rows_exact=True,
         window=True,
         softcap=True,

@@ -18,6 +18,7 @@ import torch
 
 from .._backend import AttentionResult, Backend
 from .._capabilities import Capabilities
+from .._layout import CUDA_ALIGNED
 from .._spec import CallSpec
 from ._torch_common import aligned_bias, top_left_causal_flag, torch_bias, with_gqa
 
@@ -29,6 +30,7 @@ class SdpaCudnnBackend(Backend):
 
     capabilities = Capabilities(
         device_types=frozenset({"cuda"}),
+        strides=CUDA_ALIGNED,
         dtypes=frozenset({torch.float16, torch.bfloat16}),
         max_head_dim=128,
         head_dim_multiple=8,

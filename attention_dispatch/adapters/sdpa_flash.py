@@ -22,6 +22,7 @@ import torch
 
 from .._backend import AttentionResult, Backend
 from .._capabilities import Capabilities
+from .._layout import CUDA_ALIGNED, StrideRequirements
 from .._spec import CallSpec
 from ._torch_common import half_only_on_cuda, top_left_causal_flag, torch_bias, with_gqa
 
@@ -43,6 +44,11 @@ class SdpaFlashBackend(Backend):
 
     def describe(self) -> str:
         return f"torch {torch.__version__} flash kernel"
+
+    def stride_requirements(self, spec: CallSpec) -> StrideRequirements:
+        """CPU: a unit last stride (the kernel reads rows as contiguous
+        vectors and gives wrong answers otherwise); CUDA: FA2's aligned rule."""
+        return CUDA_ALIGNED if spec.device_type == "cuda" else self.capabilities.strides
 
     def check(self, spec: CallSpec) -> list[str]:
         if spec.device_type == "cpu":

@@ -19,6 +19,7 @@ import torch
 
 from .._backend import AttentionResult, Backend
 from .._capabilities import Capabilities
+from .._layout import CUDA_ALIGNED
 from .._spec import CallSpec
 from ._torch_common import aligned_bias, torch_bias, with_gqa
 
@@ -32,6 +33,7 @@ class SdpaMemEfficientBackend(Backend):
 
     capabilities = Capabilities(
         device_types=frozenset({"cuda"}),
+        strides=CUDA_ALIGNED,
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         max_head_dim=512,
         head_dim_multiple=8,

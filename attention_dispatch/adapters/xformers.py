@@ -41,6 +41,7 @@ import torch
 
 from .._backend import AttentionResult, Backend
 from .._capabilities import Capabilities, dtype_name
+from .._layout import CUDA_ALIGNED
 from .._masks import expand_kv
 from .._spec import CallSpec
 from ._flash_api import (cuda_capability, fa4_without_fa2, import_hiding_flash_attn,
@@ -343,6 +344,7 @@ class XformersBackend(Backend):
     package = "xformers"
     capabilities = Capabilities(
         device_types=frozenset({"cuda"}),
+        strides=CUDA_ALIGNED,
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         max_head_dim=512,
         head_dim_multiple=8,
