@@ -102,13 +102,16 @@ class MemoryDraw:
 
 
 def draw_memory(rng: random.Random, *, packable: bool, padding: bool) -> MemoryDraw:
-    """A random :class:`MemoryDraw`: about half the tensors keep plain memory.
+    """A random :class:`MemoryDraw`: plain memory everywhere in 30 % of the draws,
+    else about half the tensors keep plain memory.
     ``packable``: q, k, v have one shape (Sq == Sk, Hq == Hkv, Dv == D);
     ``padding``: the call has a key-padding mask (poison and step slices)."""
     def one() -> tuple[str, int]:
         kind = rng.choice(("contiguous",) * 4 + MEMORY_KINDS[1:])
         return kind, rng.choice((0, 1, 2, 3)) if kind != "transposed" else rng.choice((0, 1, 2))
 
+    if rng.random() < 0.3:  # plain memory everywhere: the kernels' own fast paths
+        return MemoryDraw()
     q, k, v = one(), one(), one()
     packed = packable and rng.random() < 0.15
     poison = padding and rng.random() < 0.5 and "expand" not in (k[0], v[0]) and not packed
@@ -145,7 +148,7 @@ def poison_padded(t: Tensor, kpm: Tensor, layout: str, generator: torch.Generato
     the slots ``kpm`` (B, Sk) excludes: a padded KV cache never written."""
     pad = ~kpm.to(t.device)
     pad = pad[:, None, :, None] if layout == "bhsd" else pad[:, :, None, None]
-    pick = torch.rand(t.shape, generator=generator).to(t.device)
+    pick = torch.rand(t.shape, generator=generator, device=generator.device).to(t.device)
     t = t.masked_fill(pad & (pick < 0.25), float("nan"))
     t = t.masked_fill(pad & (pick >= 0.25) & (pick < 0.4), float("inf"))
     return t.masked_fill(pad & (pick >= 0.4) & (pick < 0.5), float("-inf"))

@@ -30,6 +30,9 @@ def spec_of(d: dict[str, Any]) -> "fz.Spec":
     for key in ("mask_shape", "dead_rows", "window"):
         if isinstance(fields.get(key), list):
             fields[key] = tuple(fields[key])
+    if isinstance(fields.get("memory"), dict):  # the drawn memory layout
+        mem = {k: tuple(v) if isinstance(v, list) else v for k, v in fields["memory"].items()}
+        fields["memory"] = fz.MemoryDraw(**mem)
     return fz.Spec(**fields)
 
 

@@ -9,7 +9,11 @@ neighbours: a small pool keeps compiled kernels reusable), D 64/128 (and some
 broadcastable shape, -inf entries, fully masked rows, key padding prefix or
 scattered with an all-False batch row), causal, scale, return_lse, gradients,
 a sliding window (p 0.2: left, right from {-1, 0, 1, 3, 16, 64}, not both -1;
-combined with causal, masks and padding) and a softcap (p 0.15: 5, 20 or 50).
+combined with causal, masks and padding) and a softcap (p 0.15: 5, 20 or 50),
+and the memory behind the tensors (``attention_dispatch.testing.draw_memory``):
+q, k, v stored transposed, stride 0 on any axis, step slices, storage offsets
+or views of one packed projection; masks transposed or broadcast with stride 0;
+key-padding masks as step slices; NaN and Inf in padded K/V slots.
 
 Per example the float64 reference (on the device, for speed) and the ``math``
 backend in the call's dtype run once; then every backend is checked with the
@@ -74,7 +78,7 @@ import platform
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
 FA4_CACHE_DIR = "/tmp/fa4-cute-cache"
@@ -101,7 +105,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fuzz_workers  # noqa: E402
 
 import attention_dispatch as ad  # noqa: E402
-from attention_dispatch.testing import atol, reference_attention  # noqa: E402
+from attention_dispatch.testing import (MemoryDraw, atol, draw_memory, kpm_view,  # noqa: E402
+                                        mask_view, poison_padded, qkv_makers,
+                                        reference_attention)
 
 Tensor = torch.Tensor
 Sizes = tuple[int, int, int, int, int, int]  # batch, heads_kv, group, seq_q, seq_k, head_dim
@@ -138,6 +144,7 @@ class Spec:
     window: Optional[tuple[int, int]]
     softcap: Optional[float]
     seed: int
+    memory: MemoryDraw = MemoryDraw()
 
     @property
     def heads_q(self) -> int:
@@ -173,10 +180,13 @@ def draw(rng: random.Random, dtypes: list[str], grad_p: float,
         shape = tuple(f if rng.random() < 0.6 else 1 for f in full[4 - ndim:])
         if rng.random() < 0.3:
             dead = tuple(sorted({rng.randrange(shape[-2]) for _ in range(rng.randint(1, 2))}))
+    padding = rng.choices(("none", "prefix", "scattered"), (0.6, 0.3, 0.1))[0]
+    memory = draw_memory(rng, packable=sq == sk and group == 1, padding=padding != "none")
+    if mask == "none":
+        memory = replace(memory, mask="plain")
     return Spec(batch=b, heads_kv=hkv, group=group, seq_q=sq, seq_k=sk, head_dim=d,
                 dtype=rng.choice(dtypes), layout=rng.choice(("bhsd", "bshd")), mask=mask,
-                mask_shape=shape, dead_rows=dead,
-                padding=rng.choices(("none", "prefix", "scattered"), (0.6, 0.3, 0.1))[0],
+                mask_shape=shape, dead_rows=dead, padding=padding, memory=memory,
                 dead_batch=rng.random() < 0.2, causal=rng.random() < 0.5,
                 scale=None if rng.random() < 0.7 else round(rng.uniform(0.02, 0.3), 4),
                 lse=rng.random() < 0.3, grad=rng.random() < grad_p,
@@ -198,6 +208,8 @@ def build(s: Spec, device: torch.device) -> dict[str, Any]:
 
     out: dict[str, Any] = {"q": qkv(s.heads_q, s.seq_q), "k": qkv(s.heads_kv, s.seq_k),
                            "v": qkv(s.heads_kv, s.seq_k)}
+    if s.memory.packed:  # q, k, v: views of one projection (B, S, 3 * H * D)
+        out.update(dict.fromkeys("qkv", rnd(s.batch, s.seq_q, 3 * s.heads_q * s.head_dim).to(dt)))
     mask = None
     if s.mask == "bool":
         mask = torch.rand(s.mask_shape, generator=g, device=device) > 0.3
@@ -218,7 +230,13 @@ def build(s: Spec, device: torch.device) -> dict[str, Any]:
         kpm = torch.rand(s.batch, s.seq_k, generator=g, device=device) > 0.4
     if kpm is not None and s.dead_batch:
         kpm[s.seed % s.batch] = False
-    out["mask"], out["key_padding_mask"] = mask, kpm
+    if kpm is not None and s.memory.poison:
+        out["k"], out["v"] = (poison_padded(out[n], kpm, s.layout, g) for n in "kv")
+    out["make"] = qkv_makers(s.memory, s.heads_q, s.layout)
+    if mask is not None:
+        mask = mask_view(s.memory, mask, (s.batch, s.heads_q, s.seq_q, s.seq_k))
+    out["mask"] = mask
+    out["key_padding_mask"] = None if kpm is None else kpm_view(s.memory, kpm)
     out["grad_out"] = rnd(s.batch, s.heads_q, s.seq_q, s.head_dim).to(dt) if s.grad else None
     return out
 
@@ -229,7 +247,11 @@ def _bhsd(t: Tensor, layout: str) -> Tensor:
 
 def run(backend: str, s: Spec, inp: dict[str, Any]) -> list[Optional[Tensor]]:
     """[out, lse, dq, dk, dv] in bhsd (None where not requested)."""
-    q, k, v = (inp[n].detach().requires_grad_(s.grad) for n in "qkv")
+    leaves = [inp[n].detach().clone().requires_grad_(s.grad) for n in "qkv"]
+    q, k, v = (inp["make"][n](t) for n, t in zip("qkv", leaves))
+    if s.grad:
+        for t in (q, k, v):
+            t.retain_grad()
     res = ad.attention(q, k, v, mask=inp["mask"], key_padding_mask=inp["key_padding_mask"],
                        causal=s.causal, scale=s.scale, layout=s.layout, backend=backend,
                        return_lse=s.lse, window=s.window, softcap=s.softcap)
@@ -249,7 +271,8 @@ def run(backend: str, s: Spec, inp: dict[str, Any]) -> list[Optional[Tensor]]:
 
 def reference(s: Spec, inp: dict[str, Any]) -> list[Optional[Tensor]]:
     """Float64 reference on the device: [out, lse, dq, dk, dv]."""
-    q, k, v = (_bhsd(inp[n], s.layout).double().requires_grad_(s.grad) for n in "qkv")
+    q, k, v = (_bhsd(inp["make"][n](inp[n]), s.layout).detach().double()
+               .requires_grad_(s.grad) for n in "qkv")
     out, lse = reference_attention(q, k, v, mask=inp["mask"],
                                    key_padding_mask=inp["key_padding_mask"], causal=s.causal,
                                    scale=s.scale, window=s.window, softcap=s.softcap)
@@ -382,6 +405,8 @@ def run_backends(i: int, spec: Spec, inp: dict[str, Any], ref: list[Optional[Ten
         finally:
             tally.seconds[name] += time.perf_counter() - t0
         tally.counts[name]["run"] += 1
+        tally.counts[name]["run with memory views"] += spec.memory.label() != "contiguous"
+        tally.counts[name]["run with poisoned padding"] += spec.memory.poison
         per.append((name, errors(got, ref)))
     return per, crashed
 
@@ -412,6 +437,8 @@ def judge(spec: Spec, ref: list[Optional[Tensor]], per: list[tuple[str, list[Ten
 def one_example(i: int, spec: Spec, cfg: Config, tally: Tally) -> None:
     """Check every backend on one drawn call; count into ``tally``."""
     tally.counts["math"]["run"] += 1
+    tally.counts["math"]["run with memory views"] += spec.memory.label() != "contiguous"
+    tally.counts["math"]["run with poisoned padding"] += spec.memory.poison
     viol: Optional[dict[str, dict[str, str]]] = None
     t0 = time.perf_counter()
     try:
