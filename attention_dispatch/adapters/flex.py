@@ -20,6 +20,11 @@ Packed totals are rounded up to a power of two (>= 128), so varlen batches
 of changing total length reuse a handful of compiled kernels; the padding
 tokens belong to no document (fully masked: their blocks are skipped).
 
+On the CPU, for head dims below 24, keys are padded to a multiple of 16 and
+the padded keys masked out (``kv_idx < Sk`` in the block mask): torch's CPU
+kernel reads and writes past a key block whose length is 8 mod 16 there
+(see ``cpu_key_length``).
+
 On the CPU (inductor's C++ flex kernel; the first compile of a signature
 takes seconds, ~15 s on a laptop) it is inference-only and returns no LSE:
 calls that need gradients or ``return_lse`` are refused there, and so are
@@ -149,9 +154,15 @@ def _window_ok(d: Tensor, window: Optional[tuple[int, int]], causal: bool) -> Op
 
 
 def dense_mask_mod(seq_q: int, seq_k: int, causal: bool, window: Optional[tuple[int, int]],
-                   kpm: Optional[Tensor]) -> Optional[Callable[..., Tensor]]:
-    """mask_mod for a dense call (None when nothing is masked)."""
-    if not causal and window is None and kpm is None:
+                   kpm: Optional[Tensor], padded_k: Optional[int] = None
+                   ) -> Optional[Callable[..., Tensor]]:
+    """mask_mod for a dense call (None when nothing is masked).
+
+    ``padded_k`` (> seq_k): K/V were padded to that length; keys at
+    ``kv_idx >= seq_k`` are masked out, and causal/window keep the offset of
+    the real lengths (``kpm``, if given, has ``padded_k`` columns then)."""
+    limit = seq_k if padded_k is not None and padded_k > seq_k else None
+    if not causal and window is None and kpm is None and limit is None:
         return None
     off = seq_k - seq_q
 
@@ -159,6 +170,8 @@ def dense_mask_mod(seq_q: int, seq_k: int, causal: bool, window: Optional[tuple[
         keep = _window_ok(kv - (qi + off), window, causal)
         if kpm is not None:
             keep = kpm[b, kv] if keep is None else keep & kpm[b, kv]
+        if limit is not None:
+            keep = kv < limit if keep is None else keep & (kv < limit)
         return keep if keep is not None else kv >= 0
 
     return mask_mod
@@ -271,6 +284,61 @@ def key_padding_block_mask(static: Any, mask_mod: Callable[..., Tensor], kpm: Te
     fnum, fidx = _sparse_blocks(full)
     return _flex().BlockMask.from_kv_blocks(num, idx, fnum, fidx, BLOCK_SIZE=_BLOCK,
                                             mask_mod=mask_mod, seq_lengths=(seq_q, seq_k))
+
+
+#: torch 2.13's CPU flex kernel computes q @ k.T per key block with a micro
+#: GEMM of 16 key columns per step (inductor's CppMicroGemmFP32Vec, block
+#: (1, 16, 1)).  For a head dim below 24 that is a multiple of the vector
+#: width (8 floats with AVX2: head dims 8 and 16) its last step, when the
+#: block's key count is 8 mod 16 (a multiple of the vector width, not of 16),
+#: loads 16 keys and stores 16 scores: it reads 8 keys past the block (past
+#: the tensor at the end) and writes 8 scores past the row.  When the block
+#: is the widest one (all Sk keys without a block mask, or Sk < 128), those
+#: of the last query row land in the softmax's running max/sum: silent wrong
+#: output or NaN, data dependent.  Key blocks are 128 keys (all keys without
+#: a block mask), so padding Sk to a multiple of 16 keeps every step full.
+CPU_KEY_MULTIPLE = 16
+CPU_SAFE_HEAD_DIM = 24  # head dims >= 24 take the micro GEMM's other path
+
+
+def cpu_key_length(device: torch.device, head_dim: int, seq_k: int) -> int:
+    """The key length flex runs with: ``seq_k`` rounded up to a multiple of
+    16 on the CPU for head dims below 24 (the padded keys are masked out),
+    ``seq_k`` otherwise.  Varlen calls need nothing: their packed totals
+    are powers of two >= 128."""
+    if device.type != "cpu" or head_dim >= CPU_SAFE_HEAD_DIM:
+        return seq_k
+    return -(-seq_k // CPU_KEY_MULTIPLE) * CPU_KEY_MULTIPLE
+
+
+def _pad_keys(k: Tensor, v: Tensor, kpm: Optional[Tensor], length: int
+              ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """K/V (B, H, Sk, D) zero-padded to ``length`` keys, and the key padding
+    mask (B, Sk) padded with False (padded keys are never real)."""
+    extra = length - k.shape[2]
+    if extra == 0:
+        return k, v, kpm
+    fn = torch.nn.functional.pad
+    k, v = (fn(t, (0, 0, 0, extra)) for t in (k, v))
+    return k, v, None if kpm is None else fn(kpm, (0, extra), value=False)
+
+
+def _dense_block_mask(device: torch.device, seq_q: int, seq_k: int, padded_k: int,
+                      spec: CallSpec, kpm: Optional[Tensor]) -> Any:
+    """The BlockMask of a dense call over ``padded_k`` keys (None: no mask):
+    causal, window and keys past ``seq_k`` cached per shape, key padding
+    (``kpm``, ``padded_k`` columns) assembled per call on top."""
+    fa = _flex()
+    static_mm = dense_mask_mod(seq_q, seq_k, spec.causal, spec.window, None, padded_k)
+    bm = None
+    if static_mm is not None:  # depends on the shape only: cached
+        bm = _cached_block_mask((device, seq_q, seq_k, padded_k, spec.causal, spec.window),
+                                lambda: fa.create_block_mask(static_mm, None, None, seq_q,
+                                                             padded_k, device=device))
+    if kpm is not None:  # depends on data: block classes per call, no mask_mod sweep
+        mm = dense_mask_mod(seq_q, seq_k, spec.causal, spec.window, kpm, padded_k)
+        bm = key_padding_block_mask(bm, mm, kpm, seq_q, padded_k)  # type: ignore[arg-type]
+    return bm
 
 
 def _bucket(n: int) -> int:
@@ -405,25 +473,18 @@ class FlexBackend(Backend):
                 mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
                 dropout_p: float, scale: float,
                 alibi_slopes: Optional[Tensor] = None) -> AttentionResult:
-        B, _, Sq, _ = q.shape
-        Sk = k.shape[2]
-        fa = _flex()
-        kpm = key_padding_mask
-        static_mm = dense_mask_mod(Sq, Sk, spec.causal, spec.window, None)
-        bm = None
-        if static_mm is not None:  # depends on the shape only: cached
-            bm = _cached_block_mask((q.device, Sq, Sk, spec.causal, spec.window),
-                                    lambda: fa.create_block_mask(static_mm, None, None, Sq, Sk,
-                                                                 device=q.device))
-        if kpm is not None:  # depends on data: block classes per call, no mask_mod sweep
-            mm = dense_mask_mod(Sq, Sk, spec.causal, spec.window, kpm)
-            bm = key_padding_block_mask(bm, mm, kpm, Sq, Sk)  # type: ignore[arg-type]
+        """Dense call: one flex call; on the CPU with small head dims the keys
+        are padded to a multiple of 16 and masked (``cpu_key_length``)."""
+        Sq, Sk = q.shape[2], k.shape[2]
+        Skp = cpu_key_length(q.device, q.shape[-1], Sk)
+        k, v, kpm = _pad_keys(k, v, key_padding_mask, Skp)
+        bm = _dense_block_mask(q.device, Sq, Sk, Skp, spec, kpm)
         off = Sk - Sq
         sm = make_score_mod(spec.softcap, alibi_slopes, lambda b, qi, kv: qi + off - kv,
                             lambda b, qi: b)
         key = ("dense", q.device, q.dtype, spec.causal, spec.window, kpm is not None,
                spec.softcap, None if alibi_slopes is None else alibi_slopes.dim(),
-               spec.requires_grad)
+               spec.requires_grad, Sk)
         return self._run(key, q, k, v, spec, sm, bm, scale)
 
     def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
