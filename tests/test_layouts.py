@@ -28,7 +28,7 @@ from attention_dispatch.testing import atol, memory_view, packed_qkv, reference_
 Tensor = torch.Tensor
 CUDA = torch.cuda.is_available()
 
-CPU_BACKENDS = ("math", "sdpa-flash", "chunked")  # TODO flex
+CPU_BACKENDS = ("math", "sdpa-flash", "chunked", "flex")
 CUDA_BACKENDS = ("math", "sdpa-flash", "sdpa-mem-efficient", "sdpa-cudnn", "flash-attn",
                  "xformers", "flex")
 
