@@ -34,6 +34,8 @@ from ._reliability import FallbackWarning
 from ._select import use_backend
 from ._spec import CallSpec
 from ._varlen import attention_varlen
+from ._verify import WrongResultError
+from ._verify import verify
 from .attend import Attend
 
 __version__ = "0.1.0"
@@ -65,6 +67,7 @@ __all__ = [
     "FallbackWarning",
     "PluginWarning",
     "UnknownBackendError",
+    "WrongResultError",
     "__version__",
     "attention",
     "attention_varlen",
@@ -80,4 +83,5 @@ __all__ = [
     "register_backend",
     "unregister_backend",
     "use_backend",
+    "verify",
 ]

@@ -10,7 +10,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 
-from . import _autotune, _compile, _events, _reliability
+from . import _autotune, _compile, _events, _quarantine, _reliability, _verify
 from ._backend import Backend
 from ._decision import ACCEPTED, CHOSEN, REFUSED, SKIPPED, BackendVerdict, Decision
 from ._errors import BackendRuntimeError, BackendUnavailable
@@ -62,6 +62,8 @@ def clear_cache() -> None:
     _reliability.forget()
     forget_env()
     _autotune.forget_env()
+    _quarantine.forget()
+    _verify.forget()
     forget_names()
 
 
@@ -125,7 +127,8 @@ def _reasons(name: str, spec: CallSpec, forced: bool, canary: bool = True) -> li
         return [f"supports() raised {type(exc).__name__}: {exc}"]
     if reasons:
         return reasons
-    why = None if forced else _reliability.demotion_reason(name, spec)
+    why = None if forced else (_reliability.demotion_reason(name, spec)
+                               or _quarantine.reason(inst, spec))  # type: ignore[arg-type]
     if why is None and canary and spec.device.type != "meta":
         why = _reliability.canary(inst, spec)  # type: ignore[arg-type]
     return [why] if why else []
@@ -268,6 +271,7 @@ def _plan_at_trace(backend: BackendArg, q: Tensor, k: Tensor, v: Tensor, mask: A
 
 _decide_constant = _compile.make_decider(_plan_at_trace)
 _compiling = torch.compiler.is_compiling
+_verify_budget = _verify.budget
 
 
 def _empty(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec) -> tuple[Tensor, Tensor]:
@@ -351,6 +355,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
     if plan is None:
         plan = _plan_slow(key, selection, q, k, v, mask, key_padding_mask, causal, dropout_p,
                           scale, layout, return_lse, window, softcap, alibi_slopes)
+    if _verify_budget():  # verify mode (off by default: one context-variable read)
+        return _verified(plan, key, q, k, v, mask, key_padding_mask, layout, return_lse,
+                         alibi_slopes)
     direct = plan.direct
     if (direct is not None and layout == "bhsd" and not return_lse  # the common case
             and not (plan.align and (q.data_ptr() | k.data_ptr() | v.data_ptr()) % plan.align)):
@@ -361,6 +368,29 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
             return _run(plan, q, k, v, mask, key_padding_mask, layout, return_lse,
                         alibi_slopes, failure=exc)
     return _run(plan, q, k, v, mask, key_padding_mask, layout, return_lse, alibi_slopes)
+
+
+def _verified(plan: _Plan, key: Optional[tuple], q: Tensor, k: Tensor, v: Tensor,
+              mask: Optional[Tensor], kpm: Optional[Tensor], layout: str, return_lse: bool,
+              alibi_slopes: Optional[Tensor]) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Run the call, then (the first N times per signature) check its output on
+    a sample against the reference; a wrong result is quarantined and the call
+    re-run on the next backend (auto) or raised (forced).  See ``_verify``."""
+    res = _run(plan, q, k, v, mask, kpm, layout, return_lse, alibi_slopes)
+    if plan.empty or _verify.skipped(plan.dropout_p, q) or not _verify.due(key, _verify_budget()):
+        return res
+    ran = _plans.get(key, plan) if key is not None else plan  # after a fallback: the new one
+    out = res[0] if return_lse else res
+    views = [q, k, v, out] if layout == "bhsd" else [t.transpose(1, 2) for t in (q, k, v, out)]
+    math, _ = REGISTRY.load("math")
+    why = _verify.check(ran.backend, math, ran.spec, views[0], views[1], views[2], mask,  # type: ignore[arg-type]
+                        kpm, ran.scale, alibi_slopes, views[3])
+    if why is None:
+        return res
+    _events.emit(_events.VERIFY, ran.backend.name, why, ran.spec, level=logging.WARNING)
+    _quarantine.record(ran.backend, ran.spec, why)
+    return _run(ran, q, k, v, mask, kpm, layout, return_lse, alibi_slopes,
+                failure=_verify.WrongResultError(why))
 
 
 def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],

@@ -26,13 +26,14 @@ FALLBACK = "fallback"
 DEMOTION = "demotion"
 CANARY = "canary"
 PLUGIN = "plugin"
+VERIFY = "verify"
 
 
 @dataclass(frozen=True)
 class Event:
     """One thing the dispatcher did.
 
-    kind: "decision", "fallback", "demotion", "canary" or "plugin";
+    kind: "decision", "fallback", "demotion", "canary", "plugin" or "verify";
     backend: the backend concerned; detail: what happened (reasons, errors);
     spec: the call signature (a CallSpec) where there is one.
     """

@@ -128,7 +128,7 @@ def _run_canary(backend: Backend, spec: CallSpec) -> Optional[str]:
     import dataclasses
     import math
 
-    from .testing import atol, reference_attention
+    from ._reference import atol, reference_attention
 
     tiny = dataclasses.replace(spec, batch=1, seq_q=8, seq_k=8, mask_kind="none",
                                key_padding=False, causal=False, dropout=False,

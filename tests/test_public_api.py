@@ -30,6 +30,7 @@ PUBLIC = [
     "FallbackWarning",
     "PluginWarning",
     "UnknownBackendError",
+    "WrongResultError",
     "__version__",
     "attention",
     "attention_varlen",
@@ -45,6 +46,7 @@ PUBLIC = [
     "register_backend",
     "unregister_backend",
     "use_backend",
+    "verify",
 ]
 
 

@@ -168,11 +168,27 @@ def _bucket(kw: dict[str, Any]) -> str:
     return _autotune.bucket_key(explain(**kw).spec)
 
 
+def _show_quarantine(q: Any) -> None:
+    """The quarantine entries written by verify mode."""
+    entries = q.entries()
+    if not entries:
+        print(f"no quarantine entries ({q.path()})")
+        return
+    print(f"{q.path()}: {len(entries)} quarantine entries (auto avoids these)")
+    for e in entries:
+        sig = ",".join(f"{k}={v}" for k, v in sorted(e.get("signature", {}).items()))
+        print(f"  {e.get('backend')} {e.get('backend_version')} on {e.get('device')}, torch "
+              f"{e.get('torch')}: {sig}")
+
+
 def cmd_cache(a: argparse.Namespace) -> int:
+    from .. import _quarantine
+
     if a.action == "clear":
-        for p in _autotune.clear():
+        for p in _autotune.clear() + _quarantine.clear():
             print(f"removed {p}")
         return 0
+    _show_quarantine(_quarantine)
     files = sorted(_autotune.cache_dir().glob("autotune-*.json")) \
         if _autotune.cache_dir().is_dir() else []
     if not files:
