@@ -6,6 +6,8 @@
 #   bash bench/gpu_run.sh grid               # the full bench grid; repeat until it says complete
 #   bash bench/gpu_run.sh fuzz               # 20k fuzz examples over parallel workers
 #   bash bench/gpu_run.sh fit                # longest sequence, 1 GPU vs ring of 2 (2 GPUs)
+#   bash bench/gpu_run.sh layouts            # memory layouts, poisoned padding, verify mode: tests
+#   bash bench/gpu_run.sh layout-bench       # a transposed K: time and memory vs contiguous and torch
 # Logs and results go to $OUT (default ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -53,6 +55,21 @@ for stage in "$@"; do
       step fuzz; timeout 560 python3 bench/gpu_fuzz.py --examples 20000 --workers 12 --shape-pool 48 \
         --max-seconds "${FUZZ_SECONDS:-380}" --backend-budget-s 100 --every flex:3 \
         --out "$OUT/fuzz.json" 2>&1 | tail -40 | tee -a "$LOG" ;;
+    layouts)
+      env_on
+      step layout-tests
+      python3 -m pytest tests/test_layouts.py tests/test_verify.py -k "cuda or verify or bug" -q \
+        -p no:cacheprovider -rfE 2>&1 | tail -30 | tee "$OUT/gpu-layouts.txt" | tee -a "$LOG"
+      step gpu-tests
+      python3 -m pytest tests -m gpu -q -p no:cacheprovider -rfE 2>&1 | tail -30 \
+        | tee "$OUT/gpu-tests.txt" | tee -a "$LOG" ;;
+    layout-bench)
+      env_on
+      for extra in "" "--backward" "--causal"; do
+        step "layout-bench $extra"
+        python3 bench/layout_bench.py --device cuda $extra \
+          --out "$OUT/layout-cuda${extra//-/_}.json" 2>&1 | tail -12 | tee -a "$LOG"
+      done ;;
     *) echo "unknown stage $stage" | tee -a "$LOG"; exit 2 ;;
   esac
 done

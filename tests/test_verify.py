@@ -213,3 +213,32 @@ def test_an_injected_known_bug_steers_auto(monkeypatch: pytest.MonkeyPatch) -> N
     assert ad.explain(*qkv(30), backend=SELECTION).backend == _wrong_backend.NAME
     # a forced backend still runs (the user chose it)
     assert ad.explain(*qkv(32), backend=_wrong_backend.NAME).backend == _wrong_backend.NAME
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa-flash", "sdpa-mem-efficient", "sdpa-cudnn",
+                                     "flash-attn", "xformers", "flex", "auto"])
+def test_no_false_alarm_on_cuda(backend: str) -> None:
+    """Correct CUDA kernels pass verify mode's float32 check (bf16/fp16, causal
+    Sq != Sk, GQA, key padding, a long query sampled by rows)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if backend != "auto" and ad.get_backend(backend).probe(torch.device("cuda")):
+        pytest.skip(f"{backend} unavailable")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ran = 0
+    for dtype in (torch.bfloat16, torch.float16):
+        q = torch.randn(2, 8, 300, 64, generator=g, device="cuda", dtype=dtype)
+        k, v = (torch.randn(2, 2, 520, 64, generator=g, device="cuda", dtype=dtype)
+                for _ in range(2))
+        kpm = torch.rand(2, 520, generator=g, device="cuda") > 0.2
+        for kw in (dict(causal=True), dict(key_padding_mask=kpm), dict()):
+            try:
+                with ad.verify(1):
+                    ad.attention(q, k, v, backend=backend, **kw)
+                ran += 1
+            except ad.BackendUnavailable:
+                continue
+    assert not [e for e in ad.events() if e.kind == "verify"], ad.events()
+    if backend == "auto":
+        assert ran == 6
