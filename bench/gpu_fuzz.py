@@ -181,15 +181,17 @@ def draw(rng: random.Random, dtypes: list[str], grad_p: float,
         if rng.random() < 0.3:
             dead = tuple(sorted({rng.randrange(shape[-2]) for _ in range(rng.randint(1, 2))}))
     padding = rng.choices(("none", "prefix", "scattered"), (0.6, 0.3, 0.1))[0]
-    memory = draw_memory(rng, packable=sq == sk and group == 1, padding=padding != "none")
+    layout, grad = rng.choice(("bhsd", "bshd")), rng.random() < grad_p
+    memory = draw_memory(rng, packable=sq == sk and group == 1, padding=padding != "none",
+                         key_axis=(2 if layout == "bhsd" else 1) if grad else None)
     if mask == "none":
         memory = replace(memory, mask="plain")
     return Spec(batch=b, heads_kv=hkv, group=group, seq_q=sq, seq_k=sk, head_dim=d,
-                dtype=rng.choice(dtypes), layout=rng.choice(("bhsd", "bshd")), mask=mask,
+                dtype=rng.choice(dtypes), layout=layout, mask=mask,
                 mask_shape=shape, dead_rows=dead, padding=padding, memory=memory,
                 dead_batch=rng.random() < 0.2, causal=rng.random() < 0.5,
                 scale=None if rng.random() < 0.7 else round(rng.uniform(0.02, 0.3), 4),
-                lse=rng.random() < 0.3, grad=rng.random() < grad_p,
+                lse=rng.random() < 0.3, grad=grad,
                 window=draw_window(rng),
                 softcap=rng.choice(SOFTCAPS) if rng.random() < SOFTCAP_P else None,
                 seed=rng.randrange(2**31))

@@ -468,7 +468,9 @@ def test_lse_with_gradients_is_accepted_and_detached(flash_env: Callable, api: s
 # ----------------------------------------------------------------- tests: key padding
 
 
-def test_fa4_key_padding_uses_seqused_k_without_copy(flash_env: Callable) -> None:
+def test_fa4_key_padding_uses_seqused_k(flash_env: Callable) -> None:
+    """Right padding goes in as seqused_k: q as it is, K and V as one masked copy
+    each (FA4 reads the padded slots of the last key tile)."""
     fake = FakeFA4()
     flash_env(fake)
     q, k, v = make_qkv(b=3, sq=4, sk=9)
@@ -479,7 +481,11 @@ def test_fa4_key_padding_uses_seqused_k_without_copy(flash_env: Callable) -> Non
     assert name == "flash_attn_varlen_func"
     assert kw["cu_seqlens_q"] is None and kw["cu_seqlens_k"] is None
     assert kw["seqused_k"].dtype == torch.int32 and kw["seqused_k"].tolist() == [9, 5, 0]
-    assert [a.data_ptr() for a in args] == [t.data_ptr() for t in (q, k, v)]  # no copies
+    assert args[0].data_ptr() == q.data_ptr()  # q: no copy
+    assert args[1].shape == k.shape and args[2].shape == v.shape
+    for got, t in zip(args[1:], (k, v)):  # K, V: padded slots zeroed in a copy
+        assert got.data_ptr() != t.data_ptr()
+        assert not got[~kpm].any() and torch.equal(got[kpm], t[kpm])
     assert kw["causal"] is False
     ref, ref_lse = reference(q, k, v, "bshd", key_padding_mask=kpm)
     assert_close(out.transpose(1, 2), ref)

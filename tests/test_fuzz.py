@@ -167,9 +167,10 @@ def calls(draw: Any, dtypes: tuple[torch.dtype, ...],
     dead = tuple(sorted(draw(st.sets(st.integers(0, rows - 1), max_size=2)))) \
         if mask != "none" else ()
     grad = draw(flag(f["grad"]))
+    layout = draw(st.sampled_from(("bhsd", "bshd")))
     return Call(
         batch=b, heads_kv=hkv, group=group, seq_q=sq, seq_k=sk, head_dim=d, head_dim_v=dv,
-        dtype=dtype, layout=draw(st.sampled_from(("bhsd", "bshd"))), mask=mask,
+        dtype=dtype, layout=layout, mask=mask,
         mask_shape=shape if mask != "none" else (),
         mask_float32=mask == "float" and dtype in (torch.float16, torch.bfloat16)
         and draw(st.booleans()),
@@ -180,7 +181,8 @@ def calls(draw: Any, dtypes: tuple[torch.dtype, ...],
         scale=draw(st.one_of(st.none(), st.floats(0.05, 2.0))), lse=draw(flag(f["lse"])),
         grad=grad, seed=draw(st.integers(0, 2**31 - 1)),
         memory=draw_memory(random.Random(draw(st.integers(0, 2**31 - 1))),
-                           packable=sq == sk and group == 1 and dv == d, padding=True))
+                           packable=sq == sk and group == 1 and dv == d, padding=True,
+                           key_axis=(2 if layout == "bhsd" else 1) if grad else None))
 
 
 def with_memory(c: Call) -> Call:

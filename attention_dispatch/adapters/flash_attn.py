@@ -104,9 +104,10 @@ class FlashAttnBackend(Backend):
         min_compute_capability=(8, 0),
         mask_kinds=frozenset(),
         native_layout="bshd",
-        # key padding goes in as lengths (FA4 seqused_k; FA2/FA3 varlen on the
-        # real keys only): the kernel never reads the padded slots
-        padded_keys_unread=True,
+        # key padding goes in as lengths (FA4 seqused_k), but FA4 still loads the
+        # whole last key tile and multiplies its zero weights with what the padded
+        # slots hold (NaN there gave NaN outputs on an H200): the dispatcher
+        # zeroes those slots first (padded_keys_unread stays False)
         window=True,   # FA4 path; see call reasons
         softcap=True,  # FA4 path
     )
