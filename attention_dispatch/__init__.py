@@ -35,6 +35,8 @@ from ._select import use_backend
 from ._spec import CallSpec
 from ._varlen import attention_varlen
 from .attend import Attend
+from .sdpa import patch_sdpa
+from .sdpa import scaled_dot_product_attention
 
 __version__ = "0.1.0"
 
@@ -77,7 +79,9 @@ __all__ = [
     "get_backend",
     "list_backends",
     "merge_attention",
+    "patch_sdpa",
     "register_backend",
+    "scaled_dot_product_attention",
     "unregister_backend",
     "use_backend",
 ]

@@ -42,7 +42,9 @@ PUBLIC = [
     "get_backend",
     "list_backends",
     "merge_attention",
+    "patch_sdpa",
     "register_backend",
+    "scaled_dot_product_attention",
     "unregister_backend",
     "use_backend",
 ]
