@@ -20,6 +20,8 @@ Translation into the contract (docs/integrations.md):
 * ``enable_gqa``: grouped, query head ``h`` reads kv head ``h // (Hq // Hkv)``,
   as in the contract.
 * Inputs of any rank >= 2 with torch's broadcasting of the leading dims.
+* A bool ``attn_mask`` of shape (B|1, 1, 1, S) (the same keys for every head
+  and query: padding) is given as ``key_padding_mask``.
 """
 
 from __future__ import annotations
@@ -154,6 +156,11 @@ def _translate(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Te
         kwargs["causal"] = True
     elif is_causal:  # Sq > Sk: j <= i + (Sk - Sq) + right with right = Sq - Sk
         kwargs["window"] = (-1, sq - sk)
+    m = kwargs["mask"]
+    if m is not None and m.dtype == torch.bool and m.dim() == 4 and m.shape[1:3] == (1, 1):
+        # the same keys for every head and query: key padding, which kernels take natively
+        kwargs["mask"] = None
+        kwargs["key_padding_mask"] = m[:, 0, 0].expand(q.shape[0], k.shape[2])
     return _Call(q, k, v, kwargs, out_shape, drop_all=dropout_p >= 1.0)
 
 

@@ -135,8 +135,9 @@ def _compiled_generate(kind: str, backend: str) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_compiled_static_cache_generate_matches_eager(kind):
-    """fullgraph=True: no graph break in the attention path; aot_eager keeps
-    it at a few seconds per model on a 2-core CPU (dynamo traces everything; the inductor test below compiles one model fully)."""
+    """fullgraph=True: no graph break in the attention path.  The "eager"
+    compile backend keeps it at a few seconds per model on a 2-core CPU
+    (dynamo traces everything); the inductor test compiles one model fully."""
     _compiled_generate(kind, "eager")
 
 

@@ -260,3 +260,17 @@ def test_no_module_calls_torchs_function_by_name():
         for needle in ("F.scaled_dot_product_attention(",
                        "functional.scaled_dot_product_attention("):
             assert needle not in text, f"{path} calls torch's SDPA by name"
+
+
+def test_per_key_bool_mask_becomes_key_padding():
+    q, k, v = qkv(hkv=4)
+    pad = torch.rand(2, 1, 1, 7, generator=torch.Generator().manual_seed(3)) > 0.4
+    pad[..., 0] = True
+    spec = sdpa_mod.explain_sdpa(q, k, v, pad).spec
+    assert spec.key_padding and spec.mask_kind == "none"
+    for causal in (False, True):
+        torch.testing.assert_close(ad.scaled_dot_product_attention(q, k, v, pad, is_causal=causal),
+                                   torch_math(q, k, v, pad, is_causal=causal), rtol=0, atol=1e-12)
+    one = pad[:1]  # batch-broadcast padding
+    torch.testing.assert_close(ad.scaled_dot_product_attention(q, k, v, one),
+                               torch_math(q, k, v, one), rtol=0, atol=1e-12)
