@@ -145,6 +145,24 @@ def test_compiled_static_cache_generate_with_inductor():
     _compiled_generate("llama", "inductor")
 
 
+def test_compiled_forward_matches_eager():
+    """A compiled forward (fullgraph) of a model with full and sliding layers:
+    full layers get key padding; sliding-window masks built while dynamo traces
+    are closures it cannot read, so they fall back to transformers' dense mask."""
+    eager, ours = _models("gemma2")
+    ids, mask = batch(padded=True)
+    torch._dynamo.reset()
+    f = torch.compile(lambda i, m: ours(i, attention_mask=m, use_cache=False).logits,
+                      fullgraph=True, backend="eager")
+    ad.clear_events()
+    with torch.no_grad():
+        got, want = f(ids, mask), eager(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-4)
+    kinds = {(e.spec.mask_kind, e.spec.key_padding) for e in ad.events("decision")}
+    assert kinds == {("none", True), ("bool", False)}
+
+
 def _specs(kind: str, **generate_kw):
     eager, ours = _models(kind)
     ids, mask = batch(padded=True)

@@ -19,8 +19,11 @@ transformers' models use: it hands the attention function a
   slots as ``key_padding_mask`` (static shapes for ``torch.compile``, no sync).
 
 Anything else (custom ``or``/``and`` mask functions, packed sequences, chunked
-attention, a prefill under ``torch.compile`` on a static cache) falls back to
-transformers' own dense boolean mask, passed as ``mask=``.  Softcapping
+attention, a prefill under ``torch.compile`` on a static cache, and sliding
+windows whose masks are built while ``torch.compile`` traces: the mask
+function is then a closure dynamo cannot read) falls back to transformers' own
+dense boolean mask, passed as ``mask=``, as transformers' sdpa integration
+uses it there.  Softcapping
 (Gemma 2) -> ``softcap=``; GQA is native (no ``repeat_kv``).
 """
 
@@ -93,6 +96,8 @@ def _pattern(mask_function: Callable, local_size: Any) -> Optional[tuple[str, Op
         return "causal", None
     if mask_function is mu.bidirectional_mask_function:
         return "bidirectional", None
+    if torch.compiler.is_compiling():  # closures made while tracing cannot be read
+        return None
     if not isinstance(local_size, int) or getattr(mask_function, "__qualname__", "") \
             != "and_masks.<locals>.and_mask":
         return None
