@@ -158,7 +158,15 @@ def mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset: Any
                    **kwargs: Any) -> Any:
     """transformers' mask-interface signature -> a :class:`DispatchMask`, or
     transformers' dense (B, 1, Sq, Sk) bool mask for patterns it cannot
-    express exactly (see the module docstring)."""
+    express exactly (see the module docstring).
+
+    Equivalent math (what transformers' ``sdpa_mask`` materialises; ``w`` =
+    ``local_size`` for sliding-window layers)::
+
+        q_pos, kv_pos = q_offset + i, kv_offset + j
+        allowed[b, i, j] = padding[b, kv_pos] & (kv_pos <= q_pos if causal)
+                           & (q_pos - kv_pos < w if sliding)
+    """
     if isinstance(attention_mask, DispatchMask):  # prepared by generate() for this step
         return attention_mask
     fn = _masking().causal_mask_function if mask_function is None else mask_function
@@ -210,6 +218,13 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     a 4-D bool/float mask (passed as ``mask=``), or None: then causal is
     ``is_causal`` (or ``module.is_causal``) with torch's top-left alignment,
     as transformers' sdpa integration has it.
+
+    Equivalent math (a DispatchMask ``m``)::
+
+        k, v = key[:, :, :m.keep], value[:, :, :m.keep]          # all keys if keep is None
+        out = attention(query, k, v, key_padding_mask=m.key_padding_mask, causal=m.causal,
+                        window=m.window, softcap=softcap, scale=scaling, dropout_p=dropout)
+        return out.transpose(1, 2).contiguous(), None
 
     Raises:
         AttentionInputError: ``output_attentions=True``, ``position_bias`` or
