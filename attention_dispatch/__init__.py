@@ -37,6 +37,8 @@ from ._varlen import attention_varlen
 from ._verify import WrongResultError
 from ._verify import verify
 from .attend import Attend
+from .sdpa import patch_sdpa
+from .sdpa import scaled_dot_product_attention
 
 __version__ = "0.1.0"
 
@@ -80,7 +82,9 @@ __all__ = [
     "get_backend",
     "list_backends",
     "merge_attention",
+    "patch_sdpa",
     "register_backend",
+    "scaled_dot_product_attention",
     "unregister_backend",
     "use_backend",
     "verify",

@@ -14,6 +14,7 @@ Consequence: a compiled function keeps the backend chosen when it was traced;
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Optional
 
 import torch
@@ -42,6 +43,12 @@ def constant_key(q: Any, k: Any, v: Any, mask: Any, kpm: Any, causal: Any, dropo
             _meta_const(alibi_slopes))
 
 
+def plan_name(index: int) -> str:
+    """The module attribute that holds plan ``index`` (``getattr(_compile,
+    plan_name(i))`` in traced code)."""
+    return f"_plan_{index}"
+
+
 def _empty_like(shape: tuple, dtype: str, device: str, grad: bool = False) -> torch.Tensor:
     dt = getattr(torch, dtype.replace("torch.", ""))
     return torch.empty(shape, dtype=dt, device=device).requires_grad_(grad)
@@ -67,6 +74,11 @@ def make_decider(plan_slow: Callable[..., Any]) -> Callable[[tuple], int]:
                          alibi_slopes=slopes)
         _plans.append(plan)
         _index[key] = len(_plans) - 1
+        # also a module attribute of its own: dynamo reads ``_plans`` once per
+        # traced frame (its length then), so a second new signature traced in
+        # the same frame would index past that snapshot; a fresh attribute name
+        # is read when the traced code reaches it (see :func:`plan_name`)
+        setattr(sys.modules[__name__], plan_name(_index[key]), plan)
         return _index[key]
 
     decide_constant._dynamo_marked_constant = True  # type: ignore[attr-defined]

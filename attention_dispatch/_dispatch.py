@@ -329,9 +329,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
         BackendUnavailable: the selection names no backend that accepts the call.
     """
     if _compiling():  # torch.compile: decided at trace time, nothing left per call
-        plan = _compile._plans[_decide_constant(_compile.constant_key(
+        plan = getattr(_compile, _compile.plan_name(_decide_constant(_compile.constant_key(
             q, k, v, mask, key_padding_mask, causal, dropout_p, scale, layout, backend,
-            return_lse, window, softcap, alibi_slopes))]
+            return_lse, window, softcap, alibi_slopes))))
         return _run(plan, q, k, v, mask, key_padding_mask, layout, return_lse, alibi_slopes)
     # hot path: build the key, one dict lookup, one kernel call
     if backend == "auto":

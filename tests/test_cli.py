@@ -86,3 +86,30 @@ def test_readme_setup_commands_match_ci() -> None:
             "python -m pytest -q -p no:cacheprovider") in readme
     assert "python -m pytest -q -p no:cacheprovider" in ci
     assert "torch==2.13.0" in ci and '-e ".[test]" -e backends/chunked' in ci
+
+
+def test_readme_integrations_block_runs() -> None:
+    """The README's one-liners, with a tiny transformers config and diffusers UNet
+    standing for the reader's."""
+    transformers = pytest.importorskip("transformers")
+    diffusers = pytest.importorskip("diffusers")
+    block = next(b for b in re.findall(r"```python\n(.*?)```", _readme(), re.S)
+                 if "patch_sdpa" in b)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=32)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2)
+    ns: dict = {"config": config, "unet": unet}
+    exec(compile(block, "README integrations", "exec"), ns)
+    assert tuple(ns["out"].shape) == (1, 8, 16, 64)
+    assert ns["model"].config._attn_implementation == "attention_dispatch"
+    assert {type(p).__name__ for p in unet.attn_processors.values()} == {
+        "AttentionDispatchProcessor"}
+    import torch.nn.functional as F
+
+    from attention_dispatch.sdpa import scaled_dot_product_attention
+    assert F.scaled_dot_product_attention is not scaled_dot_product_attention  # restored

@@ -43,7 +43,9 @@ PUBLIC = [
     "get_backend",
     "list_backends",
     "merge_attention",
+    "patch_sdpa",
     "register_backend",
+    "scaled_dot_product_attention",
     "unregister_backend",
     "use_backend",
     "verify",
@@ -106,4 +108,20 @@ def test_import_is_side_effect_free():
         assert 'attention_dispatch.adapters.sdpa_cudnn' not in sys.modules
         print("OK")
     """, ATTENTION_DISPATCH_BACKEND="no-such-backend")
+    assert "OK" in proc.stdout
+
+
+def test_integrations_are_imported_lazily():
+    """``import attention_dispatch`` imports no integration (nor transformers or
+    diffusers); ``attention_dispatch.integrations`` imports neither library."""
+    proc = _run("""
+        import sys
+        import attention_dispatch
+        assert not any(m.startswith('attention_dispatch.integrations') for m in sys.modules)
+        import attention_dispatch.integrations
+        for lib in ('transformers', 'diffusers'):
+            assert lib not in sys.modules, lib
+        assert callable(attention_dispatch.scaled_dot_product_attention)
+        print("OK")
+    """)
     assert "OK" in proc.stdout

@@ -281,3 +281,23 @@ def test_torch_compile_traces_structured_calls():
     torch._dynamo.reset()
     compiled = torch.compile(f, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v, slopes), f(q, k, v, slopes))
+
+
+def test_torch_compile_traces_two_new_signatures_in_one_frame():
+    """Two calls with different signatures, both first seen while one frame is
+    traced (e.g. a model with full and sliding-window layers): each gets its
+    own plan (dynamo reads the plan list once per frame, so plans are looked
+    up under their own attribute names).  The key padding call runs on the
+    CPU flash kernel, whose data-dependent cut of padded tail keys is skipped
+    while tracing."""
+    q, k, v = (t.float() for t in _qkv())
+    kpm = torch.ones(q.shape[0], k.shape[2], dtype=torch.bool)
+    kpm[0, :2] = False
+
+    def f(q, k, v, kpm):
+        a = ad.attention(q, k, v, causal=True, window=(2, 0), key_padding_mask=kpm)
+        return a + ad.attention(q[:, :, :1], k, v, key_padding_mask=kpm)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, kpm), f(q, k, v, kpm))

@@ -97,8 +97,9 @@ def _drop_padded_tail(k: Tensor, v: Tensor, mask: Optional[Tensor], kpm: Tensor,
     """Keys after the last real key of every batch row take no part: cut them
     (views, no copy), so the CPU kernel skips their blocks.  Only where nothing
     depends on Sk's value (not causal, no window, no ALiBi); a CPU host read of
-    the mask costs no device sync."""
-    if spec.causal or spec.window is not None or spec.alibi:
+    the mask costs no device sync.  Not under torch.compile: the cut depends on
+    the mask's values (a data-dependent shape), so a traced call keeps all keys."""
+    if spec.causal or spec.window is not None or spec.alibi or torch.compiler.is_compiling():
         return k, v, mask, kpm, spec
     real = kpm.any(0)
     n = int(real.nonzero().max()) + 1 if bool(real.any()) else 1
