@@ -32,9 +32,13 @@ class Decision:
         backend: name of the backend that runs the call (None if none can).
         selection: the effective selection, e.g. ("auto",) or ("flash-attn", "auto").
         source: where the selection came from ("argument", "use_backend",
-            "ATTENTION_DISPATCH_BACKEND" or "default").
+            "ATTENTION_DISPATCH_BACKEND" or "default"), with "+tuned" when a
+            stored tuning decision picked the backend.
         spec: the call signature.
         verdicts: one entry per registered backend.
+        tuned: True when ``backend`` is a stored tuning decision (``attention-
+            dispatch tune`` or autotune) for the call's bucket.
+        ranked: with ``tuned``, the backend the ranking alone would pick.
     """
 
     backend: Optional[str]
@@ -42,6 +46,8 @@ class Decision:
     source: str
     spec: CallSpec
     verdicts: tuple[BackendVerdict, ...] = field(default_factory=tuple)
+    tuned: bool = False
+    ranked: Optional[str] = None
 
     def reasons(self, name: str) -> tuple[str, ...]:
         """Why ``name`` did not run the call (empty if it could)."""
@@ -59,8 +65,11 @@ class Decision:
                 f"lse={s.return_lse} grad={s.requires_grad}")
         if s.window is not None or s.softcap is not None or s.alibi or s.varlen:
             head += f" window={s.window} softcap={s.softcap} alibi={s.alibi} varlen={s.varlen}"
-        lines = [head, f"selection: {','.join(self.selection)} (from {self.source})",
-                 f"chosen: {self.backend or 'none'}", ""]
+        chosen = f"chosen: {self.backend or 'none'}"
+        if self.tuned:
+            chosen += (" (tuned: the stored tuning decision for this shape bucket; "
+                       f"the ranking alone picks {self.ranked})")
+        lines = [head, f"selection: {','.join(self.selection)} (from {self.source})", chosen, ""]
         width = max([len(v.name) for v in self.verdicts] + [7])
         lines.append(f"{'rank':>4}  {'backend':<{width}}  {'status':<9}  reasons")
         for v in self.verdicts:

@@ -44,6 +44,16 @@ class SdpaFlashBackend(Backend):
     def describe(self) -> str:
         return f"torch {torch.__version__} flash kernel"
 
+    def capabilities_on(self, device: torch.device) -> Capabilities:
+        """CPU: no dropout.  CUDA: float16/bfloat16, D <= 256, no mask of any
+        kind, no window, no ALiBi (see :meth:`check`)."""
+        if device.type == "cpu":
+            return dataclasses.replace(self.capabilities, dropout=False)
+        return dataclasses.replace(self.capabilities, dtypes=frozenset({torch.float16,
+                                                                        torch.bfloat16}),
+                                   max_head_dim=256, mask_kinds=frozenset(), key_padding=False,
+                                   window=False, alibi=False)
+
     def check(self, spec: CallSpec) -> list[str]:
         if spec.device_type == "cpu":
             out = ["dropout_p > 0; torch's CPU flash kernel cannot drop out"] if spec.dropout else []
