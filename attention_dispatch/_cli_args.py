@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import textwrap
 from typing import Callable, NoReturn, Optional
 
 import torch
@@ -22,7 +23,11 @@ class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (see :class:`CommandError`)."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
+        """As ArgumentParser; the description is wrapped to 88 columns, the epilog
+        (examples) is printed as written."""
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        if isinstance(kwargs.get("description"), str):
+            kwargs["description"] = textwrap.fill(str(kwargs["description"]), 88)
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def error(self, message: str) -> NoReturn:

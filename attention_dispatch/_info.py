@@ -119,11 +119,15 @@ def _backend_lines(row: dict[str, Any], width: int) -> list[str]:
     return lines
 
 
+def output_width() -> int:
+    """Output width: the terminal's, at most 100, at least 60 (100 in a log)."""
+    return max(60, min(MAX_WIDTH, shutil.get_terminal_size((MAX_WIDTH, 24)).columns))
+
+
 def render(data: dict[str, Any], width: Optional[int] = None) -> str:
     """The text form of :func:`collect`'s data, no line longer than ``width``
-    (default: the terminal's width, at most 100)."""
-    if width is None:
-        width = max(60, min(MAX_WIDTH, shutil.get_terminal_size((MAX_WIDTH, 24)).columns))
+    (default: :func:`output_width`)."""
+    width = width or output_width()
     pkgs = ", ".join(f"{p} {v or 'not installed'}" for p, v in data["packages"].items())
     out = [f"attention-dispatch {data['attention_dispatch'] or 'not installed'}",
            f"torch {data['torch']}  CUDA {data['cuda'] or 'none'}  cuDNN {data['cudnn'] or 'none'}"]

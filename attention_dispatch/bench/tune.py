@@ -45,8 +45,8 @@ def tune_cases(cases: list[BenchCase], device: torch.device) -> int:
     """Tune every case on ``device``; prints the times, the stored choices and
     where they are stored.  Returns the exit status (0)."""
     print(f"tuning {len(cases)} case(s) on {device}: each backend that accepts a case is "
-          "checked against the reference, then timed (a backend that compiles, such as "
-          "flex, takes seconds the first time)", flush=True)
+          "checked against\nthe reference, then timed (one that compiles, such as flex, "
+          "takes seconds the first time)", flush=True)
     paths = set()
     for i, case in enumerate(cases, start=1):
         print(f"[{i}/{len(cases)}] {case.label()}", flush=True)
@@ -58,9 +58,9 @@ def tune_cases(cases: list[BenchCase], device: torch.device) -> int:
     for p in sorted(paths):
         print(f"stored in {p}")
     if paths:
-        print("attention() and explain use these choices by default in every process "
-              "(ATTENTION_DISPATCH_AUTOTUNE=0 ignores them; attention-dispatch cache clear "
-              "deletes them)")
+        print("attention() and explain use these choices by default, in every process;\n"
+              "ATTENTION_DISPATCH_AUTOTUNE=0 ignores them, attention-dispatch cache clear "
+              "deletes them")
     if _autotune.mode() == _autotune.OFF:
         print("note: autotune is off here (ATTENTION_DISPATCH_AUTOTUNE=0): the stored "
               "choices apply once it is unset", file=sys.stderr)
