@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -100,9 +101,16 @@ def add_parser(sub: Any) -> None:
 
 
 def _cases(a: argparse.Namespace, shapes: str) -> list[BenchCase]:
+    """The cases of the options (--kv-heads must divide every H of --shapes)."""
     causal = {"both": [False, True], "true": [True], "false": [False]}[a.causal]
-    return parse_shapes(shapes, a.dtype.split(","), causal, a.mask.split(","),
-                        a.mode.split(","), a.kv_heads, a.device)
+    cases = parse_shapes(shapes, a.dtype.split(","), causal, a.mask.split(","),
+                         a.mode.split(","), a.kv_heads, a.device)
+    bad = sorted({c.heads_q for c in cases if c.heads_q % c.heads_kv})
+    if bad:
+        raise CommandError(f"attention-dispatch {a.command}: error: argument --kv-heads: "
+                           f"expected a divisor of every H in --shapes; got {a.kv_heads} "
+                           f"(H={', '.join(map(str, bad))})")
+    return cases
 
 
 def _previous_rows(a: argparse.Namespace, env: dict[str, Any]) -> list[Row]:
@@ -146,6 +154,11 @@ def cmd_bench(a: argparse.Namespace) -> int:
     a.dtype = a.dtype or default_dtype(a.device)
     cases = _cases(a, "quick" if a.quick else a.shapes)
     backends = list(normalize("--backends", a.backends)) if a.backends else list_backends()
+    try:
+        os.makedirs(a.out, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(f"attention-dispatch bench: error: argument --out: cannot create "
+                           f"{a.out}: {exc.strerror or exc}") from None
     env = report.environment(a.device)
     rows = _previous_rows(a, env)
     done = {case_key(r) for r in rows}

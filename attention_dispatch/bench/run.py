@@ -171,8 +171,9 @@ def run(cases: list[BenchCase], backends: list[str], device: torch.device, check
                 bar.done()
             if on_case is not None:
                 on_case(new)
-    except BaseException:
-        note = "interrupted"
+    except BaseException as exc:
+        note = "interrupted" if isinstance(exc, KeyboardInterrupt) else \
+            f"stopped: {type(exc).__name__}"
         raise
     finally:
         if bar is not None:
