@@ -53,6 +53,12 @@ class Backend:
         """
         return device_reasons(self.capabilities, device)
 
+    def capabilities_on(self, device: torch.device) -> Capabilities:
+        """What the backend supports on ``device`` (for ``info``): the declared
+        ``capabilities``, narrowed by a backend whose :meth:`check` refuses some
+        of them on some devices (e.g. flex: no LSE, no gradients on the CPU)."""
+        return self.capabilities
+
     def check(self, spec: CallSpec) -> list[str]:
         """Per-call reasons beyond the declared capabilities (override if needed)."""
         return []

@@ -96,14 +96,20 @@ class Capabilities:
     alibi: bool = False
     varlen: bool = False
 
-    def summary(self) -> str:
-        """One line for tables: dtypes, head dims, features."""
+    def features(self) -> list[str]:
+        """The supported features by name ("causal", ..., "bool-mask")."""
         feats = [f for f in ("causal", "dropout", "lse", "gqa", "key_padding", "backward",
                              "window", "softcap", "alibi", "varlen") if getattr(self, f)]
-        feats += [f"{m}-mask" for m in sorted(self.mask_kinds)]
-        dts = "/".join(dtype_name(d) for d in sorted(self.dtypes, key=str))
+        return feats + [f"{m}-mask" for m in sorted(self.mask_kinds)]
+
+    def dtype_names(self) -> list[str]:
+        """The accepted dtypes by name, sorted."""
+        return [dtype_name(d) for d in sorted(self.dtypes, key=str)]
+
+    def summary(self) -> str:
+        """One line for tables: dtypes, head dims, features."""
         dims = f"D<={self.max_head_dim}" if self.max_head_dim < (1 << 30) else "any D"
-        return f"{dts}; {dims}; {', '.join(feats)}"
+        return f"{'/'.join(self.dtype_names())}; {dims}; {', '.join(self.features())}"
 
 
 def _head_dim_reasons(c: Capabilities, spec: CallSpec) -> list[str]:

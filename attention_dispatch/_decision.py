@@ -32,12 +32,16 @@ class Decision:
         backend: name of the backend that runs the call (None if none can).
         selection: the effective selection, e.g. ("auto",) or ("flash-attn", "auto").
         source: where the selection came from ("argument", "use_backend",
-            "ATTENTION_DISPATCH_BACKEND" or "default").
+            "ATTENTION_DISPATCH_BACKEND" or "default"), with "+tuned" when a
+            stored tuning decision picked the backend.
         spec: the call signature.
         verdicts: one entry per registered backend.
         copies: what is copied before the chosen kernel runs, and why (a
             tensor whose memory layout the kernel cannot read, key-padding
             slots zeroed); empty when the kernel reads the caller's tensors.
+        tuned: True when ``backend`` is a stored tuning decision (``attention-
+            dispatch tune`` or autotune) for the call's bucket.
+        ranked: with ``tuned``, the backend the ranking alone would pick.
     """
 
     backend: Optional[str]
@@ -45,6 +49,8 @@ class Decision:
     source: str
     spec: CallSpec
     verdicts: tuple[BackendVerdict, ...] = field(default_factory=tuple)
+    tuned: bool = False
+    ranked: Optional[str] = None
     copies: tuple[str, ...] = ()
 
     def reasons(self, name: str) -> tuple[str, ...]:
@@ -63,8 +69,11 @@ class Decision:
                 f"lse={s.return_lse} grad={s.requires_grad}")
         if s.window is not None or s.softcap is not None or s.alibi or s.varlen:
             head += f" window={s.window} softcap={s.softcap} alibi={s.alibi} varlen={s.varlen}"
-        lines = [head, f"selection: {','.join(self.selection)} (from {self.source})",
-                 f"chosen: {self.backend or 'none'}"]
+        chosen = f"chosen: {self.backend or 'none'}"
+        if self.tuned:
+            chosen += (" (tuned: the stored tuning decision for this shape bucket; "
+                       f"the ranking alone picks {self.ranked})")
+        lines = [head, f"selection: {','.join(self.selection)} (from {self.source})", chosen]
         lines += [f"  {c}" for c in self.copies]
         lines.append("")
         width = max([len(v.name) for v in self.verdicts] + [7])

@@ -165,20 +165,51 @@ def _decide(spec: CallSpec, selection: tuple[str, ...], scale: Optional[float],
     chosen, verdicts = _verdicts(spec, selection, everyone=False)
     if chosen is None:
         raise BackendUnavailable(selection, {v.name: list(v.reasons) for v in verdicts})
-    inst, _ = REGISTRY.load(chosen)
-    assert inst is not None
     _events.emit(_events.DECISION, chosen, f"selection {','.join(selection)}", spec)
-    fix = spec.may_have_empty_rows and not inst.capabilities.empty_rows_exact
     eff_scale = float(scale) if scale is not None else 1.0 / math.sqrt(spec.head_dim)
+    return _make_plan(chosen, spec, eff_scale, float(dropout_p), selection)
+
+
+def _make_plan(name: str, spec: CallSpec, scale: float, dropout_p: float,
+               selection: tuple[str, ...]) -> _Plan:
+    """The plan that runs backend ``name`` for ``spec`` (``scale`` is final)."""
+    inst, _ = REGISTRY.load(name)
+    if inst is None:
+        raise BackendUnavailable(selection, {name: ["failed to load"]})
+    fix = spec.may_have_empty_rows and not inst.capabilities.empty_rows_exact
     empty = spec.seq_q == 0 or spec.seq_k == 0
-    return _Plan(inst, spec, eff_scale, fix, empty, float(dropout_p), selection)
+    return _Plan(inst, spec, scale, fix, empty, dropout_p, selection)
 
 
-def _autotuned(plan: _Plan, selection: tuple[str, ...], args: tuple) -> _Plan:
-    """Replace the ranked choice by the fastest correct eligible backend."""
+def _tuned(plan: _Plan, selection: tuple[str, ...], args: Optional[tuple]) -> _Plan:
+    """Apply autotune (see _autotune.mode) to a plan of a selection with "auto":
+    "on" times new buckets (given the call's ``args``), "stored" uses stored
+    decisions only, "off" nothing."""
+    if "auto" not in selection:
+        return plan
+    mode = _autotune.mode()
+    if mode == _autotune.OFF:
+        return plan
+    if mode == _autotune.ON and args is not None:
+        return _autotuned(plan, selection, args)
+    name = _autotune.stored_choice(plan.spec)
+    if name is None or name == plan.backend.name:
+        return plan
     spec = plan.spec
+    if name not in _candidates(selection, spec.device, spec) or _reasons(name, spec, False):
+        return plan  # stored for another install, or refused now: the ranking's choice
+    _events.emit(_events.DECISION, name, f"tuned (stored) over {plan.backend.name}", spec)
+    return _make_plan(name, spec, plan.scale, plan.dropout_p, selection)
+
+
+def _eligible(spec: CallSpec, selection: tuple[str, ...]) -> list[str]:
+    """Candidates of ``selection`` that accept ``spec``, in rank order."""
     _, verdicts = _verdicts(spec, selection, everyone=True)
-    eligible = [v.name for v in verdicts if v.rank is not None and not v.reasons]
+    return [v.name for v in verdicts if v.rank is not None and not v.reasons]
+
+
+def _runner(plan: _Plan, args: tuple) -> Callable[[str], Any]:
+    """``run(name)``: the call ``args`` (q, k, v, mask, kpm, layout, alibi) on backend ``name``."""
     q, k, v, mask, kpm, layout, alibi_slopes = args
     if layout == "bshd":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -187,13 +218,18 @@ def _autotuned(plan: _Plan, selection: tuple[str, ...], args: tuple) -> _Plan:
         inst, _ = REGISTRY.load(name)
         return _forward(plan._replace(backend=inst), q, k, v, mask, kpm, alibi_slopes)
 
-    best = _autotune.choose(spec, eligible, _autotune.timer_for(spec, run))
+    return run
+
+
+def _autotuned(plan: _Plan, selection: tuple[str, ...], args: tuple) -> _Plan:
+    """Replace the ranked choice by the fastest correct eligible backend."""
+    spec = plan.spec
+    timer = _autotune.timer_for(spec, _runner(plan, args))
+    best = _autotune.choose(spec, _eligible(spec, selection), timer)
     if best == plan.backend.name:
         return plan
-    inst, _ = REGISTRY.load(best)
     _events.emit(_events.DECISION, best, f"autotune picked it over {plan.backend.name}", spec)
-    fix = spec.may_have_empty_rows and not inst.capabilities.empty_rows_exact  # type: ignore
-    return plan._replace(backend=inst, fix_rows=fix)
+    return _make_plan(best, spec, plan.scale, plan.dropout_p, selection)
 
 
 def _plan_slow(key: Optional[tuple], selection: tuple[str, ...], q: Any, k: Any, v: Any,
@@ -205,9 +241,8 @@ def _plan_slow(key: Optional[tuple], selection: tuple[str, ...], q: Any, k: Any,
     spec = validate(q, k, v, mask=mask, key_padding_mask=kpm, causal=causal,
                     dropout_p=dropout_p, scale=scale, layout=layout, return_lse=return_lse,
                     window=window, softcap=softcap, alibi_slopes=alibi_slopes)
-    plan = _decide(spec, selection, scale, dropout_p)
-    if "auto" in selection and _autotune.enabled():
-        plan = _autotuned(plan, selection, (q, k, v, mask, kpm, layout, alibi_slopes))
+    plan = _tuned(_decide(spec, selection, scale, dropout_p), selection,
+                  (q, k, v, mask, kpm, layout, alibi_slopes))
     plan = _bind(plan, q, k, v, mask, layout)
     if key is not None:
         with _lock:
@@ -266,7 +301,7 @@ def _plan_at_trace(backend: BackendArg, q: Tensor, k: Tensor, v: Tensor, mask: A
                     dropout_p=dropout_p, scale=scale, layout=layout, return_lse=return_lse,
                     window=window, softcap=softcap, alibi_slopes=alibi_slopes)
     spec = dataclasses.replace(spec, device_type=device.type, device_index=device.index)
-    return _decide(spec, selection, scale, dropout_p)
+    return _tuned(_decide(spec, selection, scale, dropout_p), selection, None)
 
 
 _decide_constant = _compile.make_decider(_plan_at_trace)
@@ -474,13 +509,18 @@ def explain(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
 
 def explain_spec(spec: CallSpec, selection: tuple[str, ...] = ("auto",),
                  source: str = "argument") -> Decision:
-    """:func:`explain` for a :class:`CallSpec` (no tensors needed).  With autotune
-    on, the backend is the stored autotune decision for the call's bucket, when
-    there is one (``source`` then ends in "+autotune")."""
+    """:func:`explain` for a :class:`CallSpec` (no tensors needed).  When a
+    tuning decision is stored for the call's bucket (and autotune is not
+    "off"), it names the tuned backend: ``tuned`` is True, ``ranked`` is the
+    ranking's own choice and ``source`` ends in "+tuned"."""
     chosen, verdicts = _verdicts(spec, selection, everyone=True)
-    if "auto" in selection and chosen is not None and _autotune.enabled():
+    tuned = None
+    if "auto" in selection and chosen is not None and _autotune.mode() != _autotune.OFF:
         eligible = [v.name for v in verdicts if v.rank is not None and not v.reasons]
         tuned = _autotune.cached_choice(spec, eligible)
-        if tuned is not None and tuned != chosen:
-            chosen, source = tuned, source + "+autotune"
-    return Decision(chosen, selection, source, spec, tuple(verdicts))
+    if tuned is None:
+        return Decision(chosen, selection, source, spec, tuple(verdicts))
+    status = {chosen: ACCEPTED, tuned: CHOSEN}
+    verdicts = [dataclasses.replace(v, status=status.get(v.name, v.status)) for v in verdicts]
+    return Decision(tuned, selection, source + "+tuned", spec, tuple(verdicts), tuned=True,
+                    ranked=chosen)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ._dispatch import attention
-from ._errors import AttentionInputError
+from ._errors import AttentionInputError, AttentionTypeError
 
 Tensor = torch.Tensor
 
@@ -41,7 +41,8 @@ class Attend(nn.Module):
     forward(q, k, v, mask=None):
         q (b, h, i, d); k, v (b, h, j, d) or (b, j, d) (one kv head shared by
         all query heads, as in the seed); mask either (b, j) bool key padding
-        (True = keep) or a bool mask broadcastable to (b, h, i, j).
+        (True = keep) or a bool mask broadcastable to (b, h, i, j); any other
+        dtype raises AttentionTypeError naming ``mask``.
         Returns (b, h, i, d).
     """
 
@@ -65,11 +66,10 @@ class Attend(nn.Module):
         if self.context_parallel_group is not None:
             return self._ring(q, k, v, mask)
         kpm = None
-        if mask is not None and isinstance(mask, Tensor) and mask.dim() == 2:
-            kpm, mask = mask, None
-        elif mask is not None and isinstance(mask, Tensor) and mask.dtype != torch.bool:
-            raise AttentionInputError("mask", "a bool mask (True = keep), (b, j) or 4-D",
-                                      str(mask.dtype))
+        if isinstance(mask, Tensor):
+            _check_mask(mask, q, k)
+            if mask.dim() == 2:
+                kpm, mask = mask, None
         return attention(q, k, v, mask=mask, key_padding_mask=kpm, causal=self.causal,
                          dropout_p=self.dropout if self.training else 0.0,
                          backend=self.backend)  # type: ignore[return-value]
@@ -88,3 +88,24 @@ class Attend(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dropout={self.dropout}, causal={self.causal}, backend={self.backend!r}"
+
+
+def _check_mask(mask: Tensor, q: Tensor, k: Tensor) -> None:
+    """``forward``'s mask: bool, and a 2-D one is (b, j) key padding.
+
+    Raises:
+        AttentionTypeError: a mask that is not bool (named ``mask``, the
+            argument the caller passed).
+        AttentionInputError: a 2-D mask whose shape is not (b, j).
+    """
+    got = f"{str(mask.dtype).replace('torch.', '')} tensor of shape {tuple(mask.shape)}"
+    if mask.dtype != torch.bool:
+        raise AttentionTypeError(
+            "mask", "a bool tensor (True = keep): (b, j) key padding, or broadcastable to "
+            "(b, h, i, j)", got, "mask.bool() if it holds 1 = keep and 0 = masked; for an "
+            "additive float bias call ad.attention(q, k, v, mask=bias)")
+    if mask.dim() == 2 and isinstance(q, Tensor) and isinstance(k, Tensor) and q.dim() == 4:
+        want = (q.shape[0], k.shape[-2])
+        if tuple(mask.shape) != want:
+            raise AttentionInputError("mask", f"a 2-D key padding mask of shape (b, j) = {want}",
+                                      got)

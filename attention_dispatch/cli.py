@@ -1,175 +1,176 @@
 """The ``attention-dispatch`` command (also ``python -m attention_dispatch``).
 
-    attention-dispatch info
+    attention-dispatch info [--json]
+    attention-dispatch explain --shape B,H,S,D [--kv-heads N] [--seq-k SK] [--dtype DT]
+                               [--causal] [--mask bool|float|padding] [--device cpu|cuda]
+                               [--dropout P] [--lse] [--grad] [--layout bhsd|bshd]
+                               [--backend NAME[,NAME...]]
     attention-dispatch bench [--quick] [--device cuda] [--shapes ...] [--out DIR]
                              [--max-seconds S] [--resume]
     attention-dispatch rank results.json
     attention-dispatch tune --shapes B,H,S,D;... [--device cuda]
     attention-dispatch cache show|clear
-    attention-dispatch explain --shape B,H,S,D [--kv-heads N] [--seq-k SK] [--dtype bf16]
-                               [--causal] [--mask bool|float|padding] [--device cuda]
-                               [--dropout P] [--lse] [--grad] [--layout bhsd|bshd]
-                               [--backend NAME[,NAME...]]
+    attention-dispatch --version
+
+Exit status: 0 success, 1 a bench row failed its correctness check, 2 a bad
+argument or an unusable device (one line on stderr, never a traceback), 130
+interrupted.  See docs/cli.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
-from importlib import metadata
+import textwrap
 from typing import Optional, Sequence
 
 import torch
 
+from . import _info
+from ._cli_args import (CommandError, Parser, default_device, default_dtype,
+                        device_arg, float_arg, int_arg, shape_arg)
 from ._dispatch import explain_spec
-from .bench import command as bench_command
 from ._errors import AttentionDispatchError
-from ._registry import REGISTRY, list_backends
 from ._select import normalize, resolve
 from ._spec import CallSpec
+from .bench import command as bench_command
 
 DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp64": torch.float64, "float64": torch.float64}
-OPTIONAL_PACKAGES = ("flash-attn-4", "flash-attn", "flash_attn_3", "xformers", "triton",
-                     "einops", "packaging")
+
+INFO_EPILOG = """examples:
+  attention-dispatch info
+  attention-dispatch info --json > info.json"""
+
+EXPLAIN_EPILOG = """examples:
+  attention-dispatch explain --shape 2,8,1024,64 --causal
+  attention-dispatch explain --shape 2,8,128,64 --kv-heads 2 --mask padding --seq-k 256
+  attention-dispatch explain --shape 1,16,4096,128 --causal --device cuda   # dtype bf16 there
+  attention-dispatch explain --shape 1,2,16,32 --backend math,auto"""
 
 
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _devices() -> list[torch.device]:
-    devs = [torch.device("cpu")]
-    if torch.cuda.is_available():
-        devs += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-    return devs
-
-
-def _device_name(d: torch.device) -> str:
-    if d.type == "cuda":
-        cc = torch.cuda.get_device_capability(d)
-        return f"{d} ({torch.cuda.get_device_name(d)}, sm{cc[0]}{cc[1]})"
-    return str(d)
-
-
-def _typical_calls(device: torch.device) -> list[tuple[str, CallSpec]]:
-    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
-    base = dict(device_type=device.type, device_index=device.index, dtype=dt, batch=1,
-                heads_q=16, heads_kv=16, seq_q=4096, seq_k=4096, head_dim=128, head_dim_v=128)
-    return [
-        ("prefill", CallSpec(**base)),
-        ("prefill causal, grad", CallSpec(**base, causal=True, requires_grad=True)),
-        ("key padding", CallSpec(**base, key_padding=True)),
-        ("bool mask", CallSpec(**base, mask_kind="bool")),
-        ("dropout 0.1, grad", CallSpec(**base, dropout=True, requires_grad=True)),
-        ("decode GQA 32/8", CallSpec(**{**base, "batch": 32, "heads_q": 32, "heads_kv": 8,
-                                        "seq_q": 1, "seq_k": 8192}, causal=True)),
-    ]
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
-def cmd_info(_: argparse.Namespace) -> int:
-    cuda = torch.version.cuda or "none"
-    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else "none"
-    print(f"attention-dispatch {_version('attention-dispatch')}")
-    print(f"torch {torch.__version__}  CUDA {cuda}  cuDNN {cudnn}")
-    print("packages: " + ", ".join(f"{p} {_version(p)}" for p in OPTIONAL_PACKAGES))
-    devices = _devices()
-    print("devices: " + ", ".join(_device_name(d) for d in devices))
-    selection, source = resolve("auto")
-    print(f"selection: {','.join(selection)} (from {source})\n")
-    rows = [["backend", "source", "device", "status", "kernel / supports"]]
-    for name in list_backends():
-        inst, err = REGISTRY.load(name)
-        for d in devices:
-            why = REGISTRY.probe(name, d)
-            status = "available" if not why else "unavailable: " + "; ".join(why)
-            what = f"{inst.describe()}; {inst.capabilities.summary()}" if inst and not why else ""
-            if inst and inst.version_note():
-                what += f" (note: {inst.version_note()})"
-            rows.append([name, REGISTRY.source(name), d.type, status, what])
-    print(_table(rows))
-    for d in devices:
-        print(f"\nauto on {_device_name(d)}:")
-        rows = [["call", "backend"]]
-        for label, spec in _typical_calls(d):
-            rows.append([label, explain_spec(spec, selection, source).backend or "none"])
-        print(_table(rows))
-    for name, err in REGISTRY.plugin_errors.items():
-        print(f"plugin {name}: {err}")
+def cmd_info(a: argparse.Namespace) -> int:
+    data = _info.collect()
+    print(json.dumps(data, indent=1) if a.json else _info.render(data))
     return 0
-
-
-def _parse_shape(text: str) -> tuple[int, int, int, int]:
-    parts = [int(p) for p in text.split(",")]
-    if len(parts) != 4 or min(parts) < 0:
-        raise argparse.ArgumentTypeError(f"--shape: expected B,H,S,D; got {text!r}")
-    return parts[0], parts[1], parts[2], parts[3]
 
 
 def cmd_explain(a: argparse.Namespace) -> int:
     b, h, s, d = a.shape
-    device = torch.device(a.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("warning: CUDA is not available here; every CUDA backend will be refused",
-              file=sys.stderr)
+    device = a.device
+    dtype = a.dtype or default_dtype(device)
+    kv_heads = a.kv_heads or h
+    if h % kv_heads:
+        raise CommandError(f"attention-dispatch explain: error: argument --kv-heads: expected a "
+                           f"divisor of H={h}; got {kv_heads}")
     mask_kind = a.mask if a.mask in ("bool", "float") else "none"
-    spec = CallSpec(device_type=device.type, device_index=device.index, dtype=DTYPES[a.dtype],
-                    batch=b, heads_q=h, heads_kv=a.kv_heads or h, seq_q=s,
+    spec = CallSpec(device_type=device.type, device_index=device.index, dtype=DTYPES[dtype],
+                    batch=b, heads_q=h, heads_kv=kv_heads, seq_q=s,
                     seq_k=a.seq_k if a.seq_k is not None else s, head_dim=d,
                     head_dim_v=a.head_dim_v or d, layout=a.layout, mask_kind=mask_kind,
                     key_padding=a.mask == "padding", causal=a.causal, dropout=a.dropout > 0,
                     return_lse=a.lse, requires_grad=a.grad)
-    if spec.heads_kv == 0 or spec.heads_q % spec.heads_kv:
-        print(f"--kv-heads: expected a divisor of {h}; got {spec.heads_kv}", file=sys.stderr)
-        return 2
     selection = normalize("--backend", a.backend) if a.backend else resolve("auto")[0]
-    print(explain_spec(spec, selection, "--backend" if a.backend else "default"))
+    print(fit_decision(str(explain_spec(spec, selection, "--backend" if a.backend else
+                                        "default")), _info.output_width()))
     return 0
 
 
+def fit_decision(text: str, width: int) -> str:
+    """A Decision's text with lines longer than ``width`` wrapped: header lines
+    indented by 2, table rows under the reasons column."""
+    out: list[str] = []
+    indent = 2
+    for line in text.splitlines():
+        if line.startswith("rank  ") and "reasons" in line:
+            indent = line.index("reasons")
+        if len(line) <= width:
+            out.append(line)
+            continue
+        cut = indent if indent > 2 else 0
+        head, rest = (line[:cut], line[cut:]) if cut else ("", line)
+        out += textwrap.wrap(rest, width, initial_indent=head, subsequent_indent=" " * indent,
+                             break_on_hyphens=False)
+    return "\n".join(out)
+
+
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("explain", help="the decision table for one call (nothing runs)",
+                       description="Which backend runs one call, and why every other "
+                       "backend refuses it. No tensors are allocated.", epilog=EXPLAIN_EPILOG)
+    e.add_argument("--shape", type=shape_arg, required=True, metavar="B,H,S,D",
+                   help="batch, query heads, query length and head dim of q")
+    e.add_argument("--kv-heads", type=int_arg(1), default=None, metavar="N",
+                   help="key/value heads (GQA/MQA; a divisor of H; default: H)")
+    e.add_argument("--seq-k", type=int_arg(0), default=None, metavar="SK",
+                   help="key length (default: S)")
+    e.add_argument("--head-dim-v", type=int_arg(1), default=None, metavar="DV",
+                   help="head dim of v (default: D)")
+    e.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="default: bf16 on cuda, fp32 on cpu")
+    e.add_argument("--device", type=device_arg, default=torch.device("cpu"),
+                   help="cpu (default), cuda or cuda:N (only where torch sees CUDA)")
+    e.add_argument("--causal", action="store_true", help="bottom-right causal mask")
+    e.add_argument("--mask", choices=["none", "bool", "float", "padding"], default="none",
+                   help="a dense bool or float mask, or a key padding mask (default: none)")
+    e.add_argument("--dropout", type=float_arg(0.0, 1.0, "a probability in [0, 1)"),
+                   default=0.0, metavar="P", help="dropout probability (default 0)")
+    e.add_argument("--lse", action="store_true", help="the call asks for the log-sum-exp")
+    e.add_argument("--grad", action="store_true", help="the call needs gradients")
+    e.add_argument("--layout", choices=["bhsd", "bshd"], default="bhsd",
+                   help="tensor layout (default: bhsd)")
+    e.add_argument("--backend", default=None, metavar="NAME[,NAME...]",
+                   help="a forced selection: a name or a comma list, 'auto' allowed "
+                   "(default: auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="attention-dispatch",
-                                description="Which attention kernel runs, and why.")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, devices, backends and auto's choices")
-    e = sub.add_parser("explain", help="the decision table for one call")
-    e.add_argument("--shape", type=_parse_shape, required=True, help="B,H,S,D of q")
-    e.add_argument("--kv-heads", type=int, default=None)
-    e.add_argument("--seq-k", type=int, default=None)
-    e.add_argument("--head-dim-v", type=int, default=None)
-    e.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--causal", action="store_true")
-    e.add_argument("--mask", choices=["none", "bool", "float", "padding"], default="none")
-    e.add_argument("--dropout", type=float, default=0.0)
-    e.add_argument("--lse", action="store_true")
-    e.add_argument("--grad", action="store_true")
-    e.add_argument("--layout", choices=["bhsd", "bshd"], default="bhsd")
-    e.add_argument("--backend", default=None, help="name or comma separated list")
+    """The parser of every subcommand (errors raise CommandError)."""
+    p = Parser(prog="attention-dispatch", description="Which attention kernel runs, and why.",
+               epilog="Run 'attention-dispatch COMMAND --help' for a command's options and "
+               "examples.\nExit status: 0 done, 1 a bench row incorrect, 2 a bad argument or an "
+               "unusable device,\n130 interrupted.")
+    p.add_argument("--version", action="version",
+                   version=f"attention-dispatch {_info.version('attention-dispatch')} "
+                   f"(torch {torch.__version__})")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    i = sub.add_parser("info", help="versions, devices, backends and auto's choices",
+                       description="Versions, devices, every backend (available or why "
+                       "not) and auto's choice for typical calls.", epilog=INFO_EPILOG)
+    i.add_argument("--json", action="store_true", help="print the same facts as JSON")
+    _add_explain(sub)
     bench_command.add_parser(sub)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command; returns the exit status (see the module docstring)."""
+    commands = {"info": cmd_info, "explain": cmd_explain, "bench": bench_command.cmd_bench,
+                "rank": bench_command.cmd_rank, "tune": bench_command.cmd_tune,
+                "cache": bench_command.cmd_cache}
     try:
-        commands = {"info": cmd_info, "explain": cmd_explain, "bench": bench_command.cmd_bench,
-                    "rank": bench_command.cmd_rank, "tune": bench_command.cmd_tune,
-                    "cache": bench_command.cmd_cache}
+        args = build_parser().parse_args(argv)
+        if "device" in args and args.device is None:
+            args.device = default_device()
         return commands[args.command](args)
-    except AttentionDispatchError as exc:
-        print(f"attention-dispatch: {exc}", file=sys.stderr)
+    except (CommandError, AttentionDispatchError) as exc:
+        print(f"{exc}" if isinstance(exc, CommandError) else f"attention-dispatch: error: {exc}",
+              file=sys.stderr)
         return 2
-
+    except BrokenPipeError:  # e.g. `attention-dispatch info --json | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:  # a file argument (--out, results.json) that cannot be used
+        print(f"attention-dispatch: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help and --version
+        return exc.code if isinstance(exc.code, int) else 0
+    except KeyboardInterrupt:
+        print("attention-dispatch: interrupted", file=sys.stderr)
+        return 130
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -216,4 +216,7 @@ def main(argv: Any = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from attention_dispatch._autotune import isolated_cache
+
+    with isolated_cache():  # stored tuning decisions neither apply nor change
+        sys.exit(main())

@@ -1,9 +1,12 @@
 """Shared fixtures for the attention_dispatch test suite.
 
-* every test starts and ends with an empty decision cache and without the
-  ATTENTION_DISPATCH_BACKEND / ATTENTION_DISPATCH_PLUGINS variables;
+* every test starts and ends with an empty decision cache, without the
+  ATTENTION_DISPATCH_BACKEND / ATTENTION_DISPATCH_PLUGINS /
+  ATTENTION_DISPATCH_AUTOTUNE variables and with the default autotune mode;
+* the autotune cache of the whole session is a temporary folder (see the
+  conftest.py at the repository root);
 * tests marked ``gpu`` (the marker is registered in pyproject.toml) are
-  skipped when torch sees no CUDA device;
+  deselected when torch sees no CUDA device, with one line in the summary;
 * ``spy_backend`` registers a backend that records every forward call and
   removes it again afterwards.
 """
@@ -19,31 +22,49 @@ import torch
 import attention_dispatch as ad
 from attention_dispatch.testing import reference_attention
 
-ENV_VARS = ("ATTENTION_DISPATCH_BACKEND", "ATTENTION_DISPATCH_PLUGINS")
+ENV_VARS = ("ATTENTION_DISPATCH_BACKEND", "ATTENTION_DISPATCH_PLUGINS",
+            "ATTENTION_DISPATCH_AUTOTUNE")
+_CUDA_ONLY = pytest.StashKey[int]()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip every test marked ``gpu`` when no CUDA device is available."""
+    """Deselect every test marked ``gpu`` when no CUDA device is available
+    (counted for :func:`pytest_terminal_summary`; no per-test skip lines)."""
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
-    for item in items:
-        if item.get_closest_marker("gpu") is not None:
-            item.add_marker(skip)
+    cuda_only = [i for i in items if i.get_closest_marker("gpu") is not None]
+    if cuda_only:
+        config.hook.pytest_deselected(items=cuda_only)
+        items[:] = [i for i in items if i.get_closest_marker("gpu") is None]
+    config.stash[_CUDA_ONLY] = len(cuda_only)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config
+                            ) -> None:
+    """One line saying how many CUDA-only tests were left out, and why."""
+    n = config.stash.get(_CUDA_ONLY, 0)
+    if n:
+        terminalreporter.write_line(f"{n} CUDA-only tests (marked gpu) deselected: no CUDA "
+                                    "device (torch.cuda.is_available() is False)")
 
 
 @pytest.fixture(autouse=True)
 def _clean_dispatch_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Fresh decision cache and no selection/plugin variables for every test.
+    """Fresh decision cache and no selection/plugin/autotune variables for
+    every test; the autotune mode is the default ("stored").
 
     The numeric canary is off (it would add a forward call to backends whose
     calls tests count); tests/test_reliability.py turns it on where it is tested.
     """
+    from attention_dispatch import _autotune
+
     for var in ENV_VARS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("ATTENTION_DISPATCH_CANARY", "0")
+    _autotune.autotune(None)
     ad.clear_cache()
     yield
+    _autotune.autotune(None)
     ad.clear_cache()
 
 

@@ -217,10 +217,23 @@ def test_float_mask_is_rejected():
 
 
 def test_padding_mask_must_be_bool():
+    """A float (b, j) mask: the error names the caller's own argument, mask,
+    and says it must be bool (not key_padding_mask, which the caller never passed)."""
     q, k, v = inputs()
     with pytest.raises(ad.AttentionTypeError) as ei:
         ad.Attend()(q, k, v, mask=torch.ones(2, 6))
-    assert ei.value.argument == "key_padding_mask"
+    assert ei.value.argument == "mask"
+    msg = str(ei.value)
+    assert msg.startswith("mask: expected a bool tensor") and "key_padding_mask" not in msg
+    assert "got float32 tensor of shape (2, 6)" in msg and "mask.bool()" in msg
+
+
+def test_padding_mask_of_the_wrong_shape_names_mask():
+    q, k, v = inputs()
+    with pytest.raises(ad.AttentionInputError) as ei:
+        ad.Attend()(q, k, v, mask=torch.ones(3, 6, dtype=torch.bool))
+    assert ei.value.argument == "mask" and "key_padding_mask" not in str(ei.value)
+    assert "(b, j) = (2, 6)" in str(ei.value) and "(3, 6)" in str(ei.value)
 
 
 def test_is_a_module_with_repr():

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
+import re
 import shlex
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -12,7 +16,8 @@ import pytest
 import torch
 
 import attention_dispatch as ad
-from attention_dispatch import _autotune
+from attention_dispatch import _autotune, _dispatch
+from attention_dispatch.bench import progress, report
 from attention_dispatch.bench import run as bench_run
 from attention_dispatch.bench.cases import BenchCase
 from attention_dispatch.cli import main
@@ -56,11 +61,13 @@ def test_flops_formula() -> None:
 
 @pytest.fixture()
 def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    _autotune.clear()
+    """An empty autotune cache folder of its own: ``cache_home / "attention-dispatch"``."""
+    monkeypatch.setenv("ATTENTION_DISPATCH_CACHE_DIR", str(tmp_path / "attention-dispatch"))
+    ad.clear_cache()
     yield tmp_path
-    _autotune.autotune(False)
+    _autotune.autotune(None)
     _autotune.clear()
+    ad.clear_cache()
 
 
 def test_autotune_fills_and_reuses_cache(cache_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -75,30 +82,130 @@ def test_autotune_fills_and_reuses_cache(cache_home: Path, monkeypatch: pytest.M
     assert entry["backend"] in ad.list_backends() and "math" in entry["ms"]
     # a new process state: decisions come from the file, nothing is timed again
     ad.clear_cache()
-    _autotune._memory.clear()
     monkeypatch.setattr(bench_run, "time_interleaved", lambda *a, **k: pytest.fail("re-timed"))
     out2 = ad.attention(q, q, q, causal=True)
     torch.testing.assert_close(out, out2)
 
 
 def test_autotune_env_var(cache_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _autotune.mode() == "stored" and not _autotune.enabled()  # the default
     monkeypatch.setenv("ATTENTION_DISPATCH_AUTOTUNE", "1")
-    _autotune._state["on"] = None
-    assert _autotune.enabled()
+    assert _autotune.mode() == "stored"  # read once: clear_cache() re-reads it
+    ad.clear_cache()
+    assert _autotune.mode() == "on" and _autotune.enabled()
     monkeypatch.setenv("ATTENTION_DISPATCH_AUTOTUNE", "0")
     ad.clear_cache()
-    assert not _autotune.enabled()
+    assert _autotune.mode() == "off"
+    ad.autotune("stored")  # the function overrides the variable
+    assert _autotune.mode() == "stored"
+    ad.autotune(None)
+    monkeypatch.setenv("ATTENTION_DISPATCH_AUTOTUNE", "sometimes")
+    ad.clear_cache()
+    with pytest.raises(ad.AttentionInputError, match="ATTENTION_DISPATCH_AUTOTUNE"):
+        _autotune.mode()
+    with pytest.raises(ad.AttentionInputError, match="autotune"):
+        ad.autotune("maybe")
 
 
 def test_tune_and_cache_commands(cache_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["tune", "--device", "cpu", "--dtype", "fp32", "--shapes", "1,2,128,32",
-                 "--causal", "false"]) == 0
+    assert main(["tune", "--device", "cpu", "--shapes", "1,2,128,32", "--causal", "false"]) == 0
+    out = capsys.readouterr().out
+    assert "[1/1] fp32 B1 H2 q128 k128 d32 fwd" in out  # fp32: the CPU's default dtype
+    assert "(ranked) ->" not in out
+    for name in ("math", "sdpa-flash"):  # every eligible backend, as it is timed
+        assert re.search(rf"^  {name} +[0-9.e+-]+ ms per call", out, re.M), out
+    stored = re.search(r"^  stored: (\S+)", out, re.M).group(1).rstrip(",")
+    path = _autotune.cache_path(torch.device("cpu"))
+    assert f"stored in {path}" in out and "ATTENTION_DISPATCH_AUTOTUNE=0" in out
+    entry = json.loads(path.read_text())["decisions"]["float32|1|2|2|128|128|32|32|bhsd|none|"
+                                                      "False|False|False|False|False"]
+    assert entry["backend"] == stored and set(entry["ms"]) >= {"math", "sdpa-flash"}
     assert main(["cache", "show"]) == 0
     shown = capsys.readouterr().out
-    assert "float32|1|2|2|128|128|32|32" in shown
+    assert "float32|1|2|2|128|128|32|32" in shown and "(this machine)" in shown
     assert main(["cache", "clear"]) == 0
-    assert "removed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"removed {path}" in out and "cleared 1 stored decision(s) in 1 file(s)" in out
     assert not list((cache_home / "attention-dispatch").glob("autotune-*.json"))
+    assert main(["cache", "clear"]) == 0
+    assert "nothing to clear: no autotune cache files under" in capsys.readouterr().out
+
+
+def _other_backend(q: torch.Tensor) -> tuple[str, str, ad.CallSpec]:
+    """(the ranking's choice, another eligible backend, the spec) for attention(q, q, q)."""
+    d = ad.explain(q, q, q)
+    others = [v.name for v in d.verdicts
+              if v.name != d.backend and not v.reasons and v.rank is not None]
+    assert "math" in others  # nothing to compile (flex would take seconds)
+    return d.backend, "math", d.spec
+
+
+def test_stored_decisions_apply_by_default(cache_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A decision stored by tune (here: written directly) applies to attention()
+    and explain without any variable; ATTENTION_DISPATCH_AUTOTUNE=0 ignores it."""
+    q = torch.randn(1, 2, 64, 32)
+    static, other, spec = _other_backend(q)
+    monkeypatch.setattr(bench_run, "time_interleaved", lambda *a, **k: pytest.fail("timed"))
+    _autotune.store(spec.device, _autotune.bucket_key(spec), {"backend": other, "ms": {}})
+    ad.clear_cache()
+    d = ad.explain(q, q, q)
+    assert (d.backend, d.tuned, d.ranked, d.source) == (other, True, static, "default+tuned")
+    assert f"chosen: {other} (tuned: the stored tuning decision" in str(d)
+    assert f"the ranking alone picks {static}" in str(d)
+    ad.attention(q, q, q)
+    plans = {p.backend.name for p in _dispatch._plans.values()}
+    assert plans == {other}
+    assert main(["explain", "--shape", "1,2,64,32"]) == 0
+    assert f"chosen: {other} (tuned" in capsys.readouterr().out
+    # the documented opt-out
+    monkeypatch.setenv("ATTENTION_DISPATCH_AUTOTUNE", "0")
+    ad.clear_cache()
+    assert ad.explain(q, q, q).backend == static and not ad.explain(q, q, q).tuned
+    ad.attention(q, q, q)
+    assert {p.backend.name for p in _dispatch._plans.values()} == {static}
+
+
+def test_stored_decisions_are_read_once(cache_home: Path, monkeypatch: pytest.MonkeyPatch
+                                        ) -> None:
+    """The variable and the cache file are read at the first decision and kept
+    until clear_cache(): later decisions cost no file or environment reads."""
+    q = torch.randn(1, 2, 64, 32)
+    static, other, spec = _other_backend(q)
+    path = _autotune.store(spec.device, _autotune.bucket_key(spec), {"backend": other, "ms": {}})
+    ad.clear_cache()
+    ad.attention(q, q, q)
+    path.unlink()  # gone from disk, still in memory
+    monkeypatch.setenv("ATTENTION_DISPATCH_AUTOTUNE", "0")  # not re-read either
+    q2 = torch.randn(1, 2, 60, 32)  # another signature in the same bucket
+    ad.attention(q2, q2, q2)
+    assert {p.backend.name for p in _dispatch._plans.values()} == {other}
+    ad.clear_cache()
+    ad.attention(q2, q2, q2)
+    assert {p.backend.name for p in _dispatch._plans.values()} == {static}
+
+
+def test_tests_never_use_the_users_cache() -> None:
+    """The session's autotune cache is a temporary folder (conftest.py)."""
+    folder = _autotune.cache_dir()
+    assert str(folder) == os.environ["ATTENTION_DISPATCH_CACHE_DIR"]
+    assert not str(folder).startswith(os.path.join(os.path.expanduser("~"), ".cache"))
+
+
+def test_bench_ignores_stored_decisions(cache_home: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str], fast: None) -> None:
+    """bench runs in a temporary cache: a stored decision neither applies nor changes."""
+    q = torch.randn(1, 2, 64, 16)
+    static, _, spec = _other_backend(q)
+    path = _autotune.store(spec.device, _autotune.bucket_key(spec), {"backend": "math", "ms": {}})
+    before = path.read_text()
+    assert static != "math"
+    assert main(TINY[:-1] + ["1,2,64,16", "--backends", "math,sdpa-flash",
+                             "--out", str(tmp_path / "out")]) == 0
+    rows = _results(tmp_path / "out")["rows"]
+    assert {r["chosen"] for r in rows if r["backend"] == "auto"} == {static}
+    assert path.read_text() == before
+    assert ad.explain(q, q, q).backend == "math"  # the user's cache is back afterwards
 
 
 def test_cache_write_is_atomic_and_merges(cache_home: Path) -> None:
@@ -204,8 +311,7 @@ def test_killed_run_resumes_from_checkpoint(tmp_path: Path, monkeypatch: pytest.
         return run_case(*args, **kw)
 
     monkeypatch.setattr(bench_run, "run_case", dies_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        main(TINY + ["--out", str(tmp_path)])
+    assert main(TINY + ["--out", str(tmp_path)]) == 130
     data = _results(tmp_path)
     assert data["complete"] is False and data["cases_done"] == 1
     monkeypatch.setattr(bench_run, "run_case", run_case)
@@ -220,13 +326,14 @@ def test_killed_run_resumes_from_checkpoint(tmp_path: Path, monkeypatch: pytest.
 
 def test_resume_and_max_seconds_arguments(tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(TINY + ["--max-seconds", "-1"])
-    assert exc.value.code == 2
-    assert "--max-seconds" in capsys.readouterr().err
+    assert main(TINY + ["--max-seconds", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --max-seconds: expected seconds >= 0; got '-1'" in err
+    assert len(err.splitlines()) == 1
     (tmp_path / "results.json").write_text("{")
-    with pytest.raises(SystemExit, match="--resume: cannot read"):
-        main(TINY + ["--out", str(tmp_path), "--resume"])
+    assert main(TINY + ["--out", str(tmp_path), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --resume: cannot read" in err and len(err.splitlines()) == 1
 
 
 def test_explain_reports_the_autotune_decision(cache_home: Path) -> None:
@@ -234,12 +341,74 @@ def test_explain_reports_the_autotune_decision(cache_home: Path) -> None:
     ad.autotune(True)
     ad.clear_cache()
     q = torch.randn(1, 2, 64, 32)
-    static = ad.explain(q, q, q).backend
-    spec = ad.explain(q, q, q).spec
-    other = next(v.name for v in ad.explain(q, q, q).verdicts
-                 if v.name != static and not v.reasons and v.rank is not None)
+    static, other, spec = _other_backend(q)
     _autotune.store(spec.device, _autotune.bucket_key(spec), {"backend": other, "ms": {}})
     d = ad.explain(q, q, q)
-    assert d.backend == other and d.source.endswith("+autotune")
+    assert d.backend == other and d.source.endswith("+tuned") and d.tuned
+    assert [v.name for v in d.verdicts if v.status == "chosen"] == [other]
     ad.autotune(False)
     assert ad.explain(q, q, q).backend == static
+
+
+# progress on stderr: a live bar on a terminal, plain lines in a log
+
+
+class _Log(io.StringIO):
+    def isatty(self) -> bool:
+        return False
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_in_a_log_is_plain_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    log = _Log()
+    bar = progress.Progress(4, stream=log, interval=5.0)
+    for i, step in enumerate([2.0, 1.0, 6.0, 1.0]):
+        bar.start(f"case {i}")
+        clock[0] += step
+        bar.done()
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and log.getvalue().endswith("\n")
+    # the first line: no time left yet (never "0 s"); then at most one line per 5 s
+    assert lines[0] == "0/4 cases, 0s elapsed, about ? left; case 0"
+    assert lines[1] == "3/4 cases, 9s elapsed, about 3s left; case 3"
+    assert lines[-1] == "4/4 cases, 10s elapsed, about 0s left; done"
+    assert len(lines) == 3
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar() -> None:
+    tqdm = pytest.importorskip("tqdm")
+    term = _Terminal()
+    bar = progress.Progress(2, stream=term)
+    assert isinstance(bar._bar, tqdm.tqdm)
+    bar.start("first")
+    assert "<?]" in term.getvalue()  # no estimate before a case is done
+    bar.done()
+    bar.start("second")
+    bar.done()
+    bar.close()
+    assert "2/2" in term.getvalue() and term.getvalue().rstrip().endswith("done")
+
+
+def test_bench_progress_in_a_log(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                 fast: None) -> None:
+    assert main(TINY + ["--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert err.splitlines()[0].startswith("0/3 cases, 0s elapsed, about ? left; fp32 ")
+    assert err.splitlines()[-1].startswith("3/3 cases, ") and err.endswith("; done\n")
+
+
+def test_plot_of_no_timed_rows_warns_nothing(tmp_path: Path) -> None:
+    env = {"device_name": "cpu", "torch": torch.__version__, "date": "today"}
+    rows = [{"mask": "padding", "seq_q": 64, "tflops": 1.0}]  # nothing to draw
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report.plot(rows, str(tmp_path / "p.png"), env)
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

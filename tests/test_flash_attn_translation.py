@@ -19,10 +19,12 @@ GQA, key padding -> seqused_k / varlen, LSE layout, refusals.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import subprocess
 import sys
 import types
+import warnings
 from typing import Any, Callable, Optional
 
 import pytest
@@ -669,3 +671,76 @@ def test_conformance_cases_through_fake(flash_env: Callable, api: str) -> None:
         except ad.BackendUnavailable:
             refused += 1
     assert passed >= 20, (passed, refused)
+
+
+# ----------------------------------------------------------------- FA4 compile warnings
+
+JIT_WARNING = ("Argument aux_data (position 17) cannot be converted to a JitArgument.\n"
+               "  It is treated as a constant at compile time.\n  (CuTe DSL)")
+
+
+class NoisyFakeFA4(FakeFA4):
+    """FakeFA4 that warns like the CuTe DSL when it "compiles" (the first call of
+    each shape and flag set) and emits an unrelated UserWarning on every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.compiled: set = set()
+
+    def _noise(self, fname: str, q: Tensor, k: Tensor, kw: dict) -> None:
+        key = (fname, q.shape, k.shape, q.dtype, kw.get("causal"), kw.get("return_lse"))
+        if key not in self.compiled:
+            self.compiled.add(key)
+            warnings.warn(JIT_WARNING, UserWarning)
+        warnings.warn("an unrelated warning", UserWarning)
+
+    def modules(self) -> dict[str, types.ModuleType]:
+        mods = super().modules()
+        cute = mods["flash_attn.cute"]
+        for fname in ("flash_attn_func", "flash_attn_varlen_func"):
+            real = getattr(self, fname)
+
+            @functools.wraps(real)  # keeps the signature the adapter inspects
+            def noisy(q, k, v, *args, _real=real, _name=fname, **kw):
+                self._noise(_name, q, k, kw)
+                return _real(q, k, v, *args, **kw)
+
+            setattr(cute, fname, noisy)
+        return mods
+
+
+def test_fa4_compile_warning_is_hidden_only_around_first_calls(
+        flash_env: Callable, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = NoisyFakeFA4()
+    flash_env(fake)
+    q, k, v = make_qkv(sq=6, sk=10)
+    pad = padding_mask([10, 7], 10)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            ad.attention(q, k, v, layout="bshd", backend="flash-attn")
+            ad.attention(q, k, v, layout="bshd", backend="flash-attn", key_padding_mask=pad)
+    messages = [str(w.message) for w in rec]
+    assert len(fake.compiled) == 2  # the fake "compiled" twice and warned twice
+    assert not any("JitArgument" in m for m in messages)
+    assert messages.count("an unrelated warning") == 4  # other warnings pass through
+    # the filter is entered on a signature's first call only, not per call
+    entered: list = []
+    quiet = _flash_api.quiet_fa4_compile
+
+    def counting() -> Any:
+        entered.append(1)
+        return quiet()
+
+    monkeypatch.setattr(_flash_api, "quiet_fa4_compile", counting)
+    with warnings.catch_warnings(record=True):
+        ad.attention(q, k, v, layout="bshd", backend="flash-attn")
+        assert entered == []
+        q2, k2, v2 = make_qkv(sq=7, sk=10)
+        ad.attention(q2, k2, v2, layout="bshd", backend="flash-attn")
+        assert entered == [1]
+    # and it is not process-wide: afterwards the same warning reaches the user
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        warnings.warn(JIT_WARNING, UserWarning)
+    assert len(rec) == 1

@@ -917,10 +917,16 @@ def test_version_drift_note_in_cli_info(register_temp, capsys):
     register_temp("in-range", InRange)
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
-    rows = {ln.split()[0]: ln for ln in out.splitlines() if ln.strip()}
-    assert "outside the tested versions <1" in rows["drifted"]
-    assert "outside the tested versions" not in rows["in-range"]
-    assert "outside the tested versions" not in rows["math"]
+    blocks: dict = {}  # backend -> its lines (a block's wrapped lines are indented)
+    name = ""
+    for ln in out.splitlines():
+        if ln.strip() and not ln.startswith(" "):
+            name = ln.split()[0]
+        blocks.setdefault(name, []).append(ln)
+    text = {n: " ".join(" ".join(lines).split()) for n, lines in blocks.items()}
+    assert "outside the tested versions <1" in text["drifted"]
+    assert "outside the tested versions" not in text["in-range"]
+    assert "outside the tested versions" not in text["math"]
 
 
 # ------------------------------------------- env-var strictness, plugins off

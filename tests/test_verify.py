@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("ATTENTION_DISPATCH_CACHE_DIR", str(tmp_path / "attention-dispatch"))
     monkeypatch.delenv(_verify.ENV_VERIFY, raising=False)
     _wrong_backend.register()
     ad.clear_cache()
@@ -142,7 +142,8 @@ print(" ".join(d.reasons(_wrong_backend.NAME)))
 
 
 def _fresh(home: Path) -> list[str]:
-    env = {"XDG_CACHE_HOME": str(home), "PATH": "/usr/bin:/bin", "ATTENTION_DISPATCH_CANARY": "0"}
+    env = {"ATTENTION_DISPATCH_CACHE_DIR": str(home / "attention-dispatch"), "PATH": "/usr/bin:/bin",
+           "ATTENTION_DISPATCH_CANARY": "0"}
     proc = subprocess.run([sys.executable, "-c", FRESH, str(Path(__file__).parent)],
                           capture_output=True, text=True, timeout=120,
                           env=dict(env, PYTHONPATH=str(ROOT)))
@@ -153,7 +154,8 @@ def _fresh(home: Path) -> list[str]:
 def _cli(home: Path, *args: str) -> str:
     proc = subprocess.run([sys.executable, "-m", "attention_dispatch", "cache", *args],
                           capture_output=True, text=True, timeout=120,
-                          env={"XDG_CACHE_HOME": str(home), "PATH": "/usr/bin:/bin",
+                          env={"ATTENTION_DISPATCH_CACHE_DIR": str(home / "attention-dispatch"),
+                               "PATH": "/usr/bin:/bin",
                                "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     return proc.stdout

@@ -36,9 +36,11 @@ import inspect
 import os
 import sys
 import threading
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -294,6 +296,23 @@ def call_reasons(api: FlashApi, spec: CallSpec, cc: CC) -> list[str]:
     """Why ``api`` cannot take the call ``spec`` on compute capability ``cc``."""
     fn = {"fa4": _fa4_call_reasons, "fa3": _fa3_call_reasons, "fa2": _fa2_call_reasons}
     return fn[api.key](spec, cc)
+
+
+#: The CuTe DSL's multi-line UserWarning when FA4 compiles a kernel whose
+#: arguments include aux_data ("Argument aux_data (position 17) cannot be
+#: converted to a JitArgument ..."): it is FA4's own business, not the user's.
+FA4_COMPILE_WARNING = r".*cannot be converted to a JitArgument"
+
+
+@contextmanager
+def quiet_fa4_compile() -> Iterator[None]:
+    """Hide FA4's compile-time CuTe DSL warning (:data:`FA4_COMPILE_WARNING`)
+    inside the block, and only that warning.  Used around the first call of a
+    signature (when FA4 compiles), never around every call: ``catch_warnings``
+    swaps the process's warning filters while the block runs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=FA4_COMPILE_WARNING, category=UserWarning)
+        yield
 
 
 def _split(res: Any) -> tuple[Tensor, Optional[Tensor]]:

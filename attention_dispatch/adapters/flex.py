@@ -44,6 +44,7 @@ Equivalent math::
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 import os
@@ -391,8 +392,14 @@ class FlexBackend(Backend):
         return CUDA_ALIGNED if spec.device_type == "cuda" else self.capabilities.strides
 
     def describe(self) -> str:
-        return (f"torch {torch.__version__} flex_attention (compiled per signature; CPU: "
-                f"inference only, no LSE, Sq*Sk >= {self.min_cpu_scores})")
+        return (f"torch {torch.__version__} flex_attention (compiled per signature; on the "
+                f"CPU only calls with Sq*Sk >= {self.min_cpu_scores})")
+
+    def capabilities_on(self, device: torch.device) -> Capabilities:
+        """On the CPU: no LSE and no gradients (see :meth:`check`)."""
+        if device.type == "cpu":
+            return dataclasses.replace(self.capabilities, lse=False, backward=False)
+        return self.capabilities
 
     def probe(self, device: torch.device) -> list[str]:
         out = super().probe(device)

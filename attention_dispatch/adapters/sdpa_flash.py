@@ -50,6 +50,16 @@ class SdpaFlashBackend(Backend):
         vectors and gives wrong answers otherwise); CUDA: FA2's aligned rule."""
         return CUDA_ALIGNED if spec.device_type == "cuda" else self.capabilities.strides
 
+    def capabilities_on(self, device: torch.device) -> Capabilities:
+        """CPU: no dropout.  CUDA: float16/bfloat16, D <= 256, no mask of any
+        kind, no window, no ALiBi (see :meth:`check`)."""
+        if device.type == "cpu":
+            return dataclasses.replace(self.capabilities, dropout=False)
+        return dataclasses.replace(self.capabilities, dtypes=frozenset({torch.float16,
+                                                                        torch.bfloat16}),
+                                   max_head_dim=256, mask_kinds=frozenset(), key_padding=False,
+                                   window=False, alibi=False)
+
     def check(self, spec: CallSpec) -> list[str]:
         if spec.device_type == "cpu":
             out = ["dropout_p > 0; torch's CPU flash kernel cannot drop out"] if spec.dropout else []

@@ -1,9 +1,10 @@
-"""The ``bench`` and ``rank`` subcommands."""
+"""The ``bench``, ``rank``, ``tune`` and ``cache`` subcommands."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -12,68 +13,104 @@ from typing import Any, Optional
 import torch
 
 from .. import _autotune
-from .._dispatch import attention, clear_cache, explain
+from .._cli_args import (CommandError, default_dtype, device_arg, float_arg, int_arg, list_arg,
+                         shapes_arg)
+from .._dispatch import clear_cache
 from .._registry import list_backends
 from .._select import normalize
 from . import report
 from .cases import DTYPES, MASKS, MODES, BenchCase, case_key, parse_shapes
 from .run import Row, run
 
+BENCH_EPILOG = """examples:
+  attention-dispatch bench --quick                  # every backend, a small grid (CPU: ~1 min)
+  attention-dispatch bench --device cuda --out results --max-seconds 540
+  attention-dispatch bench --device cuda --out results --max-seconds 540 --resume
+  attention-dispatch bench --shapes "4,16,2048,64;1,16,8192,128" --causal true --mode fwd,fwd+bwd
+
+Stored tuning decisions do not apply here: bench uses a temporary, empty autotune cache
+(ATTENTION_DISPATCH_AUTOTUNE=1 makes auto time each case's backends afresh)."""
+
+RANK_EPILOG = """example:
+  attention-dispatch rank bench-results/results.json"""
+
+TUNE_EPILOG = """examples:
+  attention-dispatch tune --shapes "1,16,4096,128"                    # cpu: fp32
+  attention-dispatch tune --device cuda --dtype bf16 --shapes "1,16,8192,128;8,32,2048,64"
+
+The choices are stored in the autotune cache (attention-dispatch cache show) and used by
+attention() and explain by default; ATTENTION_DISPATCH_AUTOTUNE=0 ignores them."""
+
+CACHE_EPILOG = """examples:
+  attention-dispatch cache show
+  attention-dispatch cache clear"""
+
+
+def _common(p: argparse.ArgumentParser, shapes_help: str, shapes_required: bool) -> None:
+    """Options bench and tune share."""
+    p.add_argument("--device", type=device_arg, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda where torch sees one, else cpu)")
+    p.add_argument("--dtype", type=list_arg(tuple(DTYPES)), default=None,
+                   help="comma list of " + ",".join(DTYPES) + " (default: bf16 on cuda, fp32 on "
+                   "cpu; the quick and default presets set their own)")
+    p.add_argument("--shapes", type=shapes_arg, help=shapes_help, required=shapes_required,
+                   default=None if shapes_required else "default")
+    p.add_argument("--kv-heads", type=int_arg(0), default=0, metavar="N",
+                   help="GQA: kv heads for --shapes B,H,S,D (0: as many as query heads)")
+    p.add_argument("--causal", default="both", choices=["both", "true", "false"],
+                   help="causal, non-causal or both (default: both)")
+    p.add_argument("--mask", type=list_arg(MASKS), default="none",
+                   help="comma list of " + ",".join(MASKS) + " (default: none)")
+    p.add_argument("--mode", type=list_arg(MODES), default="fwd",
+                   help="comma list of " + ",".join(MODES) + " (default: fwd)")
+
 
 def add_parser(sub: Any) -> None:
-    b = sub.add_parser("bench", help="time and check every backend on this machine")
-    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    b.add_argument("--dtype", default="bf16", help="comma list of " + ",".join(DTYPES))
-    b.add_argument("--shapes", default="default", help="quick, default, decode or B,H,S,D;...")
-    b.add_argument("--kv-heads", type=int, default=0, help="GQA: kv heads for --shapes B,H,S,D")
-    b.add_argument("--causal", default="both", choices=["both", "true", "false"])
-    b.add_argument("--mask", default="none", help="comma list of " + ",".join(MASKS))
-    b.add_argument("--mode", default="fwd", help="comma list of " + ",".join(MODES))
-    b.add_argument("--backends", default=None, help="comma list (default: every registered)")
-    b.add_argument("--quick", action="store_true", help="the quick preset (< 60 s on a CPU)")
+    """The bench, rank, tune and cache subparsers."""
+    b = sub.add_parser("bench", help="time and check every backend on this machine",
+                       description="Correctness, time, TFLOP/s, memory and first-call latency "
+                       "of every backend and auto, per case; JSON, CSV and PNG under --out.",
+                       epilog=BENCH_EPILOG)
+    _common(b, "quick, default, decode or B,H,S,D;... (default: default)", False)
+    b.add_argument("--backends", default=None, metavar="A,B,...",
+                   help="comma list of backends (default: every registered one)")
+    b.add_argument("--quick", action="store_true",
+                   help="the quick preset (overrides --shapes; CPU: 8 fp32 cases)")
     b.add_argument("--no-check", action="store_true", help="skip the correctness checks")
-    b.add_argument("--out", default="bench-results", help="folder for JSON, CSV and PNG")
+    b.add_argument("--out", default="bench-results", metavar="DIR",
+                   help="folder for results.json, .csv and .png (default: bench-results)")
     b.add_argument("--resume", action="store_true",
                    help="keep the rows of DIR/results.json and run only the missing cases")
-    b.add_argument("--max-seconds", type=_seconds, default=0.0, metavar="S",
+    b.add_argument("--max-seconds", type=float_arg(0.0, float("inf"), "seconds >= 0"),
+                   default=0.0, metavar="S",
                    help="start no new case after S seconds (0: no limit); --resume continues")
-    r = sub.add_parser("rank", help="print the auto ranking that bench results imply")
-    r.add_argument("results", help="a results.json written by bench")
-    t = sub.add_parser("tune", help="fill the autotune cache ahead of time")
-    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    t.add_argument("--dtype", default="bf16")
-    t.add_argument("--shapes", required=True, help="quick, default, decode or B,H,S,D;...")
-    t.add_argument("--kv-heads", type=int, default=0)
-    t.add_argument("--causal", default="both", choices=["both", "true", "false"])
-    t.add_argument("--mask", default="none")
-    t.add_argument("--mode", default="fwd")
-    c = sub.add_parser("cache", help="show or clear the autotune cache")
-    c.add_argument("action", choices=["show", "clear"])
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0; got {text!r}")
-    return value
-
-
-def _list(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in items if t not in allowed]
-    if bad:
-        raise SystemExit(f"{flag}: expected values of {', '.join(allowed)}; got {', '.join(bad)}")
-    return items
+    r = sub.add_parser("rank", help="print the auto ranking that bench results imply",
+                       description="Backends ordered by their geometric-mean speed relative "
+                       "to the fastest backend of each case.", epilog=RANK_EPILOG)
+    r.add_argument("results", metavar="RESULTS_JSON", help="a results.json written by bench")
+    t = sub.add_parser("tune", help="time the backends for given shapes and store the fastest",
+                       description="For each case: check and time every backend that accepts "
+                       "it, store the fastest correct one for its shape bucket (replacing a "
+                       "stored one), and print the times.", epilog=TUNE_EPILOG)
+    _common(t, "shapes to tune: quick, default, decode or B,H,S,D;... (required)", True)
+    c = sub.add_parser("cache", help="show or clear the stored tuning decisions",
+                       description="The autotune cache: one JSON file per environment "
+                       "(device, driver, torch and kernel versions).", epilog=CACHE_EPILOG)
+    c.add_argument("action", choices=["show", "clear"],
+                   help="show: list the files and their decisions; clear: delete them")
 
 
 def _cases(a: argparse.Namespace, shapes: str) -> list[BenchCase]:
+    """The cases of the options (--kv-heads must divide every H of --shapes)."""
     causal = {"both": [False, True], "true": [True], "false": [False]}[a.causal]
-    return parse_shapes(shapes, _list(a.dtype, tuple(DTYPES), "--dtype"), causal,
-                        _list(a.mask, MASKS, "--mask"), _list(a.mode, MODES, "--mode"),
-                        a.kv_heads, torch.device(a.device))
+    cases = parse_shapes(shapes, a.dtype.split(","), causal, a.mask.split(","),
+                         a.mode.split(","), a.kv_heads, a.device)
+    bad = sorted({c.heads_q for c in cases if c.heads_q % c.heads_kv})
+    if bad:
+        raise CommandError(f"attention-dispatch {a.command}: error: argument --kv-heads: "
+                           f"expected a divisor of every H in --shapes; got {a.kv_heads} "
+                           f"(H={', '.join(map(str, bad))})")
+    return cases
 
 
 def _previous_rows(a: argparse.Namespace, env: dict[str, Any]) -> list[Row]:
@@ -100,7 +137,7 @@ def _state(cases: list[BenchCase], rows: list[Row]) -> dict[str, Any]:
 
 def _resume_command(a: argparse.Namespace) -> str:
     """The command line that continues this run."""
-    opts = [("--device", a.device), ("--dtype", a.dtype), ("--shapes", a.shapes),
+    opts = [("--device", str(a.device)), ("--dtype", a.dtype), ("--shapes", a.shapes),
             ("--kv-heads", str(a.kv_heads) if a.kv_heads else None), ("--causal", a.causal),
             ("--mask", a.mask), ("--mode", a.mode), ("--backends", a.backends), ("--out", a.out)]
     parts = ["attention-dispatch", "bench"] + [x for flag, v in opts if v for x in (flag, v)]
@@ -111,11 +148,18 @@ def _resume_command(a: argparse.Namespace) -> str:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    """Run the grid in a temporary autotune cache (stored decisions neither
+    apply nor change); 130 when interrupted (the finished cases are kept)."""
     deadline: Optional[float] = time.monotonic() + a.max_seconds if a.max_seconds else None
-    device = torch.device(a.device)
+    a.dtype = a.dtype or default_dtype(a.device)
     cases = _cases(a, "quick" if a.quick else a.shapes)
     backends = list(normalize("--backends", a.backends)) if a.backends else list_backends()
-    env = report.environment(device)
+    try:
+        os.makedirs(a.out, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(f"attention-dispatch bench: error: argument --out: cannot create "
+                           f"{a.out}: {exc.strerror or exc}") from None
+    env = report.environment(a.device)
     rows = _previous_rows(a, env)
     done = {case_key(r) for r in rows}
     pending = [c for c in cases if case_key(c) not in done]
@@ -127,8 +171,24 @@ def cmd_bench(a: argparse.Namespace) -> int:
         rows.extend(new)
         report.write(rows, a.out, env, _state(cases, rows), png=False)
 
-    run(pending, [b for b in backends if b != "auto"], device, check=not a.no_check, meta=env,
-        on_case=checkpoint, deadline=deadline)
+    with _autotune.isolated_cache():
+        clear_cache()
+        try:
+            run(pending, [b for b in backends if b != "auto"], a.device, check=not a.no_check,
+                meta=env, on_case=checkpoint, deadline=deadline)
+        except KeyboardInterrupt:
+            state = _state(cases, rows)
+            print(f"interrupted: {state['cases_done']}/{state['cases_total']} cases in "
+                  f"{a.out}; continue with:\n  {_resume_command(a)}", file=sys.stderr)
+            return 130
+        finally:
+            clear_cache()
+    return _finish(a, cases, rows, env)
+
+
+def _finish(a: argparse.Namespace, cases: list[BenchCase], rows: list[Row],
+            env: dict[str, Any]) -> int:
+    """Table, summary, files; the command that continues a partial run."""
     state = _state(cases, rows)
     print(report.table(rows))
     print(report.summary(rows))
@@ -142,30 +202,28 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_rank(a: argparse.Namespace) -> int:
-    with open(a.results) as f:
-        data = json.load(f)
-    order = report.ranking_from(data["rows"])
-    env = data["environment"]
-    print(f"# from {a.results}: {env['device_name']}, torch {env['torch']}, {env['date']}")
+    try:
+        with open(a.results) as f:
+            data = json.load(f)
+        order = report.ranking_from(data["rows"])
+        env = data["environment"]
+        head = f"# from {a.results}: {env['device_name']}, torch {env['torch']}, {env['date']}"
+    except OSError as exc:
+        raise CommandError(f"attention-dispatch rank: error: cannot read {a.results}: "
+                           f"{exc.strerror or exc}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CommandError(f"attention-dispatch rank: error: {a.results} is not a results.json "
+                           f"written by bench ({type(exc).__name__}: {exc})") from None
+    print(head)
     print(json.dumps(order))
     return 0
 
 
 def cmd_tune(a: argparse.Namespace) -> int:
-    device = torch.device(a.device)
-    _autotune.autotune(True)
-    clear_cache()
-    for case in _cases(a, a.shapes):
-        kw = case.inputs(device, requires_grad=case.mode == "fwd+bwd")
-        attention(**kw)
-        print(f"{case.label()}: {explain(**kw).backend} (ranked) -> "
-              f"{_autotune.load(device)['decisions'].get(_bucket(kw), {}).get('backend', '-')}")
-    print(f"cache: {_autotune.cache_path(device)}")
-    return 0
+    from .tune import tune_cases
 
-
-def _bucket(kw: dict[str, Any]) -> str:
-    return _autotune.bucket_key(explain(**kw).spec)
+    a.dtype = a.dtype or default_dtype(a.device)
+    return tune_cases(_cases(a, a.shapes), a.device)
 
 
 def _show_quarantine(q: Any) -> None:
@@ -184,18 +242,42 @@ def _show_quarantine(q: Any) -> None:
 def cmd_cache(a: argparse.Namespace) -> int:
     from .. import _quarantine
 
+    folder = _autotune.cache_dir()
     if a.action == "clear":
-        for p in _autotune.clear() + _quarantine.clear():
+        files = sorted(folder.glob("autotune-*.json")) if folder.is_dir() else []
+        count = sum(_decision_count(p) for p in files)
+        removed = _autotune.clear()
+        quarantined = len(_quarantine.entries())
+        removed_q = _quarantine.clear()
+        clear_cache()
+        for p in removed + removed_q:
             print(f"removed {p}")
+        print(f"cleared {count} stored decision(s) in {len(removed)} file(s) under {folder}"
+              if removed else f"nothing to clear: no autotune cache files under {folder}")
+        if removed_q:
+            print(f"cleared {quarantined} quarantine entr{'y' if quarantined == 1 else 'ies'}")
         return 0
     _show_quarantine(_quarantine)
-    files = sorted(_autotune.cache_dir().glob("autotune-*.json")) \
-        if _autotune.cache_dir().is_dir() else []
+    files = sorted(folder.glob("autotune-*.json")) if folder.is_dir() else []
     if not files:
-        print(f"no autotune cache under {_autotune.cache_dir()}")
+        print(f"no autotune cache under {folder}")
+    here = {_autotune.cache_path(torch.device(t)) for t in ("cpu", "cuda")
+            if t == "cpu" or torch.cuda.is_available()}
     for p in files:
-        data = json.loads(p.read_text())
-        print(f"{p}: {json.dumps(data.get('environment', {}), sort_keys=True)}")
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"{p}: unreadable ({exc})")
+            continue
+        mark = " (this machine)" if p in here else ""
+        print(f"{p}{mark}: {json.dumps(data.get('environment', {}), sort_keys=True)}")
         for bucket, entry in sorted(data.get("decisions", {}).items()):
             print(f"  {bucket}: {entry.get('backend')}")
     return 0
+
+
+def _decision_count(path: Any) -> int:
+    try:
+        return len(json.loads(path.read_text()).get("decisions", {}))
+    except (OSError, ValueError, AttributeError):
+        return 0

@@ -14,6 +14,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from .._cli_args import CommandError
+
 Row = dict[str, Any]
 COLUMNS = ["case", "backend", "chosen", "ms", "tflops", "first_call_ms", "peak_mb", "correct",
            "auto_over_best", "check"]
@@ -103,7 +105,11 @@ def write(rows: list[Row], out_dir: str, env: dict[str, Any],
 
 
 def load(out_dir: str) -> Optional[dict[str, Any]]:
-    """The results.json that bench wrote under ``out_dir``; None when there is none."""
+    """The results.json that bench wrote under ``out_dir``; None when there is none.
+
+    Raises:
+        CommandError: the file is unreadable or not a bench results file.
+    """
     path = os.path.join(out_dir, "results.json")
     if not os.path.exists(path):
         return None
@@ -111,9 +117,11 @@ def load(out_dir: str) -> Optional[dict[str, Any]]:
         with open(path) as f:
             data = json.load(f)
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"--resume: cannot read {path}: {exc}") from exc
+        raise CommandError(f"attention-dispatch bench: error: argument --resume: cannot read "
+                           f"{path}: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
-        raise SystemExit(f"--resume: {path} is not a results file written by bench")
+        raise CommandError(f"attention-dispatch bench: error: argument --resume: {path} is not a "
+                           "results file written by bench")
     return data
 
 
@@ -146,7 +154,11 @@ def plot(rows: list[Row], path: str, env: dict[str, Any]) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length")
         ax.set_ylabel("TFLOP/s")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # an empty panel gets no legend (no warning)
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no timed rows", ha="center", va="center",
+                    transform=ax.transAxes)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.suptitle(f"{env['device_name']} torch {env['torch']} {env['date']}", fontsize=10)

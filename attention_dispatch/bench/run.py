@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import statistics
-import sys
 import time
 from dataclasses import asdict
 from typing import Any, Callable, Optional
@@ -17,6 +16,7 @@ from .._dispatch import attention, explain
 from .._errors import BackendUnavailable
 from .._spec import CallSpec
 from .cases import BenchCase
+from .progress import Progress
 
 Row = dict[str, Any]
 
@@ -146,38 +146,36 @@ def run_case(case: BenchCase, backends: list[str], device: torch.device, check: 
     return list(rows.values())
 
 
-def progress(i: int, n: int, label: str, t0: float, end: bool = False) -> None:
-    """A one-line live progress bar on stderr; ``end`` closes the line early."""
-    width = 30
-    done = int(width * i / n) if n else width
-    eta = (time.perf_counter() - t0) / max(i, 1) * (n - i)
-    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} eta {eta:5.0f}s  "
-                     f"{label[:60]:<60}")
-    sys.stderr.flush()
-    if i == n or end:
-        sys.stderr.write("\n")
-
-
 def run(cases: list[BenchCase], backends: list[str], device: torch.device, check: bool = True,
         meta: Optional[dict[str, Any]] = None, show_progress: bool = True,
         on_case: Optional[Callable[[list[Row]], None]] = None,
         deadline: Optional[float] = None) -> list[Row]:
     """The rows of every case, in order; ``on_case`` gets each case's rows as soon
     as it is done.  No case starts once ``time.monotonic()`` has reached
-    ``deadline`` (the first case always runs, so every session makes progress)."""
+    ``deadline`` (the first case always runs, so every session makes progress).
+    ``show_progress``: progress on stderr (a live bar on a terminal, a plain
+    line every few seconds in a log; see :mod:`.progress`)."""
     rows: list[Row] = []
-    t0 = time.perf_counter()
-    for i, case in enumerate(cases):
-        if i and deadline is not None and time.monotonic() >= deadline:
-            if show_progress:
-                progress(i, len(cases), "stopped: time limit", t0, end=True)
-            return rows
-        if show_progress:
-            progress(i, len(cases), case.label(), t0)
-        new = run_case(case, backends, device, check, meta or {})
-        rows += new
-        if on_case is not None:
-            on_case(new)
-    if show_progress:
-        progress(len(cases), len(cases), "done", t0)
+    bar = Progress(len(cases)) if show_progress and cases else None
+    note = "done"
+    try:
+        for i, case in enumerate(cases):
+            if i and deadline is not None and time.monotonic() >= deadline:
+                note = "stopped: time limit"
+                return rows
+            if bar is not None:
+                bar.start(case.label())
+            new = run_case(case, backends, device, check, meta or {})
+            rows += new
+            if bar is not None:
+                bar.done()
+            if on_case is not None:
+                on_case(new)
+    except BaseException as exc:
+        note = "interrupted" if isinstance(exc, KeyboardInterrupt) else \
+            f"stopped: {type(exc).__name__}"
+        raise
+    finally:
+        if bar is not None:
+            bar.close(note)
     return rows
