@@ -17,12 +17,13 @@ tests run on CUDA (``-m gpu``) for the CUDA backends in bfloat16 and float16.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import pytest
 import torch
 
 import attention_dispatch as ad
+from attention_dispatch._testing_memory import split_packed
 from attention_dispatch.testing import atol, memory_view, packed_qkv, reference_attention
 
 Tensor = torch.Tensor
@@ -49,6 +50,21 @@ VIEW_IDS = [f"{w}-{k}{a}" for w, k, a in VIEWS]
 
 def _backends(device: str) -> list[str]:
     return list(CPU_BACKENDS if device == "cpu" else CUDA_BACKENDS)
+
+
+def _runs(device: str, without_flex: bool = False) -> Iterator[tuple[str, torch.dtype]]:
+    """(backend, dtype) pairs to check on ``device``: the usable backends and the
+    device's test dtypes each declares (``without_flex``: flex left out)."""
+    for backend in _backends(device):
+        if without_flex and backend == "flex":
+            continue
+        try:
+            _usable(backend, device)
+        except pytest.skip.Exception:
+            continue
+        for dtype in _dtypes(device):
+            if dtype in ad.get_backend(backend).capabilities.dtypes:
+                yield backend, dtype
 
 
 def _usable(name: str, device: str) -> None:
@@ -169,23 +185,15 @@ def test_views_match_the_reference(device: str, view: tuple, layout: str, causal
     if device == "cuda" and not CUDA:
         pytest.skip("needs a CUDA device")
     which, kind, axis = view
-    for backend in _backends(device):
-        if backend == "flex" and (device == "cpu" and (causal or layout == "bshd")):
-            continue  # flex compiles per shape on the CPU: a few cases are enough
+    # flex compiles per shape on the CPU: a few cases are enough
+    for backend, dtype in _runs(device, device == "cpu" and (causal or layout == "bshd")):
+        qkv = _case(which, kind, axis, layout, dtype, device)
         try:
-            _usable(backend, device)
+            _run_case(backend, qkv, layout, dtype, device, causal=causal)
         except pytest.skip.Exception:
             continue
-        for dtype in _dtypes(device):
-            if dtype not in ad.get_backend(backend).capabilities.dtypes:
-                continue
-            qkv = _case(which, kind, axis, layout, dtype, device)
-            try:
-                _run_case(backend, qkv, layout, dtype, device, causal=causal)
-            except pytest.skip.Exception:
-                continue
-            except AssertionError as exc:
-                raise AssertionError(f"{backend} {dtype} {view} {layout}: {exc}") from exc
+        except AssertionError as exc:
+            raise AssertionError(f"{backend} {dtype} {view} {layout}: {exc}") from exc
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -194,36 +202,21 @@ def test_packed_qkv_projection(device: str, layout: str) -> None:
     """q, k, v as views of one fused projection output, both layouts."""
     if device == "cuda" and not CUDA:
         pytest.skip("needs a CUDA device")
-    for backend in _backends(device):
-        if backend == "flex" and device == "cpu":
-            continue
+    for backend, dtype in _runs(device, without_flex=device == "cpu"):
+        packed, _ = packed_qkv(2, 32, 4, 16, layout, dtype=dtype, device=device,
+                               generator=torch.Generator().manual_seed(3))
+
+        def part(i: int) -> Any:
+            def make(p: Tensor) -> Tensor:
+                return split_packed(p, 4, layout)[i]
+            return make
+
+        qkv = {"_base": {"q": packed, "k": packed, "v": packed},
+               "_make": {"q": part(0), "k": part(1), "v": part(2)}}
         try:
-            _usable(backend, device)
+            _run_case(backend, qkv, layout, dtype, device, causal=True)
         except pytest.skip.Exception:
             continue
-        for dtype in _dtypes(device):
-            if dtype not in ad.get_backend(backend).capabilities.dtypes:
-                continue
-            packed, _ = packed_qkv(2, 32, 4, 16, layout, dtype=dtype, device=device,
-                                   generator=torch.Generator().manual_seed(3))
-
-            def part(i: int) -> Any:
-                def make(p: Tensor) -> Tensor:
-                    return packed_qkv_views(p, layout)[i]
-                return make
-
-            qkv = {"_base": {"q": packed, "k": packed, "v": packed},
-                   "_make": {"q": part(0), "k": part(1), "v": part(2)}}
-            try:
-                _run_case(backend, qkv, layout, dtype, device, causal=True)
-            except pytest.skip.Exception:
-                continue
-
-
-def packed_qkv_views(packed: Tensor, layout: str) -> tuple[Tensor, ...]:
-    b, s, _ = packed.shape
-    parts = packed.view(b, s, 3, 4, 16).unbind(2)
-    return tuple(p.transpose(1, 2) for p in parts) if layout == "bhsd" else parts
 
 
 # ------------------------------------------------------------- same backend
@@ -304,28 +297,21 @@ def test_mask_and_padding_views(device: str, mask_kind: str, flex_small: None) -
     if device == "cuda" and not CUDA:
         pytest.skip("needs a CUDA device")
     g = torch.Generator().manual_seed(5)
-    for backend in _backends(device):
+    for backend, dtype in _runs(device):
+        q, k, v = (torch.randn(2, 4, s, 16, generator=g).to(device, dtype)
+                   for s in (8, 12, 12))
+        raw = torch.randn(2, 4, 12, 8, generator=g)
+        mask = (raw > -0.5) if mask_kind == "bool" else raw.to(dtype)
+        mask = mask.to(device).transpose(-1, -2)              # (2, 4, 8, 12), last stride 8
+        kpm = (torch.rand(2, 24, generator=g) > 0.3).to(device)[:, ::2]  # step slice
+        kpm[:, 0] = True
         try:
-            _usable(backend, device)
-        except pytest.skip.Exception:
+            out = ad.attention(q, k, v, mask=mask, key_padding_mask=kpm, backend=backend)
+        except ad.BackendUnavailable:
             continue
-        for dtype in _dtypes(device):
-            if dtype not in ad.get_backend(backend).capabilities.dtypes:
-                continue
-            q, k, v = (torch.randn(2, 4, s, 16, generator=g).to(device, dtype)
-                       for s in (8, 12, 12))
-            raw = torch.randn(2, 4, 12, 8, generator=g)
-            mask = (raw > -0.5) if mask_kind == "bool" else raw.to(dtype)
-            mask = mask.to(device).transpose(-1, -2)              # (2, 4, 8, 12), last stride 8
-            kpm = (torch.rand(2, 24, generator=g) > 0.3).to(device)[:, ::2]  # step slice
-            kpm[:, 0] = True
-            try:
-                out = ad.attention(q, k, v, mask=mask, key_padding_mask=kpm, backend=backend)
-            except ad.BackendUnavailable:
-                continue
-            m = ad.attention(q, k, v, mask=mask, key_padding_mask=kpm, backend="math")
-            ref, _ = reference_attention(q, k, v, mask=mask, key_padding_mask=kpm)
-            _check([out], [m], [ref], dtype)
+        m = ad.attention(q, k, v, mask=mask, key_padding_mask=kpm, backend="math")
+        ref, _ = reference_attention(q, k, v, mask=mask, key_padding_mask=kpm)
+        _check([out], [m], [ref], dtype)
 
 
 # ------------------------------------------------------------ padded keys
@@ -358,17 +344,10 @@ def test_poisoned_padding_is_never_read(device: str, scattered: bool, causal: bo
     if device == "cuda" and not CUDA:
         pytest.skip("needs a CUDA device")
     ran = []
-    for backend in _backends(device):
-        try:
-            _usable(backend, device)
-        except pytest.skip.Exception:
-            continue
-        for dtype in _dtypes(device):
-            if dtype not in ad.get_backend(backend).capabilities.dtypes:
-                continue
-            q, k, v, kpm = _poisoned(device, dtype, scattered)
-            if _poison_one(backend, q, k, v, kpm, causal, dtype):
-                ran.append((backend, dtype))
+    for backend, dtype in _runs(device):
+        q, k, v, kpm = _poisoned(device, dtype, scattered)
+        if _poison_one(backend, q, k, v, kpm, causal, dtype):
+            ran.append((backend, dtype))
     assert any(b == "math" for b, _ in ran)
 
 
