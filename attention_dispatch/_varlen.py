@@ -27,6 +27,7 @@ from typing import Any, NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from ._layout import StrideRequirements
 from ._backend import Backend
 from ._errors import AttentionInputError, AttentionTypeError, BackendUnavailable
 from ._registry import REGISTRY
@@ -322,6 +323,7 @@ def _run(plan: _VarlenPlan, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k:
     if not plan.native:
         return _run_padded(plan, q, k, v, cu_q, cu_k, dropout_p, alibi_slopes)
     extra = {} if alibi_slopes is None else {"alibi_slopes": alibi_slopes}
+    q, k, v = _conform(plan.backend.stride_requirements(spec), q, k, v)
     out, lse = plan.backend.forward_varlen(
         q, k, v, spec=spec, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=spec.seq_q,
         max_seqlen_k=spec.seq_k, dropout_p=dropout_p, scale=plan.scale, **extra)
@@ -331,6 +333,16 @@ def _run(plan: _VarlenPlan, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k:
         if lse is not None:
             lse = lse.masked_fill(~alive[None, :], float("-inf"))
     return out, lse
+
+
+def _conform(req: StrideRequirements, q: Tensor, k: Tensor, v: Tensor
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """Packed (T, H, D) tensors whose memory breaks the kernel's rule, copied
+    contiguous (judged per call: a varlen call reads its lengths on the host anyway)."""
+    def fix(t: Tensor) -> Tensor:
+        bad = req.violation(t) is not None or req.misaligned(t)
+        return t.clone(memory_format=torch.contiguous_format) if bad else t
+    return fix(q), fix(k), fix(v)
 
 
 def _run_padded(plan: _VarlenPlan, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor,

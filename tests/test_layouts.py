@@ -388,3 +388,39 @@ def _poison_one(backend: str, q: Tensor, k: Tensor, v: Tensor, kpm: Tensor, caus
     except AssertionError as exc:
         raise AssertionError(f"{backend} {dtype} causal={causal}: {exc}") from exc
     return True
+
+
+# ------------------------------------------------------------ packed varlen
+
+
+@pytest.mark.parametrize("kind", ["transposed", "step", "offset", "expand"])
+def test_varlen_views_reach_the_kernel_in_memory_it_reads(kind: str) -> None:
+    """attention_varlen: packed (T, H, D) views reach a native varlen kernel only
+    in memory its stride rule allows (a strict CPU kernel that checks its inputs)."""
+    from attention_dispatch._layout import StrideRequirements
+    from attention_dispatch.testing import reference_varlen
+
+    rule = StrideRequirements(stride_alignment=16, pointer_alignment=16, broadcast=False)
+
+    class StrictVarlen(ad.Backend):
+        capabilities = ad.Capabilities(device_types=frozenset({"cpu"}),
+                                       dtypes=frozenset({torch.float32}), varlen=True,
+                                       strides=rule, empty_rows_exact=True)
+
+        def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, **kw: Any) -> Any:
+            for t in (q, k, v):
+                if rule.violation(t) or rule.misaligned(t):
+                    raise AssertionError(f"strides {t.stride()} reached the kernel")
+            return ad.get_backend("math").forward_varlen(q, k, v, **kw)
+
+    ad.register_backend("strict-varlen")(StrictVarlen)
+    try:
+        g = torch.Generator().manual_seed(9)
+        cu = torch.tensor([0, 37, 101, 128], dtype=torch.int32)
+        q, k, v = (torch.randn(128, 2, 16, generator=g) for _ in range(3))
+        k = memory_view(k, kind, 0)  # "transposed": (D, H, T) storage, last stride 256
+        out = ad.attention_varlen(q, k, v, cu, cu, 64, 64, causal=True, backend="strict-varlen")
+    finally:
+        ad.unregister_backend("strict-varlen")
+    ref, _ = reference_varlen(q, k, v, cu, cu, causal=True)
+    assert (out.double() - ref).abs().max().item() < 1e-4
