@@ -8,6 +8,7 @@
 #   bash bench/gpu_run.sh fit                # longest sequence, 1 GPU vs ring of 2 (2 GPUs)
 #   bash bench/gpu_run.sh layouts            # memory layouts, poisoned padding, verify mode: tests
 #   bash bench/gpu_run.sh layout-bench       # a transposed K: time and memory vs contiguous and torch
+#   bash bench/gpu_run.sh hf-llama           # transformers Llama: attention_dispatch vs sdpa
 # Logs and results go to $OUT (default ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -70,6 +71,11 @@ for stage in "$@"; do
         python3 bench/layout_bench.py --device cuda $extra \
           --out "$OUT/layout-cuda${extra//-/_}.json" 2>&1 | tail -12 | tee -a "$LOG"
       done ;;
+    hf-llama)
+      env_on
+      step hf-llama
+      ATTENTION_DISPATCH_CACHE_DIR=$(mktemp -d) python3 bench/hf_llama_bench.py \
+        --out "$OUT/hf-llama.json" 2>&1 | tail -20 | tee -a "$LOG" ;;
     *) echo "unknown stage $stage" | tee -a "$LOG"; exit 2 ;;
   esac
 done
