@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import attention_dispatch as ad
-from attention_dispatch import _info
+from attention_dispatch._cli import info as _info
 from attention_dispatch.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]

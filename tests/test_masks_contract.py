@@ -438,7 +438,7 @@ def test_kernels_without_mask_gradient_refuse_a_learned_bias():
 
 
 def test_zero_empty_rows_reuses_the_output_when_it_can() -> None:
-    from attention_dispatch._masks import zero_empty_rows
+    from attention_dispatch._core.masks import zero_empty_rows
 
     alive = torch.tensor([True, False])[:, None, None]  # (B, 1, 1): batch row 1 dead
     out = torch.ones(2, 3, 4, 5)

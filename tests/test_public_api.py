@@ -93,7 +93,7 @@ def test_import_is_side_effect_free():
         import attention_dispatch, sys
         assert not any(m.startswith('attention_dispatch.adapters.') for m in sys.modules), \\
             sorted(m for m in sys.modules if m.startswith('attention_dispatch.adapters.'))
-        from attention_dispatch._registry import REGISTRY
+        from attention_dispatch._core.registry import REGISTRY
         assert not REGISTRY._plugins_loaded, "entry points were read at import"
         import torch
         q = torch.randn(1, 1, 2, 4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ._spec import CallSpec
+from .spec import CallSpec
 
 ACCEPTED = "accepted"
 CHOSEN = "chosen"

@@ -1,7 +1,7 @@
 """Capabilities as data, and the one generic checker that turns them into reasons.
 
 Each backend declares a frozen :class:`Capabilities`; :func:`capability_reasons`
-compares it with a :class:`~attention_dispatch._spec.CallSpec` and returns one
+compares it with a :class:`~attention_dispatch._core.spec.CallSpec` and returns one
 string per unsupported feature, stating the actual and the allowed value.
 """
 
@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from ._layout import UNIT_LAST_STRIDE, StrideRequirements
-from ._spec import CallSpec
+from .layout import UNIT_LAST_STRIDE, StrideRequirements
+from .spec import CallSpec
 
 _DTYPE_NAMES = {
     torch.float16: "float16",

@@ -34,7 +34,8 @@ from typing import Optional
 
 import torch
 
-from ._errors import AttentionInputError
+from .._core import AttentionInputError
+
 
 Tensor = torch.Tensor
 

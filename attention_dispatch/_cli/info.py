@@ -11,10 +11,8 @@ from typing import Any, Optional
 
 import torch
 
-from ._dispatch import explain_spec
-from ._registry import REGISTRY, list_backends
-from ._select import resolve
-from ._spec import CallSpec
+from .._core import CallSpec, REGISTRY, explain_spec, list_backends, resolve
+
 
 OPTIONAL_PACKAGES = ("flash-attn-4", "flash-attn", "flash_attn_3", "xformers", "triton",
                      "einops", "packaging")

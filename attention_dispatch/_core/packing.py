@@ -1,4 +1,8 @@
-"""Key-padding translation shared by the flash-attn and xformers adapters.
+"""Packing: between dense batches with key padding and packed variable-length
+sequences (``cu_seqlens``), one copy of each helper for the dispatcher and the
+adapters.
+
+Key-padding translation (the flash-attn and xformers adapters):
 
 Kernels of the flash family take key padding as sequence lengths, not as a
 mask: either packed ("varlen": the real keys of every batch row stored back to
@@ -16,8 +20,15 @@ as the causal mask does not depend on key positions (see the adapters).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING, Optional
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .backend import Backend
+    from .spec import CallSpec
 
 Tensor = torch.Tensor
 
@@ -128,3 +139,93 @@ CAUSAL_PADDING_REASON = (
     "causal=True with key_padding_mask and Sq > 1: the kernel's varlen path aligns causal "
     "to each row's real key count, the contract to the padded Sk (offset Sk - Sq); "
     "allowed: causal with key padding only for Sq == 1")
+
+
+# ------------------------------------------------- packed sequences (cu_seqlens)
+
+
+def seqlens(cu_seqlens: Tensor) -> Tensor:
+    """(B + 1,) cumulative starts -> (B,) lengths (same dtype and device)."""
+    return cu_seqlens[1:] - cu_seqlens[:-1]
+
+
+def _dense_index(cu_seqlens: Tensor, max_seqlen: int) -> tuple[Tensor, Tensor]:
+    """(B, M) token index of each right-aligned dense slot, and whether it is real."""
+    start, lengths = cu_seqlens[:-1].long(), seqlens(cu_seqlens).long()
+    p = torch.arange(max_seqlen, device=cu_seqlens.device)
+    idx = start[:, None] + p[None, :] - (max_seqlen - lengths)[:, None]
+    return idx, idx >= start[:, None]
+
+
+def pad_varlen(x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> tuple[Tensor, Tensor]:
+    """Packed (T, H, D) -> dense (B, M, H, D) with each sequence right-aligned
+    (its padding first), and the (B, M) bool mask of real slots.
+
+    Differentiable; no host synchronisation.  M = ``max_seqlen`` must be at
+    least the longest sequence.
+    """
+    idx, real = _dense_index(cu_seqlens, max_seqlen)
+    if x.shape[0] == 0:
+        return x.new_zeros((idx.shape[0], max_seqlen) + tuple(x.shape[1:])), real
+    dense = x[idx.clamp(0, x.shape[0] - 1)]
+    return dense.masked_fill(~real[:, :, None, None], 0.0), real
+
+
+def token_positions(cu_seqlens: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """For each of ``total`` packed tokens: (its sequence index, its position
+    inside the sequence), int64 (T,) each; no host synchronisation."""
+    t = torch.arange(total, device=cu_seqlens.device)
+    seq = torch.searchsorted(cu_seqlens[1:].long(), t, right=True)
+    return seq, t - cu_seqlens.long()[seq]
+
+
+def unpad_varlen(dense: Tensor, cu_seqlens: Tensor, total: int) -> Tensor:
+    """Dense right-aligned (B, M, ...) -> packed (T, ...): inverse of :func:`pad_varlen`."""
+    seq, pos = token_positions(cu_seqlens, total)
+    lengths = seqlens(cu_seqlens).long()
+    return dense[seq, pos + dense.shape[1] - lengths[seq]]
+
+
+def varlen_alive(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, total_q: int, causal: bool,
+                 window: Optional[tuple[int, int]]) -> Tensor:
+    """(Tq,) bool: whether each packed query has a key it may attend
+    (bottom-right causal and window per sequence)."""
+    seq, i = token_positions(cu_seqlens_q, total_q)
+    lq, lk = seqlens(cu_seqlens_q).long()[seq], seqlens(cu_seqlens_k).long()[seq]
+    centre = i + lk - lq
+    left, right = window if window is not None else (-1, -1)
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    lo = centre - left if left >= 0 else torch.zeros_like(centre)
+    hi = centre + right if right >= 0 else lk - 1
+    return (lk > 0) & (lo.clamp(min=0) <= torch.minimum(hi, lk - 1))
+
+
+def dense_via_varlen(backend: Backend, q: Tensor, k: Tensor, v: Tensor, kpm: Tensor, *,
+                     spec: CallSpec, dropout_p: float, scale: float
+                     ) -> tuple[Tensor, Optional[Tensor]]:
+    """A dense key-padding call on a varlen backend without key padding: the
+    real keys packed, every batch row's Sq queries one sequence.
+
+    Shapes: q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D|Dv) bhsd views, kpm (B, Sk)
+    -> out (B, Hq, Sq, Dv), lse (B, Hq, Sq) or None.  Exact only when nothing
+    depends on key positions (``_capabilities.key_padding_as_varlen``).
+    One host synchronisation (the packed key count).
+    """
+    B, Hq, Sq, _ = q.shape
+    kp, vp = k.transpose(1, 2)[kpm], v.transpose(1, 2)[kpm]          # (Tk, Hkv, D)
+    if kp.shape[0] == 0:  # no real key anywhere: every row is empty
+        out = q.new_zeros(q.shape[:-1] + (v.shape[-1],)) + 0.0 * (q.sum() + k.sum() + v.sum())
+        return out, torch.full((B, Hq, Sq), float("-inf"), device=q.device)
+    qp = q.transpose(1, 2).reshape(B * Sq, Hq, q.shape[-1])
+    cu_q = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32, device=q.device)
+    cu_k = cu_seqlens(kpm.sum(-1, dtype=torch.int32))
+    vspec = dataclasses.replace(spec, varlen=True, key_padding=False, causal=False)
+    out, lse = backend.forward_varlen(qp, kp, vp, spec=vspec, cu_seqlens_q=cu_q,
+                                      cu_seqlens_k=cu_k, max_seqlen_q=Sq,
+                                      max_seqlen_k=spec.seq_k, dropout_p=dropout_p,
+                                      scale=scale)
+    out = out.reshape(B, Sq, Hq, -1).transpose(1, 2)
+    if lse is not None:
+        lse = lse.reshape(Hq, B, Sq).transpose(0, 1)
+    return out, lse

@@ -23,10 +23,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ._dispatch import attention
-from ._errors import AttentionInputError, AttentionTypeError
-from ._merge import merge_attention
-from ._ring_bwd import block_grads
+from .._core import AttentionInputError, AttentionTypeError, attention
+from ..structured.merge import merge_attention
+from .ring_bwd import block_grads
 
 Tensor = torch.Tensor
 

@@ -19,6 +19,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .spec import TENSOR_OPTIONS, CallOptions
+
 _plans: list[Any] = []
 _index: dict[tuple, int] = {}
 
@@ -29,18 +31,16 @@ def _meta_const(t: Any) -> Optional[tuple]:
     return (tuple(t.shape), str(t.dtype), t.requires_grad)
 
 
-def constant_key(q: Any, k: Any, v: Any, mask: Any, kpm: Any, causal: Any, dropout_p: Any,
-                 scale: Any, layout: Any, backend: Any, return_lse: Any, window: Any = None,
-                 softcap: Any = None, alibi_slopes: Any = None) -> tuple:
-    """The call as Python constants (traceable: shapes, dtypes, flags, the
-    window and softcap values, the ALiBi slopes' shape and dtype)."""
+def constant_key(q: Any, k: Any, v: Any, o: CallOptions, backend: Any) -> tuple:
+    """The call as Python constants (traceable): the selection, q/k/v shapes
+    and dtypes, the device, whether gradients are needed, each tensor
+    option's shape/dtype/requires_grad and the scalar options' values."""
     sel = backend if isinstance(backend, str) or backend is None else tuple(backend)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    win = None if window is None else tuple(window)
-    return (sel, layout, tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype),
-            str(k.dtype), str(v.dtype), str(q.device), grad, _meta_const(mask),
-            _meta_const(kpm), causal, dropout_p, scale, return_lse, win, softcap,
-            _meta_const(alibi_slopes))
+    scalars = tuple(tuple(x) if isinstance(x, list) else x for x in o[TENSOR_OPTIONS:])
+    return (sel, tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype), str(k.dtype),
+            str(v.dtype), str(q.device), grad,
+            tuple(_meta_const(t) for t in o[:TENSOR_OPTIONS]), scalars)
 
 
 def plan_name(index: int) -> str:
@@ -54,24 +54,19 @@ def _empty_like(shape: tuple, dtype: str, device: str, grad: bool = False) -> to
     return torch.empty(shape, dtype=dt, device=device).requires_grad_(grad)
 
 
-def make_decider(plan_slow: Callable[..., Any]) -> Callable[[tuple], int]:
+def make_decider(plan_at_trace: Callable[..., Any]) -> Callable[[tuple], int]:
     """``decide_constant(key) -> index`` into :data:`_plans`, run at trace time."""
 
     def decide_constant(key: tuple) -> int:
         if key in _index:
             return _index[key]
-        (sel, layout, qs, ks, vs, qd, kd, vd, dev, grad, mk, pk, causal, p, scale, lse,
-         window, softcap, ak) = key
+        sel, qs, ks, vs, qd, kd, vd, dev, grad, tensors, scalars = key
         with torch.no_grad():
             q = _empty_like(qs, qd, "meta")
             k, v = _empty_like(ks, kd, "meta"), _empty_like(vs, vd, "meta")
         q.requires_grad_(grad)
-        mask = None if mk is None else _empty_like(mk[0], mk[1], "meta")
-        kpm = None if pk is None else _empty_like(pk[0], pk[1], "meta")
-        slopes = None if ak is None else _empty_like(ak[0], ak[1], "meta", ak[2])
-        plan = plan_slow(sel, q, k, v, mask, kpm, causal, p, scale, layout, lse,
-                         torch.device(dev), window=window, softcap=softcap,
-                         alibi_slopes=slopes)
+        metas = [None if m is None else _empty_like(m[0], m[1], "meta", m[2]) for m in tensors]
+        plan = plan_at_trace(sel, q, k, v, CallOptions(*metas, *scalars), torch.device(dev))
         _plans.append(plan)
         _index[key] = len(_plans) - 1
         # also a module attribute of its own: dynamo reads ``_plans`` once per

@@ -13,7 +13,8 @@ from typing import Sequence
 
 import torch
 
-from ._errors import AttentionInputError, AttentionTypeError
+from .._core import AttentionInputError, AttentionTypeError
+
 
 Tensor = torch.Tensor
 

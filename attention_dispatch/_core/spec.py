@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
-from ._errors import AttentionInputError, AttentionTypeError
+from .errors import AttentionInputError, AttentionTypeError
 
 LAYOUTS = ("bhsd", "bshd")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -86,6 +86,58 @@ class CallSpec:
     def causal_offset(self) -> int:
         """Bottom-right causal: query i sees key j iff j <= i + causal_offset."""
         return self.seq_k - self.seq_q
+
+
+class CallOptions(NamedTuple):
+    """Everything a call says besides q, k, v and the backend selection: the one
+    object that carries a call's options from the public functions
+    (:func:`~attention_dispatch.attention`, ``explain``, ``attention_varlen``)
+    through validation, the decision cache, torch.compile's constant key and
+    the fallback path to the adapters.
+
+    Tensor options come first (the cache key holds their shape, strides,
+    dtype, device and ``requires_grad``; see :data:`TENSOR_OPTIONS`), then the
+    scalar options (the key holds their value and type).  Tensors beyond
+    ``mask`` and ``key_padding_mask`` reach ``Backend.forward`` as keywords of
+    the same name, only when given.  Adding an option: a field here, its check
+    in :func:`validate` / :func:`structured_fields` (and a :class:`CallSpec`
+    field when capability checks need it), the public signatures, the
+    adapters that implement it, the reference, docs and tests.
+    """
+
+    mask: Optional[torch.Tensor] = None
+    key_padding_mask: Optional[torch.Tensor] = None
+    alibi_slopes: Optional[torch.Tensor] = None
+    causal: bool = False
+    dropout_p: float = 0.0
+    scale: Optional[float] = None
+    layout: str = "bhsd"
+    return_lse: bool = False
+    window: Optional[tuple[int, int]] = None
+    softcap: Optional[float] = None
+
+
+#: CallOptions' first fields are tensors (or None).
+TENSOR_OPTIONS = 3
+#: Tensor options passed to ``Backend.forward`` as keywords when given.
+KEYWORD_TENSORS = CallOptions._fields[2:TENSOR_OPTIONS]
+
+
+def tensor_meta(t: Any) -> Any:
+    """What the decision cache keys on for a tensor option (None stays None)."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+
+
+def options_key(o: CallOptions) -> tuple:
+    """The part of the decision cache key that comes from the options (raises
+    TypeError / AttributeError for values that are not hashable or not tensors)."""
+    scalars = o[TENSOR_OPTIONS:]
+    return (*map(tensor_meta, o[:TENSOR_OPTIONS]), scalars, tuple(map(type, scalars)))
+
+
+def keyword_tensors(o: CallOptions) -> dict[str, torch.Tensor]:
+    """The tensor options ``Backend.forward`` gets as keywords (those given)."""
+    return {n: t for n, t in zip(KEYWORD_TENSORS, o[2:TENSOR_OPTIONS]) if t is not None}
 
 
 def window_has_empty_rows(seq_q: int, seq_k: int, window: tuple[int, int],
@@ -268,34 +320,42 @@ def check_alibi(slopes: Any, batch: int, heads_q: int, device: torch.device) -> 
     return True
 
 
-def validate(q: Any, k: Any, v: Any, *, mask: Any = None, key_padding_mask: Any = None,
-             causal: Any = False, dropout_p: Any = 0.0, scale: Any = None,
-             layout: Any = "bhsd", return_lse: Any = False, window: Any = None,
-             softcap: Any = None, alibi_slopes: Any = None) -> CallSpec:
+def validate(q: Any, k: Any, v: Any, options: Optional[CallOptions] = None,
+             **kwargs: Any) -> CallSpec:
     """Check every argument of an attention call and describe it.
+
+    ``options`` is the call's :class:`CallOptions`; or pass the options as
+    keywords (``validate(q, k, v, causal=True)``).
 
     Raises:
         AttentionInputError / AttentionTypeError: naming the argument, the
             expected value and what came.
     """
-    if layout not in LAYOUTS:
-        raise AttentionInputError("layout", "'bhsd' or 'bshd'", repr(layout))
-    _check_qkv(q, k, v, layout)
-    _check_scalars(causal, dropout_p, scale, return_lse)
-    B, Hq, Sq, D = _to_bhsd(q, layout)
-    _, Hkv, Sk, _ = _to_bhsd(k, layout)
-    Dv = v.shape[-1]
-    mask_kind = _check_mask(mask, B, Hq, Sq, Sk, q.device, q.dtype)
-    kpm = _check_kpm(key_padding_mask, B, Sk, q.device)
-    win, cap = check_window(window), check_softcap(softcap)
-    alibi = check_alibi(alibi_slopes, B, Hq, q.device)
+    o = CallOptions(**kwargs) if options is None else options
+    if o.layout not in LAYOUTS:
+        raise AttentionInputError("layout", "'bhsd' or 'bshd'", repr(o.layout))
+    _check_qkv(q, k, v, o.layout)
+    _check_scalars(o.causal, o.dropout_p, o.scale, o.return_lse)
+    B, Hq, Sq, D = _to_bhsd(q, o.layout)
+    _, Hkv, Sk, _ = _to_bhsd(k, o.layout)
+    mask_kind = _check_mask(o.mask, B, Hq, Sq, Sk, q.device, q.dtype)
+    kpm = _check_kpm(o.key_padding_mask, B, Sk, q.device)
+    mask_grad = o.mask is not None and o.mask.requires_grad
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                        or (mask is not None and mask.requires_grad))
+                                        or mask_grad)
     return CallSpec(
         device_type=q.device.type, device_index=q.device.index, dtype=q.dtype,
-        batch=B, heads_q=Hq, heads_kv=Hkv, seq_q=Sq, seq_k=Sk, head_dim=D, head_dim_v=Dv,
-        layout=layout, mask_kind=mask_kind, key_padding=kpm, causal=causal,
-        dropout=dropout_p > 0, return_lse=return_lse, requires_grad=grad,
-        mask_grad=grad and mask is not None and mask.requires_grad,
-        window=win, softcap=cap, alibi=alibi,
+        batch=B, heads_q=Hq, heads_kv=Hkv, seq_q=Sq, seq_k=Sk, head_dim=D,
+        head_dim_v=v.shape[-1], layout=o.layout, mask_kind=mask_kind, key_padding=kpm,
+        requires_grad=grad, mask_grad=grad and mask_grad,
+        **structured_fields(o, B, Hq, q.device),
     )
+
+
+def structured_fields(o: CallOptions, batch: int, heads_q: int, device: torch.device
+                      ) -> dict[str, Any]:
+    """The :class:`CallSpec` fields of the options every entry point shares
+    (dense and packed calls), checked: causal, dropout, lse, window, softcap, ALiBi."""
+    return dict(causal=o.causal, dropout=o.dropout_p > 0, return_lse=o.return_lse,
+                window=check_window(o.window), softcap=check_softcap(o.softcap),
+                alibi=check_alibi(o.alibi_slopes, batch, heads_q, device))

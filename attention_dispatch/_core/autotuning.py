@@ -34,8 +34,10 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
-from ._errors import AttentionInputError
-from ._spec import CallSpec
+from .errors import AttentionInputError
+from .timing import time_interleaved
+from .spec import CallSpec
+from .caches import register_cache
 
 ENV_AUTOTUNE = "ATTENTION_DISPATCH_AUTOTUNE"
 ENV_CACHE_DIR = "ATTENTION_DISPATCH_CACHE_DIR"
@@ -106,6 +108,9 @@ def forget_env() -> None:
         _state["dir"] = None
         _paths.clear()
         _memory.clear()
+
+
+register_cache("autotune.environment", forget_env)
 
 
 def cache_dir() -> Path:
@@ -298,16 +303,17 @@ def choose(spec: CallSpec, eligible: list[str], timer: Callable[[str], Optional[
     return best
 
 
-def timer_for(spec: CallSpec, run: Callable[[str], Any], repeats: int = 10
+def timer_for(spec: CallSpec, run: Callable[[str], Any],
+              check: Callable[[str], Optional[str]], repeats: int = 10
               ) -> Callable[[str], Optional[float]]:
-    """``timer(name)``: correctness on a reduced case, then the median ms of
-    ``run(name)`` (the real call, without gradients) after one warm-up call."""
-    from . import testing
-    from .bench.run import time_interleaved
+    """``timer(name)``: ``check(name)`` (None: correct, e.g. ``selfcheck.check_call``
+    on a small call), then the median ms of ``run(name)`` (the real call,
+    without gradients) after one warm-up call."""
 
     def timer(name: str) -> Optional[float]:
         try:
-            testing.check_backend(name, testing.reduced_case(spec), spec.device)
+            if check(name) is not None:
+                return None
             with torch.no_grad():
                 run(name)
                 return time_interleaved({name: lambda: run(name)}, spec.device,

@@ -29,9 +29,10 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from ._autotune import cache_dir
-from ._backend import Backend
-from ._spec import CallSpec
+from .autotuning import cache_dir
+from .backend import Backend
+from .spec import CallSpec
+from .caches import register_cache
 
 FILE = "quarantine.json"
 _lock = threading.Lock()
@@ -137,6 +138,9 @@ def forget() -> None:
         _state.clear()
 
 
+register_cache("quarantine.memory", forget)
+
+
 # ------------------------------------------------------------ known bugs
 
 
@@ -144,7 +148,7 @@ def known_bugs() -> list[dict[str, Any]]:
     """The shipped list of upstream wrong-answer bugs (``known_bugs.json``)."""
     with _lock:
         if "known" not in _state:
-            text = resources.files("attention_dispatch").joinpath("known_bugs.json").read_text()
+            text = resources.files(__package__).joinpath("known_bugs.json").read_text()
             _state["known"] = json.loads(text)["bugs"]
         return _state["known"]
 

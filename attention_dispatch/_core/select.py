@@ -7,8 +7,9 @@ import os
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence, Union
 
-from ._errors import AttentionTypeError, UnknownBackendError
-from ._registry import REGISTRY
+from .errors import AttentionTypeError, UnknownBackendError
+from .registry import REGISTRY
+from .caches import register_cache
 
 ENV_BACKEND = "ATTENTION_DISPATCH_BACKEND"
 AUTO: tuple[str, ...] = ("auto",)
@@ -62,6 +63,10 @@ def forget_names() -> None:
     _memo.clear()
 
 
+register_cache("select.environment", forget_env)
+register_cache("select.names", forget_names)
+
+
 def _argument(backend: Union[str, Sequence[str]]) -> tuple[str, ...]:
     key = backend if isinstance(backend, str) else (
         tuple(backend) if isinstance(backend, (list, tuple)) else None)
@@ -104,3 +109,11 @@ def use_backend(backend: Union[str, Sequence[str]]) -> Iterator[tuple[str, ...]]
         yield sel
     finally:
         _context.reset(token)
+
+
+def selection_of(backend: BackendArg) -> tuple[str, ...]:
+    """The selection a call's ``backend`` argument stands for: "auto" defers to
+    :func:`use_backend`, then ATTENTION_DISPATCH_BACKEND."""
+    if backend == "auto":
+        return _context.get() or env_selection() or AUTO
+    return resolve(backend)[0]

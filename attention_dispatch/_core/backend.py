@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import ClassVar, Mapping, Optional
 
 import torch
 
-from ._capabilities import Capabilities, capability_reasons, device_reasons
-from ._layout import StrideRequirements
-from ._spec import CallSpec
+from .capabilities import Capabilities, capability_reasons, device_reasons
+from .layout import StrideRequirements
+from .spec import CallSpec
 
 AttentionResult = tuple[torch.Tensor, Optional[torch.Tensor]]
 
@@ -45,6 +45,11 @@ class Backend:
     #: specifier such as ">=4.0.0b30,<4.1"); outside them it still runs if its
     #: numeric canary passes, and info/explain say so.
     tested_versions: ClassVar[Optional[str]] = None
+    #: Where "auto" ranks this backend when no ranking table names it:
+    #: {"sm90": "before:sdpa-cudnn", "cpu/short": "first", "*": "last"} (keys: a
+    #: device family, "family/shape class" or "*"; values: "first", "last",
+    #: "before:NAME", "after:NAME").  Default: just before ``math``.
+    ranking: ClassVar[Mapping[str, str]] = {}
 
     def probe(self, device: torch.device) -> list[str]:
         """Reasons this backend cannot run on ``device`` at all; [] if it can.

@@ -29,12 +29,10 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from ._errors import AttentionInputError, AttentionTypeError
-from ._ring import (BACKWARD_IMPLS, LAYOUTS, SHARDINGS, RingConfig, accum_dtype, backward_block,
-                    block_kind, concat_shards, forward_block, seq_dim, shard_sequence)
-from ._ring_bwd import fused_reason
-from ._select import resolve
-from ._spec import validate
+from .._core import AttentionInputError, AttentionTypeError, resolve, validate
+from .ring import (BACKWARD_IMPLS, LAYOUTS, SHARDINGS, RingConfig, accum_dtype, backward_block,
+    block_kind, concat_shards, forward_block, seq_dim, shard_sequence)
+from .ring_bwd import fused_reason
 
 Tensor = torch.Tensor
 

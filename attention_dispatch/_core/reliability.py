@@ -19,10 +19,11 @@ from typing import Optional
 
 import torch
 
-from . import _events
-from ._backend import Backend
-from ._errors import AttentionInputError
-from ._spec import CallSpec
+from . import events as _events
+from .backend import Backend
+from .errors import AttentionInputError
+from .spec import CallSpec
+from .caches import register_cache
 
 ENV_CANARY = "ATTENTION_DISPATCH_CANARY"
 
@@ -90,6 +91,9 @@ def forget() -> None:
         _canary_locks.clear()
 
 
+register_cache("reliability", forget)
+
+
 def canary_enabled() -> bool:
     return os.environ.get(ENV_CANARY, "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -128,7 +132,7 @@ def _run_canary(backend: Backend, spec: CallSpec) -> Optional[str]:
     import dataclasses
     import math
 
-    from ._reference import atol, reference_attention
+    from .reference import atol, reference_attention
 
     tiny = dataclasses.replace(spec, batch=1, seq_q=8, seq_k=8, mask_kind="none",
                                key_padding=False, causal=False, dropout=False,

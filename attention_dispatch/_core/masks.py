@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from ._spec import CallSpec
+from .spec import CallSpec
 
 Tensor = torch.Tensor
 

@@ -13,8 +13,9 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ._backend import Backend
-from ._errors import BackendRegistrationError, PluginWarning, UnknownBackendError
+from .backend import Backend
+from .caches import register_cache
+from .errors import BackendRegistrationError, PluginWarning, UnknownBackendError
 
 ENTRY_POINT_GROUP = "attention_dispatch.backends"
 PLUGINS_ENV = "ATTENTION_DISPATCH_PLUGINS"
@@ -184,6 +185,7 @@ class Registry:
 
 
 REGISTRY = Registry()
+register_cache("registry.probes", REGISTRY.clear_probes)
 
 
 def register_backend(name: str, *, replace: bool = False) -> Callable[[type], type]:

@@ -34,10 +34,11 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from ._backend import Backend
-from ._masks import alibi_bias, window_keep
-from ._reference import reference_attention, within_rule
-from ._spec import CallSpec
+from .backend import Backend
+from .masks import alibi_bias, window_keep
+from .reference import reference_attention, within_rule
+from .spec import CallSpec
+from .caches import register_cache
 
 ENV_VERIFY = "ATTENTION_DISPATCH_VERIFY"
 MAX_ROWS = 64
@@ -65,7 +66,7 @@ def verify(calls: int = 1) -> Iterator[None]:
             model(batch)          # every attention signature checked 3 times
     """
     if not isinstance(calls, int) or isinstance(calls, bool) or calls < 0:
-        from ._errors import AttentionTypeError
+        from .errors import AttentionTypeError
 
         raise AttentionTypeError("calls", "an int >= 0", calls, "verify(3)")
     token = _var.set(calls)
@@ -91,6 +92,9 @@ def forget() -> None:
     with _lock:
         _env[0] = None
         _done.clear()
+
+
+register_cache("verify", forget)
 
 
 def due(key: Any, n: int) -> bool:

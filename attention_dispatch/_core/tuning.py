@@ -7,10 +7,11 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from . import _autotune
-from ._dispatch import _decide, _eligible, _lock, _plans, _runner
-from ._select import AUTO
-from ._spec import validate
+from . import autotuning as _autotune
+from .decide import decide, eligible
+from .dispatch import forget_plans, timer
+from .select import AUTO
+from .spec import CallOptions, validate
 
 Tensor = torch.Tensor
 
@@ -35,17 +36,15 @@ def tune_call(q: Tensor, k: Tensor, v: Tensor, *,
         AttentionInputError / AttentionTypeError: bad arguments.
         BackendUnavailable: no backend accepts the call.
     """
-    spec = validate(q, k, v, **kwargs)
-    plan = _decide(spec, AUTO, kwargs.get("scale"), kwargs.get("dropout_p", 0.0))
-    eligible = _eligible(spec, AUTO)
-    if len(eligible) < 2:
+    o = CallOptions(**kwargs)
+    spec = validate(q, k, v, o)
+    plan = decide(spec, AUTO, o.scale, o.dropout_p)
+    names = eligible(spec, AUTO)
+    if len(names) < 2:
         return TuneResult(plan.backend.name, plan.backend.name, {}, None)
-    args = (q, k, v, kwargs.get("mask"), kwargs.get("key_padding_mask"),
-            kwargs.get("layout", "bhsd"), kwargs.get("alibi_slopes"))
-    timer = _autotune.timer_for(spec, _runner(plan, args))
-    best = _autotune.choose(spec, eligible, timer, retime=True, listener=listener)
+    best = _autotune.choose(spec, names, timer(plan, q, k, v, o), retime=True,
+                            listener=listener)
     entry = _autotune.load(spec.device)["decisions"].get(_autotune.bucket_key(spec), {})
-    with _lock:
-        _plans.clear()  # calls decided before take the new choice
+    forget_plans()  # calls decided before take the new choice
     return TuneResult(plan.backend.name, best, dict(entry.get("ms", {})),
                       _autotune.cache_path(spec.device))

@@ -1,20 +1,5 @@
-"""Conformance suite for backends: an independent float64 reference, a case
-matrix and a checker, public so plugin authors can test their own backends.
-
-Example (in a plugin's tests)::
-
-    import pytest
-    from attention_dispatch import testing
-
-    @pytest.mark.parametrize("case", testing.default_cases(), ids=str)
-    def test_conformance(case):
-        testing.check_backend("my-kernel", case, device="cpu")
-
-The accuracy rule of the contract: for the output (and each gradient),
-``max|backend - ref| <= 2 * max|math - ref| + atol(dtype)`` where ``ref`` is
-:func:`reference_attention` in float64 and ``math`` is the ``math`` backend in
-the case's dtype.
-"""
+"""Dense conformance: the case matrix, inputs, the checker and its accuracy rule
+(see the package docstring)."""
 
 from __future__ import annotations
 
@@ -25,9 +10,9 @@ from typing import Any, Optional
 
 import torch
 
-Tensor = torch.Tensor
+from .._core import ATOL, atol, reference_attention  # noqa: F401  (public via testing)
 
-from ._reference import ATOL, atol, reference_attention  # noqa: F401  (the public names)
+Tensor = torch.Tensor
 
 
 def structure_label(window: Optional[tuple[int, int]], softcap: Optional[float],
@@ -226,7 +211,7 @@ def _bhsd(t: Tensor, layout: str) -> Tensor:
 
 def _run(backend: str, case: Case, inputs: dict[str, Any], grad_out: Optional[Tensor]
          ) -> tuple[Tensor, Optional[Tensor], list[Tensor]]:
-    from . import attention
+    from .._core import attention
 
     q, k, v = (inputs[n].detach().clone().requires_grad_(case.grad) for n in "qkv")
     res = attention(q, k, v, mask=inputs["mask"], key_padding_mask=inputs["key_padding_mask"],
@@ -353,20 +338,3 @@ def judge(backend: str, case: Any, dtype: torch.dtype, names: list[str], got: li
         raise AssertionError(f"backend {backend!r} violates the contract on {case}:\n"
                              + "\n".join(rows))
     return result
-
-
-# packed variable-length conformance (attention_varlen)
-from ._testing_varlen import VarlenCase  # noqa: E402,F401
-from ._testing_varlen import check_backend_varlen  # noqa: E402,F401
-from ._testing_varlen import make_varlen_inputs  # noqa: E402,F401
-from ._testing_varlen import reference_varlen  # noqa: E402,F401
-from ._testing_varlen import varlen_cases  # noqa: E402,F401
-from ._testing_memory import MEMORY_KINDS  # noqa: E402,F401
-from ._testing_memory import MemoryDraw  # noqa: E402,F401
-from ._testing_memory import draw_memory  # noqa: E402,F401
-from ._testing_memory import kpm_view  # noqa: E402,F401
-from ._testing_memory import mask_view  # noqa: E402,F401
-from ._testing_memory import memory_view  # noqa: E402,F401
-from ._testing_memory import packed_qkv  # noqa: E402,F401
-from ._testing_memory import poison_padded  # noqa: E402,F401
-from ._testing_memory import qkv_makers  # noqa: E402,F401

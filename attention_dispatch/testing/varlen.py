@@ -11,8 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-from .testing import (CheckResult, alibi_slopes_for, judge, reference_attention,
-                      structure_label)
+from .dense import CheckResult, alibi_slopes_for, judge, reference_attention, structure_label
 
 Tensor = torch.Tensor
 
@@ -140,7 +139,7 @@ def reference_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
 
 def _run(backend: str, case: VarlenCase, inputs: dict[str, Any], grad_out: Optional[Tensor]
          ) -> list[Tensor]:
-    from . import attention_varlen
+    from ..structured import attention_varlen
 
     q, k, v = (inputs[n].detach().clone().requires_grad_(case.grad) for n in "qkv")
     kw = {n: inputs[n] for n in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",

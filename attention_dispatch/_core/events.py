@@ -17,6 +17,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from .caches import register_cache
+
 logger = logging.getLogger("attention_dispatch")
 ENV_LOG = "ATTENTION_DISPATCH_LOG"
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
@@ -66,6 +68,9 @@ def configure_from_env() -> None:
         handler.setFormatter(logging.Formatter("%(name)s %(levelname)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(level)
+
+
+register_cache("events.log_environment", _configured.clear)
 
 
 def emit(kind: str, backend: Optional[str], detail: str, spec: Any = None,
