@@ -31,6 +31,7 @@ from ._core import explain_spec
 from ._core import get_backend
 from ._core import list_backends
 from ._core import register_backend
+from ._core import register_ranking
 from ._core import unregister_backend
 from ._core import use_backend
 from ._core import verify
@@ -84,6 +85,7 @@ __all__ = [
     "merge_attention",
     "patch_sdpa",
     "register_backend",
+    "register_ranking",
     "scaled_dot_product_attention",
     "unregister_backend",
     "use_backend",

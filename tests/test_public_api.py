@@ -45,6 +45,7 @@ PUBLIC = [
     "merge_attention",
     "patch_sdpa",
     "register_backend",
+    "register_ranking",
     "scaled_dot_product_attention",
     "unregister_backend",
     "use_backend",

@@ -110,7 +110,7 @@ def forget_env() -> None:
         _memory.clear()
 
 
-register_cache("autotune.environment", forget_env)
+register_cache("autotuning.environment", forget_env)
 
 
 def cache_dir() -> Path:

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .layout import UNIT_LAST_STRIDE, StrideRequirements
-from .spec import CallSpec
+from .spec import EXTRA_FEATURES, CallSpec
 
 _DTYPE_NAMES = {
     torch.float16: "float16",
@@ -61,6 +61,8 @@ class Capabilities:
         window: sliding windows (``spec.window``, with or without causal).
         softcap: ``softcap * tanh(scores / softcap)`` (``spec.softcap``).
         alibi: ALiBi slopes (``spec.alibi``; ``forward`` gets ``alibi_slopes=``).
+        extras: names of the later per-call features (``spec.EXTRA_FEATURES``)
+            the kernel implements; a call using any other one is refused.
         varlen: packed variable-length calls natively (``forward_varlen``);
             without it :func:`attention_varlen` pads to a dense batch.  A
             backend with ``varlen`` but without ``key_padding`` also takes dense
@@ -95,12 +97,13 @@ class Capabilities:
     softcap: bool = False
     alibi: bool = False
     varlen: bool = False
+    extras: frozenset[str] = frozenset()
 
     def features(self) -> list[str]:
         """The supported features by name ("causal", ..., "bool-mask")."""
         feats = [f for f in ("causal", "dropout", "lse", "gqa", "key_padding", "backward",
                              "window", "softcap", "alibi", "varlen") if getattr(self, f)]
-        return feats + [f"{m}-mask" for m in sorted(self.mask_kinds)]
+        return feats + sorted(self.extras) + [f"{m}-mask" for m in sorted(self.mask_kinds)]
 
     def dtype_names(self) -> list[str]:
         """The accepted dtypes by name, sorted."""
@@ -157,7 +160,9 @@ def _structured_reasons(c: Capabilities, spec: CallSpec) -> list[str]:
         (spec.varlen, c.varlen,
          "packed varlen call; allowed: dense batches (attention_varlen pads for this kernel)"),
     )
-    return [msg for wanted, have, msg in checks if wanted and not have]
+    out = [msg for wanted, have, msg in checks if wanted and not have]
+    return out + [why for name, (used, why) in EXTRA_FEATURES.items()
+                  if name not in c.extras and used(spec)]
 
 
 def key_padding_as_varlen(spec: CallSpec) -> bool:

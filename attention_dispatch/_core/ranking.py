@@ -52,34 +52,35 @@ from typing import Optional
 
 import torch
 
+from .caches import clear_all
 from .registry import REGISTRY
 from .spec import CallSpec
 
 RANKINGS: dict[str, tuple[str, ...]] = {
     "sm90": ("flash-attn", "sdpa-cudnn", "xformers", "sdpa-flash", "flex",
-             "sdpa-mem-efficient", "sdpa", "math"),
+             "sdpa-mem-efficient", "math"),
     "sm100": ("flash-attn", "sdpa-cudnn", "xformers", "sdpa-flash", "flex",
-              "sdpa-mem-efficient", "sdpa", "math"),
+              "sdpa-mem-efficient", "math"),
     "sm80": ("flash-attn", "sdpa-flash", "xformers", "sdpa-cudnn", "flex",
-             "sdpa-mem-efficient", "sdpa", "math"),
+             "sdpa-mem-efficient", "math"),
     "cuda": ("flash-attn", "xformers", "sdpa-flash", "sdpa-mem-efficient", "sdpa-cudnn",
-             "flex", "sdpa", "math"),
+             "flex", "math"),
     # not measured (see the module docstring)
     "rocm": ("flash-attn", "sdpa-flash", "xformers", "sdpa-mem-efficient", "flex", "sdpa",
              "math"),
     "mps": ("sdpa", "math"),
     "xpu": ("sdpa", "flex", "math"),
-    "cpu": ("sdpa-flash", "flex", "sdpa", "math"),
-    "other": ("sdpa", "math"),
+    "cpu": ("sdpa-flash", "flex", "math"),
+    "other": ("math",),
 }
 #: Families whose table was not measured on such a device.
-UNMEASURED = frozenset({"rocm", "mps", "xpu", "other"})
+UNMEASURED = frozenset({"rocm", "mps", "xpu"})
 
 
 _SM90_SHORT = ("sdpa-cudnn", "flash-attn", "xformers", "sdpa-flash", "flex",
-               "sdpa-mem-efficient", "sdpa", "math")
+               "sdpa-mem-efficient", "math")
 _SM90_DECODE = ("sdpa-cudnn", "sdpa-flash", "sdpa-mem-efficient", "flash-attn", "xformers",
-                "flex", "sdpa", "math")
+                "flex", "math")
 SHAPE_RANKINGS: dict[tuple[str, str], tuple[str, ...]] = {
     ("sm90", "short"): _SM90_SHORT,
     ("sm90", "decode"): _SM90_DECODE,
@@ -96,7 +97,8 @@ def register_ranking(family: str, order: "tuple[str, ...] | list[str]",
     ``shape_class`` when given) in place of the built-in table.  Names that are
     not registered are skipped; registered backends the order leaves out are
     placed as their declarations say (default: before ``math``).
-    ``register_ranking(family, ())`` removes a registration."""
+    ``register_ranking(family, ())`` removes a registration.  Cached decisions
+    are forgotten (``ad.clear_cache()``), so the next call uses the new order."""
     if shape_class is not None and shape_class not in SHAPE_CLASSES:
         raise ValueError(f"shape_class: expected one of {SHAPE_CLASSES} or None; "
                          f"got {shape_class!r}")
@@ -105,6 +107,7 @@ def register_ranking(family: str, order: "tuple[str, ...] | list[str]",
             _registered[(family, shape_class)] = tuple(order)
         else:
             _registered.pop((family, shape_class), None)
+    clear_all()
 
 
 def table(family: str, spec: Optional[CallSpec]) -> tuple[str, ...]:

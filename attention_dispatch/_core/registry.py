@@ -28,6 +28,7 @@ BUILTINS: dict[str, str] = {
     "flash-attn": "attention_dispatch.adapters.flash_attn:FlashAttnBackend",
     "xformers": "attention_dispatch.adapters.xformers:XformersBackend",
     "flex": "attention_dispatch.adapters.flex:FlexBackend",
+    "sdpa": "attention_dispatch.adapters.sdpa:SdpaBackend",
 }
 
 Target = Union[str, type]

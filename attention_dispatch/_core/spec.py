@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
@@ -138,6 +138,13 @@ def options_key(o: CallOptions) -> tuple:
 def keyword_tensors(o: CallOptions) -> dict[str, torch.Tensor]:
     """The tensor options ``Backend.forward`` gets as keywords (those given)."""
     return {n: t for n, t in zip(KEYWORD_TENSORS, o[2:TENSOR_OPTIONS]) if t is not None}
+
+
+#: Per-call features added to the contract later, by name: (whether a call uses
+#: it, what the refusal says).  A backend takes a call that uses one only if
+#: its ``Capabilities.extras`` names it, so a new option needs no new
+#: capability field and no new check.
+EXTRA_FEATURES: dict[str, tuple[Callable[["CallSpec"], bool], str]] = {}
 
 
 def window_has_empty_rows(seq_q: int, seq_k: int, window: tuple[int, int],
