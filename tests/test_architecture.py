@@ -211,3 +211,15 @@ def test_a_later_feature_needs_no_new_capability_field(monkeypatch, register_tem
     flash = next(v for v in d.verdicts if v.name == "sdpa-flash")
     assert "head_dim 24; allowed: no 'wide'" in flash.reasons
     assert "wide" in Wide.capabilities.features()
+
+
+def test_no_core_module_is_shadowed_by_an_exported_name() -> None:
+    """``from . import x`` inside the core must get module ``x``: no name the core
+    package exports is also one of its modules' names."""
+    import importlib.util
+
+    import attention_dispatch._core as core
+
+    clashes = [n for n in core.__all__
+               if importlib.util.find_spec(f"attention_dispatch._core.{n}") is not None]
+    assert not clashes

@@ -6,7 +6,7 @@ The layers above it (the public package, ``structured``, ``distributed``,
 Adapters (``attention_dispatch.adapters``) are loaded by name through the
 registry.  See docs/architecture.md.
 
-Modules, bottom to top: errors, caches, events, layout, spec (``CallSpec``,
+Modules, bottom to top: errors, caches, eventlog, layout, spec (``CallSpec``,
 ``CallOptions``, validation), capabilities, backend, registry, select,
 ranking, decision, masks, packing, reference, timing, reliability, verification,
 quarantine, autotuning, selfcheck, compile, decide, dispatch, varlen, tuning.
@@ -22,7 +22,7 @@ from .dispatch import attention, call, clear_cache, explain, explain_options
 from .errors import (AttentionDispatchError, AttentionInputError, AttentionTypeError,
                      BackendRegistrationError, BackendRuntimeError, BackendUnavailable,
                      PluginWarning, UnknownBackendError)
-from .events import Event, clear_events, events
+from .eventlog import Event, clear_events, events
 from .ranking import register_ranking, ranked
 from .reference import ATOL, atol, reference_attention, within_rule
 from .registry import REGISTRY, get_backend, list_backends, register_backend, unregister_backend

@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
-from . import autotuning as _autotune, events as _events, quarantine as _quarantine
+from . import autotuning as _autotune, eventlog as _events, quarantine as _quarantine
 from . import reliability as _reliability
 from .backend import Backend
 from .decision import ACCEPTED, CHOSEN, REFUSED, SKIPPED, BackendVerdict, Decision

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from . import autotuning as _autotune, compile as _compile, events as _events
+from . import autotuning as _autotune, compile as _compile, eventlog as _events
 from . import quarantine as _quarantine
 from . import reliability as _reliability, verification as _verify
 from .backend import Backend

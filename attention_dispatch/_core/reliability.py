@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from . import events as _events
+from . import eventlog as _events
 from .backend import Backend
 from .errors import AttentionInputError
 from .spec import CallSpec
