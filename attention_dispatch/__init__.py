@@ -4,38 +4,39 @@ Importing this package does nothing else: no probing, no environment reads,
 no torch flags changed.  Backends are imported on first use.
 """
 
-from ._autotune import autotune
-from ._backend import AttentionResult
-from ._backend import Backend
-from ._capabilities import Capabilities
-from ._decision import BackendVerdict
-from ._decision import Decision
-from ._dispatch import attention
-from ._dispatch import clear_cache
-from ._dispatch import explain
-from ._dispatch import explain_spec
-from ._errors import AttentionDispatchError
-from ._errors import AttentionInputError
-from ._errors import AttentionTypeError
-from ._errors import BackendRegistrationError
-from ._errors import BackendRuntimeError
-from ._errors import BackendUnavailable
-from ._errors import PluginWarning
-from ._errors import UnknownBackendError
-from ._events import Event
-from ._events import clear_events
-from ._events import events
-from ._merge import merge_attention
-from ._registry import get_backend
-from ._registry import list_backends
-from ._registry import register_backend
-from ._registry import unregister_backend
-from ._reliability import FallbackWarning
-from ._select import use_backend
-from ._spec import CallSpec
-from ._varlen import attention_varlen
-from ._verify import WrongResultError
-from ._verify import verify
+from ._core import AttentionDispatchError
+from ._core import AttentionInputError
+from ._core import AttentionResult
+from ._core import AttentionTypeError
+from ._core import Backend
+from ._core import BackendRegistrationError
+from ._core import BackendRuntimeError
+from ._core import BackendUnavailable
+from ._core import BackendVerdict
+from ._core import CallSpec
+from ._core import Capabilities
+from ._core import Decision
+from ._core import Event
+from ._core import FallbackWarning
+from ._core import PluginWarning
+from ._core import UnknownBackendError
+from ._core import WrongResultError
+from ._core import attention
+from ._core import autotune
+from ._core import clear_cache
+from ._core import clear_events
+from ._core import events
+from ._core import explain
+from ._core import explain_spec
+from ._core import get_backend
+from ._core import list_backends
+from ._core import register_backend
+from ._core import register_ranking
+from ._core import unregister_backend
+from ._core import use_backend
+from ._core import verify
+from .structured.merge import merge_attention
+from .structured.varlen import attention_varlen
 from .attend import Attend
 from .sdpa import patch_sdpa
 from .sdpa import scaled_dot_product_attention
@@ -84,6 +85,7 @@ __all__ = [
     "merge_attention",
     "patch_sdpa",
     "register_backend",
+    "register_ranking",
     "scaled_dot_product_attention",
     "unregister_backend",
     "use_backend",

@@ -16,8 +16,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._dispatch import attention
-from ._errors import AttentionInputError, AttentionTypeError
+from ._core import AttentionInputError, AttentionTypeError, attention
+
 
 Tensor = torch.Tensor
 

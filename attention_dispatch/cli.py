@@ -28,13 +28,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _info
-from ._cli_args import (CommandError, Parser, default_device, default_dtype,
-                        device_arg, float_arg, int_arg, shape_arg)
-from ._dispatch import explain_spec
-from ._errors import AttentionDispatchError
-from ._select import normalize, resolve
-from ._spec import CallSpec
+from ._core import AttentionDispatchError, CallSpec, explain_spec, normalize, resolve
+from ._cli import info as _info
+from ._cli.args import (CommandError, Parser, default_device, default_dtype, device_arg,
+    float_arg, int_arg, shape_arg)
 from .bench import command as bench_command
 
 DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,

@@ -32,10 +32,9 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from ._decision import Decision
-from ._dispatch import attention, explain
-from ._errors import AttentionInputError, AttentionTypeError
-from ._select import BackendArg
+from ._core import (AttentionInputError, AttentionTypeError, BackendArg, Decision, attention,
+                    explain)
+
 
 Tensor = torch.Tensor
 

@@ -216,7 +216,7 @@ def main(argv: Any = None) -> int:
 
 
 if __name__ == "__main__":
-    from attention_dispatch._autotune import isolated_cache
+    from attention_dispatch._core.autotuning import isolated_cache
 
     with isolated_cache():  # stored tuning decisions neither apply nor change
         sys.exit(main())

@@ -105,9 +105,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fuzz_workers  # noqa: E402
 
 import attention_dispatch as ad  # noqa: E402
-from attention_dispatch.testing import (MemoryDraw, atol, draw_memory, kpm_view,  # noqa: E402
-                                        mask_view, poison_padded, qkv_makers,
-                                        reference_attention)
+from attention_dispatch.testing import (MemoryDraw, atol, draw_memory, kpm_view, mask_view,
+    poison_padded, qkv_makers, reference_attention)
 
 Tensor = torch.Tensor
 Sizes = tuple[int, int, int, int, int, int]  # batch, heads_kv, group, seq_q, seq_k, head_dim

@@ -48,8 +48,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import attention_dispatch as ad  # noqa: E402
-from attention_dispatch.distributed import (ring_attention, shard_sequence,  # noqa: E402
-                                            unshard_sequence)
+from attention_dispatch.distributed import ring_attention, shard_sequence, unshard_sequence
 from attention_dispatch.testing import atol, reference_attention  # noqa: E402
 
 Tensor = torch.Tensor
@@ -425,7 +424,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from attention_dispatch._autotune import isolated_cache
+    from attention_dispatch._core.autotuning import isolated_cache
 
     with isolated_cache():  # stored tuning decisions neither apply nor change
         sys.exit(main())

@@ -56,7 +56,7 @@ def _clean_dispatch_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     The numeric canary is off (it would add a forward call to backends whose
     calls tests count); tests/test_reliability.py turns it on where it is tested.
     """
-    from attention_dispatch import _autotune
+    from attention_dispatch._core import autotuning as _autotune
 
     for var in ENV_VARS:
         monkeypatch.delenv(var, raising=False)
@@ -96,7 +96,7 @@ def register_temp() -> Iterator[Callable[..., Any]]:
     """``register_temp(name, cls_or_path, replace=False)``: register a backend
     for the duration of one test.  At teardown the registry is put back as it
     was (same names, same order, the same instances), whatever happened."""
-    from attention_dispatch._registry import REGISTRY
+    from attention_dispatch._core.registry import REGISTRY
 
     REGISTRY.names()  # entry points are discovered before the snapshot
     with REGISTRY._lock:

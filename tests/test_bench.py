@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import attention_dispatch as ad
-from attention_dispatch import _autotune, _dispatch
+from attention_dispatch._core import autotuning as _autotune, dispatch as _dispatch
 from attention_dispatch.bench import progress, report
 from attention_dispatch.bench import run as bench_run
 from attention_dispatch.bench.cases import BenchCase

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import attention_dispatch as ad
-from attention_dispatch import _dispatch, _ranking
+from attention_dispatch._core import dispatch as _dispatch, ranking as _ranking
 from attention_dispatch.testing import atol, reference_attention
 
 N_THREADS, N_CALLS = 8, 1000

@@ -120,7 +120,7 @@ def test_auto_with_dropout_on_cpu_picks_a_dropping_backend():
     d = ad.explain(q, k, v, dropout_p=0.1)
     assert d.backend is not None
     assert ad.get_backend(d.backend).capabilities.dropout
-    from attention_dispatch._registry import BUILTINS
+    from attention_dispatch._core.registry import BUILTINS
     if set(ad.list_backends()) <= set(BUILTINS):
         assert d.backend == "math"
     flash = [x for x in d.verdicts if x.name == "sdpa-flash"][0]

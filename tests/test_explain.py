@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attention_dispatch as ad
-from attention_dispatch import _dispatch
+from attention_dispatch._core import dispatch as _dispatch
 
 
 def qkv(dtype=torch.float32, d=16, hkv=4, sq=5, sk=7):

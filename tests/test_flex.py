@@ -139,7 +139,7 @@ def test_cuda_refusals_found_by_gpu_fuzzing() -> None:
     """Gradients flex got wrong on an H100 are refused on CUDA, with reasons."""
     import dataclasses
 
-    from attention_dispatch._spec import CallSpec
+    from attention_dispatch._core.spec import CallSpec
 
     flex = ad.get_backend("flex")
     base = CallSpec(device_type="cuda", device_index=0, dtype=torch.bfloat16, batch=2,

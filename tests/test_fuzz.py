@@ -49,7 +49,7 @@ from hypothesis import strategies as st
 
 import attention_dispatch as ad
 from attention_dispatch.testing import (MemoryDraw, atol, draw_memory, kpm_view, mask_view,
-                                        poison_padded, qkv_makers, reference_attention)
+    poison_padded, qkv_makers, reference_attention)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 HEAD_DIMS = (8, 16, 24, 32)

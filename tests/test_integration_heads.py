@@ -8,7 +8,7 @@ import torch
 
 import attention_dispatch as ad
 from attention_dispatch.integrations import (grouped_to_interleaved, interleaved_attention,
-                                             interleaved_to_grouped)
+    interleaved_to_grouped)
 from attention_dispatch.testing import reference_attention
 
 F64 = torch.float64

@@ -174,12 +174,17 @@ def _specs(kind: str, **generate_kw):
 
 
 def test_registered_function_ran_with_exact_structured_arguments():
-    """The decisions recorded while generating: padding as key padding, GQA
-    native, sliding windows as window=, softcap as softcap=, never a dense mask."""
+    """The decisions recorded while generating: padding as key padding (or, for
+    the left-padded prefill, packed real tokens), GQA native, sliding windows as
+    window=, softcap as softcap=, never a dense mask."""
     specs = _specs("mistral")
     assert specs and all(s.mask_kind == "none" and s.heads_kv == 2 for s in specs)
     prefill = [s for s in specs if s.seq_q == 12]
-    assert prefill and all(s.key_padding and s.causal and s.window == (4, 0) for s in prefill)
+    # a left-padded prefill runs packed (varlen) on the real tokens; its padded
+    # route on the CPU is a key-padding call
+    assert prefill and all((s.key_padding or s.varlen) and s.causal and s.window == (4, 0)
+                           for s in prefill)
+    assert any(s.varlen for s in prefill)
     specs = _specs("gemma2")
     assert {s.softcap for s in specs} == {5.0} and {s.window for s in specs} == {None, (4, 0)}
     assert all(s.mask_kind == "none" for s in specs)
@@ -265,3 +270,16 @@ def test_hf_llama_bench_script_smoke_on_cpu(tmp_path):
     assert set(case["ms"]) == {"ours", "sdpa"} and case["ours_backends"]
     assert case["max_logit_diff"] < 0.05  # bfloat16 model
     assert "attention_speedup_vs_sdpa" in res["left_padded_prefill"]
+
+
+def test_left_padding_is_packed_and_other_padding_is_not():
+    from attention_dispatch.integrations.transformers import LeftPacked
+
+    left = torch.tensor([[False, False, True, True], [True, True, True, True],
+                         [False, True, True, True]])
+    p = LeftPacked.of(left)
+    assert p is not None and p.cu_seqlens.tolist() == [0, 2, 6, 9] and p.max_len == 4
+    assert p.batch.tolist() == [0, 0, 1, 1, 1, 1, 2, 2, 2]
+    assert p.pos.tolist() == [2, 3, 0, 1, 2, 3, 1, 2, 3]
+    assert LeftPacked.of(left.flip(-1)) is None          # right padding
+    assert LeftPacked.of(torch.tensor([[True, False, True, True]])) is None  # a hole

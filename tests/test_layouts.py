@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import attention_dispatch as ad
-from attention_dispatch._testing_memory import split_packed
+from attention_dispatch.testing.memory import split_packed
 from attention_dispatch.testing import atol, memory_view, packed_qkv, reference_attention
 
 Tensor = torch.Tensor
@@ -244,12 +244,12 @@ def test_transposed_k_runs_on_the_same_backend_with_one_copy() -> None:
 
 def test_layout_checks_are_decided_once_per_signature(monkeypatch: pytest.MonkeyPatch) -> None:
     """The stride rule is judged when a signature is first seen, not per call."""
-    from attention_dispatch import _layout
+    from attention_dispatch._core import layout as _layout
 
     calls = []
     real = _layout.plan_memory
     monkeypatch.setattr(_layout, "plan_memory", lambda *a, **k: calls.append(1) or real(*a, **k))
-    import attention_dispatch._dispatch as dispatch
+    import attention_dispatch._core.dispatch as dispatch
 
     monkeypatch.setattr(dispatch, "plan_memory", _layout.plan_memory)
     q, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
@@ -397,7 +397,7 @@ def _poison_one(backend: str, q: Tensor, k: Tensor, v: Tensor, kpm: Tensor, caus
 def test_varlen_views_reach_the_kernel_in_memory_it_reads(kind: str) -> None:
     """attention_varlen: packed (T, H, D) views reach a native varlen kernel only
     in memory its stride rule allows (a strict CPU kernel that checks its inputs)."""
-    from attention_dispatch._layout import StrideRequirements
+    from attention_dispatch._core.layout import StrideRequirements
     from attention_dispatch.testing import reference_varlen
 
     rule = StrideRequirements(stride_alignment=16, pointer_alignment=16, broadcast=False)

@@ -45,6 +45,7 @@ PUBLIC = [
     "merge_attention",
     "patch_sdpa",
     "register_backend",
+    "register_ranking",
     "scaled_dot_product_attention",
     "unregister_backend",
     "use_backend",
@@ -93,7 +94,7 @@ def test_import_is_side_effect_free():
         import attention_dispatch, sys
         assert not any(m.startswith('attention_dispatch.adapters.') for m in sys.modules), \\
             sorted(m for m in sys.modules if m.startswith('attention_dispatch.adapters.'))
-        from attention_dispatch._registry import REGISTRY
+        from attention_dispatch._core.registry import REGISTRY
         assert not REGISTRY._plugins_loaded, "entry points were read at import"
         import torch
         q = torch.randn(1, 1, 2, 4)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import attention_dispatch as ad
-from attention_dispatch._registry import BUILTINS
+from attention_dispatch._core.registry import BUILTINS
 from attention_dispatch.testing import reference_attention
 
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import attention_dispatch as ad
-from attention_dispatch import _ranking, _reliability
+from attention_dispatch._core import ranking as _ranking, reliability as _reliability
 from attention_dispatch.testing import atol, reference_attention
 
 CPU = torch.device("cpu")

@@ -27,7 +27,7 @@ import torch
 
 import attention_dispatch as ad
 from attention_dispatch.distributed import (concat_shards, ring_attention, shard_sequence,
-                                            simulate_ring, unshard_sequence)
+    simulate_ring, unshard_sequence)
 from attention_dispatch.testing import atol, reference_attention
 
 HEADS = [(4, 4), (4, 2), (4, 1)]  # MHA, GQA, MQA

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import attention_dispatch as ad
-from attention_dispatch import _dispatch
-from attention_dispatch._registry import BUILTINS, REGISTRY
+from attention_dispatch._core import dispatch as _dispatch
+from attention_dispatch._core.registry import BUILTINS, REGISTRY
 
 
 def small(dtype=torch.float32, requires_grad=False):
@@ -379,8 +379,8 @@ def test_shape_classes_of_the_ranking() -> None:
     """Measured shape classes: decode and short calls put cuDNN first on sm90."""
     import dataclasses
 
-    from attention_dispatch._ranking import SHAPE_RANKINGS, shape_class
-    from attention_dispatch._spec import CallSpec
+    from attention_dispatch._core.ranking import SHAPE_RANKINGS, shape_class
+    from attention_dispatch._core.spec import CallSpec
 
     base = CallSpec(device_type="cuda", device_index=0, dtype=torch.bfloat16, batch=1,
                     heads_q=16, heads_kv=16, seq_q=16384, seq_k=16384, head_dim=128,

@@ -12,8 +12,8 @@ import torch
 
 import attention_dispatch as ad
 from attention_dispatch import testing
-from attention_dispatch._capabilities import Capabilities, capability_reasons
-from attention_dispatch._spec import CallSpec, window_has_empty_rows
+from attention_dispatch._core.capabilities import Capabilities, capability_reasons
+from attention_dispatch._core.spec import CallSpec, window_has_empty_rows
 
 CASES = testing.structured_cases()
 FP64 = testing.structured_cases(dtypes=(torch.float64,))
@@ -258,13 +258,14 @@ def test_cache_key_holds_the_new_arguments(spy_backend):
 
 
 def test_compile_key_holds_the_new_arguments():
-    from attention_dispatch import _compile
+    from attention_dispatch._core import CallOptions
+    from attention_dispatch._core import compile as _compile
 
     q, k, v = (t.float() for t in _qkv())
-    base = (q, k, v, None, None, True, 0.0, None, "bhsd", "auto", False)
-    keys = {_compile.constant_key(*base), _compile.constant_key(*base, (2, 0)),
-            _compile.constant_key(*base, (3, 0)), _compile.constant_key(*base, None, 1.0),
-            _compile.constant_key(*base, None, None, torch.ones(3))}
+    base = CallOptions(causal=True)
+    variants = [base, base._replace(window=(2, 0)), base._replace(window=(3, 0)),
+                base._replace(softcap=1.0), base._replace(alibi_slopes=torch.ones(3))]
+    keys = {_compile.constant_key(q, k, v, o, "auto") for o in variants}
     assert len(keys) == 5
 
 

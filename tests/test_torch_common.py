@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from attention_dispatch._spec import validate
+from attention_dispatch._core.spec import validate
 from attention_dispatch.adapters._torch_common import _folded_spec, with_gqa
 from attention_dispatch.testing import reference_attention
 
@@ -58,7 +58,7 @@ def test_no_fold_for_masks_or_equal_heads() -> None:
 def test_cudnn_refusals_found_on_the_gpu() -> None:
     """Calls cuDNN gets wrong (measured on an H100) are refused with a reason."""
     import attention_dispatch as ad
-    from attention_dispatch._spec import CallSpec
+    from attention_dispatch._core.spec import CallSpec
 
     backend = ad.get_backend("sdpa-cudnn")
     base = CallSpec(device_type="cuda", device_index=0, dtype=torch.float16, batch=1,

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import attention_dispatch as ad
-from attention_dispatch import _varlen, testing
+from attention_dispatch._core import packing
+from attention_dispatch._core import varlen as _varlen
+from attention_dispatch import testing
 from attention_dispatch.testing import VarlenCase
 
 CASES = testing.varlen_cases()
@@ -154,20 +156,20 @@ def test_empty_totals(lq, lk):
 
 def test_pad_unpad_roundtrip_and_alignment():
     q, _, _, cq, _, mq, _ = _packed(lq=(3, 0, 1, 5))
-    dense, real = _varlen.pad_varlen(q, cq, mq + 2)
+    dense, real = packing.pad_varlen(q, cq, mq + 2)
     assert dense.shape == (4, mq + 2, 4, 16)
     assert real.tolist()[0] == [False] * 4 + [True] * 3  # right-aligned: padding first
     assert not real[1].any() and real[3].sum() == 5
     assert (dense[~real] == 0).all()
-    torch.testing.assert_close(_varlen.unpad_varlen(dense, cq, q.shape[0]), q)
-    seq, pos = _varlen.token_positions(cq, q.shape[0])
+    torch.testing.assert_close(packing.unpad_varlen(dense, cq, q.shape[0]), q)
+    seq, pos = packing.token_positions(cq, q.shape[0])
     assert seq.tolist() == [0, 0, 0, 2, 3, 3, 3, 3, 3] and pos.tolist()[3:5] == [0, 0]
 
 
 def test_alive_tokens():
     cq = torch.tensor([0, 3, 5, 6], dtype=torch.int32)
     ck = torch.tensor([0, 1, 1, 4], dtype=torch.int32)
-    alive = _varlen.varlen_alive(cq, ck, 6, causal=True, window=None)
+    alive = packing.varlen_alive(cq, ck, 6, causal=True, window=None)
     # seq 0: Lq 3, Lk 1: query i sees j <= i - 2 -> only i = 2; seq 1: no keys
     assert alive.tolist() == [False, False, True, False, False, True]
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import attention_dispatch as ad
-from attention_dispatch import _quarantine, _verify
+from attention_dispatch._core import quarantine as _quarantine, verification as _verify
 from attention_dispatch.testing import reference_attention
 
 sys.path.insert(0, str(Path(__file__).parent))

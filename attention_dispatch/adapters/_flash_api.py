@@ -44,7 +44,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from .._spec import CallSpec
+from .._core.spec import CallSpec
 
 Tensor = torch.Tensor
 CC = tuple[int, int]

@@ -7,8 +7,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .._masks import additive_bias, expand_kv
-from .._spec import CallSpec
+from .._core.masks import additive_bias, expand_kv
+from .._core.spec import CallSpec
 
 Tensor = torch.Tensor
 

@@ -45,14 +45,14 @@ from typing import Optional
 
 import torch
 
-from .._backend import AttentionResult, Backend
-from .._capabilities import Capabilities
-from .._layout import CUDA_ALIGNED
-from .._spec import CallSpec
+from .._core.backend import AttentionResult, Backend
+from .._core.capabilities import Capabilities
+from .._core.layout import CUDA_ALIGNED
+from .._core.spec import CallSpec
 from . import _flash_api as api_mod
 from ._flash_api import APIS, FA4, FlashApi
-from ._varlen import (CAUSAL_PADDING_REASON, causal_differs_with_padding, cu_seqlens,
-                      dense_cu_seqlens, key_lengths, lse_to_bhs, prefix_kv, unpad)
+from .._core.packing import (CAUSAL_PADDING_REASON, causal_differs_with_padding, cu_seqlens,
+    dense_cu_seqlens, key_lengths, lse_to_bhs, prefix_kv, unpad)
 
 Tensor = torch.Tensor
 Choice = tuple[FlashApi, ModuleType]

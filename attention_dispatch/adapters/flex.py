@@ -56,11 +56,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .._backend import AttentionResult, Backend
-from .._capabilities import Capabilities
-from .._layout import CUDA_ALIGNED, StrideRequirements
-from .._masks import expand_kv
-from .._spec import CallSpec
+from .._core.backend import AttentionResult, Backend
+from .._core.capabilities import Capabilities
+from .._core.layout import CUDA_ALIGNED, StrideRequirements
+from .._core.masks import expand_kv
+from .._core.spec import CallSpec
 
 Tensor = torch.Tensor
 
@@ -203,7 +203,7 @@ class _Docs:
     ``total_k`` slots (padding tokens: document -1 / -2, never equal)."""
 
     def __init__(self, cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int) -> None:
-        from .._varlen import seqlens, token_positions
+        from .._core.packing import seqlens, token_positions
 
         dev = cu_q.device
         tq, tk = int(cu_q[-1]), int(cu_k[-1])

@@ -20,11 +20,11 @@ from typing import Optional
 
 import torch
 
-from .._backend import AttentionResult, Backend
-from .._capabilities import Capabilities
-from .._layout import ANY_STRIDES
-from .._masks import additive_bias, expand_kv, softcap_scores
-from .._spec import CallSpec
+from .._core.backend import AttentionResult, Backend
+from .._core.capabilities import Capabilities
+from .._core.layout import ANY_STRIDES
+from .._core.masks import additive_bias, expand_kv, softcap_scores
+from .._core.spec import CallSpec
 
 Tensor = torch.Tensor
 

@@ -16,10 +16,10 @@ from typing import Optional
 
 import torch
 
-from .._backend import AttentionResult, Backend
-from .._capabilities import Capabilities
-from .._layout import CUDA_ALIGNED
-from .._spec import CallSpec
+from .._core.backend import AttentionResult, Backend
+from .._core.capabilities import Capabilities
+from .._core.layout import CUDA_ALIGNED
+from .._core.spec import CallSpec
 from ._torch_common import aligned_bias, top_left_causal_flag, torch_bias, with_gqa
 
 Tensor = torch.Tensor

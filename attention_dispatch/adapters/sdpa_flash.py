@@ -20,10 +20,10 @@ from typing import Optional
 
 import torch
 
-from .._backend import AttentionResult, Backend
-from .._capabilities import Capabilities
-from .._layout import CUDA_ALIGNED, StrideRequirements
-from .._spec import CallSpec
+from .._core.backend import AttentionResult, Backend
+from .._core.capabilities import Capabilities
+from .._core.layout import CUDA_ALIGNED, StrideRequirements
+from .._core.spec import CallSpec
 from ._torch_common import half_only_on_cuda, top_left_causal_flag, torch_bias, with_gqa
 
 Tensor = torch.Tensor

@@ -39,16 +39,15 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .._backend import AttentionResult, Backend
-from .._capabilities import Capabilities, dtype_name
-from .._layout import CUDA_ALIGNED
-from .._masks import expand_kv
-from .._spec import CallSpec
-from ._flash_api import (cuda_capability, fa4_without_fa2, import_hiding_flash_attn,
-                         module_present)
+from .._core.backend import AttentionResult, Backend
+from .._core.capabilities import Capabilities, dtype_name
+from .._core.layout import CUDA_ALIGNED
+from .._core.masks import expand_kv
+from .._core.spec import CallSpec
+from ._flash_api import cuda_capability, fa4_without_fa2, import_hiding_flash_attn, module_present
 from ._torch_common import aligned_bias, torch_bias
-from ._varlen import (CAUSAL_PADDING_REASON, causal_differs_with_padding, lse_to_bhs,
-                      prefix_kv)
+from .._core.packing import (CAUSAL_PADDING_REASON, causal_differs_with_padding, lse_to_bhs,
+    prefix_kv)
 
 Tensor = torch.Tensor
 HALF = frozenset({torch.float16, torch.bfloat16})

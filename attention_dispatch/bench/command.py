@@ -12,12 +12,10 @@ from typing import Any, Optional
 
 import torch
 
-from .. import _autotune
-from .._cli_args import (CommandError, default_dtype, device_arg, float_arg, int_arg, list_arg,
-                         shapes_arg)
-from .._dispatch import clear_cache
-from .._registry import list_backends
-from .._select import normalize
+from .._core import clear_cache, list_backends, normalize
+from .._core import autotuning as _autotune
+from .._cli.args import (CommandError, default_dtype, device_arg, float_arg, int_arg, list_arg,
+    shapes_arg)
 from . import report
 from .cases import DTYPES, MASKS, MODES, BenchCase, case_key, parse_shapes
 from .run import Row, run
@@ -240,7 +238,7 @@ def _show_quarantine(q: Any) -> None:
 
 
 def cmd_cache(a: argparse.Namespace) -> int:
-    from .. import _quarantine
+    from .._core import quarantine as _quarantine
 
     folder = _autotune.cache_dir()
     if a.action == "clear":

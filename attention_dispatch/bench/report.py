@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from .._cli_args import CommandError
+from .._cli.args import CommandError
 
 Row = dict[str, Any]
 COLUMNS = ["case", "backend", "chosen", "ms", "tflops", "first_call_ms", "peak_mb", "correct",

@@ -2,63 +2,19 @@
 
 from __future__ import annotations
 
-import random
-import statistics
 import time
 from dataclasses import asdict
 from typing import Any, Callable, Optional
 
 import torch
 
+from .._core import BackendUnavailable, CallSpec, Decision, attention, explain
 from .. import testing
-from .._decision import Decision
-from .._dispatch import attention, explain
-from .._errors import BackendUnavailable
-from .._spec import CallSpec
+from .._core.timing import sync as _sync, time_interleaved  # noqa: F401  (bench.run.time_interleaved)
 from .cases import BenchCase
 from .progress import Progress
 
 Row = dict[str, Any]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _once_ms(fn: Callable[[], Any], device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device,
-                     budget_s: float = 0.6, max_reps: int = 60,
-                     rounds: Optional[int] = None) -> dict[str, float]:
-    """Milliseconds per call of each function, measured in interleaved rounds
-    in a random order each round (so drifting clocks, a busy host or the power state a
-    heavy kernel leaves behind hit all alike): the median of the rounds
-    on CUDA (events), the minimum on CPU (wall clock; interference only adds).
-    The number of rounds fits ``budget_s`` (3 to ``max_reps``) unless ``rounds``
-    fixes it; one untimed call of each function comes first."""
-    once = {n: _once_ms(f, device) for n, f in fns.items()}
-    reps = rounds or int(min(max_reps, max(3, budget_s * 1e3 / max(sum(once.values()), 1e-3))))
-    samples: dict[str, list[float]] = {n: [] for n in fns}
-    names = list(fns)
-    rng = random.Random(0)
-    for _ in range(reps):  # a fresh random order per round: no backend always
-        rng.shuffle(names)  # follows the same (e.g. a power-hungry) kernel
-        for n in names:
-            samples[n].append(_once_ms(fns[n], device))
-    pick = statistics.median if device.type == "cuda" else min
-    return {n: pick(s) for n, s in samples.items()}
 
 
 def correctness(spec: CallSpec, backend: str, device: torch.device) -> tuple[bool, str]:

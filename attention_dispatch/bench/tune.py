@@ -9,8 +9,8 @@ from typing import Optional
 
 import torch
 
-from .. import _autotune
-from .._tune import TuneResult, tune_call
+from .._core import TuneResult, tune_call
+from .._core import autotuning as _autotune
 from .cases import BenchCase
 
 

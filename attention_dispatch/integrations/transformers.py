@@ -48,6 +48,10 @@ class DispatchMask:
         keep: read only the first ``keep`` key slots (None = all of them).
         causal: bottom-right causal over the kept keys.
         window: ``(left, 0)`` sliding window or None.
+        packed: for a left-padded causal prefill (query i is key slot i, each
+            row's real tokens last): the real tokens' (batch, position) indices
+            and ``cu_seqlens``, so the layer runs :func:`attention_varlen` on
+            the real tokens only (see :class:`LeftPacked`); else None.
 
     Equivalent math (the kept keys, contract terms)::
 
@@ -58,11 +62,13 @@ class DispatchMask:
     ndim = 4  # transformers' mask pre-processing leaves non-2-D masks alone
 
     def __init__(self, key_padding_mask: Optional[Tensor], keep: Optional[int], causal: bool,
-                 window: Optional[tuple[int, int]]) -> None:
+                 window: Optional[tuple[int, int]], packed: Optional["LeftPacked"] = None
+                 ) -> None:
         self.key_padding_mask = key_padding_mask
         self.keep = keep
         self.causal = causal
         self.window = window
+        self.packed = packed
 
     def contiguous(self) -> "DispatchMask":
         """generate() calls ``.contiguous()`` on prepared masks; nothing to do."""
@@ -72,6 +78,36 @@ class DispatchMask:
         kpm = None if self.key_padding_mask is None else tuple(self.key_padding_mask.shape)
         return (f"DispatchMask(key_padding_mask={kpm}, keep={self.keep}, "
                 f"causal={self.causal}, window={self.window})")
+
+
+class LeftPacked:
+    """The real tokens of a left-padded batch, for :func:`attention_varlen`.
+
+    With every row's padding first and query i being key slot i, the dense
+    call (key padding, bottom-right causal, a window) equals the packed call
+    on the real tokens: a real query at i sees the real keys in
+    [i - window, i] in both forms, and a padded query sees no key (output 0,
+    which the unpacked output holds).  Only the real tokens are computed.
+
+    Attributes:
+        batch, pos: (T,) int64 batch row and position of each real token.
+        cu_seqlens: (B + 1,) int32; max_len: the longest row.
+    """
+
+    def __init__(self, pad: Tensor) -> None:
+        lengths = pad.sum(-1, dtype=torch.int32)
+        self.batch, self.pos = pad.nonzero(as_tuple=True)  # row-major: rows back to back
+        self.cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32),
+                                                  (1, 0))
+        self.max_len = int(lengths.max()) if lengths.numel() else 0
+
+    @staticmethod
+    def of(pad: Tensor) -> Optional["LeftPacked"]:
+        """A LeftPacked when ``pad`` (B, S) is left padding (one host read), else None."""
+        s = pad.shape[-1]
+        lengths = pad.sum(-1, keepdim=True)
+        left = torch.arange(s, device=pad.device)[None, :] >= s - lengths
+        return LeftPacked(pad) if bool(torch.equal(left, pad)) else None
 
 
 def _masking() -> Any:
@@ -191,7 +227,11 @@ def mask_interface(batch_size: int, q_length: int, kv_length: int, q_offset: Any
     if pad is not None:
         pad = _no_padding(pad[:, :keep])
     window = (size - 1, 0) if size is not None and keep > size else None
-    return DispatchMask(pad, None if keep == kv_length else keep, q_length > 1, window)
+    packed = None
+    if pad is not None and q_length > 1 and keep == q_length and \
+            not torch.compiler.is_compiling():
+        packed = LeftPacked.of(pad)
+    return DispatchMask(pad, None if keep == kv_length else keep, q_length > 1, window, packed)
 
 
 def _refuse(kwargs: dict[str, Any]) -> None:
@@ -232,6 +272,8 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     """
     _refuse(kwargs)
     kw: dict[str, Any] = {"dropout_p": float(dropout), "scale": scaling, "softcap": softcap}
+    if isinstance(attention_mask, DispatchMask) and attention_mask.packed is not None:
+        return _packed_forward(query, key, value, attention_mask, attention_mask.packed, kw), None
     if isinstance(attention_mask, DispatchMask):
         m = attention_mask
         if m.keep is not None:
@@ -256,6 +298,23 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
                                      "attention function (same name)")
     out = ad.attention(query, key, value, **kw)
     return out.transpose(1, 2).contiguous(), None  # type: ignore[union-attr]
+
+
+def _packed_forward(query: Tensor, key: Tensor, value: Tensor, m: DispatchMask,
+                    p: LeftPacked, kw: dict[str, Any]) -> Tensor:
+    """A left-padded causal prefill on the real tokens only (see :class:`LeftPacked`):
+    (B, Hq, S, D) in, (B, S, Hq, Dv) out with zeros at the padded positions."""
+    b, s = query.shape[0], query.shape[2]
+    if m.keep is not None:  # a static cache: its slots past the last query are unused
+        key, value = key[:, :, :m.keep], value[:, :, :m.keep]
+    if key.shape[2] != s:  # the mask was made for other shapes: the dense call
+        return ad.attention(query, key, value, key_padding_mask=m.key_padding_mask,
+                            causal=m.causal, window=m.window, **kw).transpose(1, 2).contiguous()
+    q, k, v = (t[p.batch, :, p.pos] for t in (query, key, value))  # (T, H, D) gathers
+    out = ad.attention_varlen(q, k, v, p.cu_seqlens, p.cu_seqlens, p.max_len, p.max_len,
+                              causal=m.causal, window=m.window, **kw)
+    full = out.new_zeros(b, s, out.shape[1], out.shape[2])
+    return full.index_put((p.batch, p.pos), out)
 
 
 def _check_version() -> None:

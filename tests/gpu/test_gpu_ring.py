@@ -107,7 +107,7 @@ def test_fused_backward_is_used_and_agrees_with_plain_torch(heads):
 
 def test_long_blocks_fused_backward_head_chunks(monkeypatch):
     """The fused path in several head chunks gives the same gradients as one chunk."""
-    from attention_dispatch import _ring_bwd
+    from attention_dispatch.distributed import ring_bwd as _ring_bwd
 
     tensors = _inputs((8, 2), 64, 2048, torch.bfloat16, seed=9)
 

@@ -1,0 +1,1 @@
+"""Helpers of the ``attention-dispatch`` command (argument types, ``info``)."""

@@ -1,0 +1,49 @@
+"""The dispatch core: from a call's arguments to one kernel call.
+
+The layers above it (the public package, ``structured``, ``distributed``,
+``testing``, ``bench``, the CLI and ``integrations``) use the names listed in
+``__all__`` here and nothing else of the core; the core imports none of them.
+Adapters (``attention_dispatch.adapters``) are loaded by name through the
+registry.  See docs/architecture.md.
+
+Modules, bottom to top: errors, caches, eventlog, layout, spec (``CallSpec``,
+``CallOptions``, validation), capabilities, backend, registry, select,
+ranking, decision, masks, packing, reference, timing, reliability, verification,
+quarantine, autotuning, selfcheck, compile, decide, dispatch, varlen, tuning.
+"""
+
+from .autotuning import autotune, isolated_cache
+from .backend import AttentionResult, Backend
+from .caches import clear_all, register_cache, registered
+from .capabilities import Capabilities
+from .decide import candidates, eligible, explain_spec, reasons
+from .decision import BackendVerdict, Decision
+from .dispatch import attention, call, clear_cache, explain, explain_options
+from .errors import (AttentionDispatchError, AttentionInputError, AttentionTypeError,
+                     BackendRegistrationError, BackendRuntimeError, BackendUnavailable,
+                     PluginWarning, UnknownBackendError)
+from .eventlog import Event, clear_events, events
+from .ranking import register_ranking, ranked
+from .reference import ATOL, atol, reference_attention, within_rule
+from .registry import REGISTRY, get_backend, list_backends, register_backend, unregister_backend
+from .reliability import FallbackWarning
+from .select import AUTO, BackendArg, normalize, resolve, selection_of, use_backend
+from .spec import CallOptions, CallSpec, validate
+from .timing import time_interleaved
+from .tuning import TuneResult, tune_call
+from .varlen import varlen_call
+from .verification import WrongResultError, verify
+
+__all__ = [
+    "ATOL", "AUTO", "AttentionDispatchError", "AttentionInputError", "AttentionResult",
+    "AttentionTypeError", "Backend", "BackendArg", "BackendRegistrationError",
+    "BackendRuntimeError", "BackendUnavailable", "BackendVerdict", "CallOptions", "CallSpec",
+    "Capabilities", "Decision", "Event", "FallbackWarning", "PluginWarning", "REGISTRY",
+    "TuneResult", "UnknownBackendError", "WrongResultError", "atol", "attention", "autotune",
+    "call", "candidates", "clear_all", "clear_cache", "clear_events", "eligible", "events",
+    "explain", "explain_options", "explain_spec", "get_backend", "isolated_cache",
+    "list_backends", "normalize", "ranked", "reasons", "reference_attention",
+    "register_backend", "register_cache", "register_ranking", "registered", "resolve",
+    "selection_of", "time_interleaved", "tune_call", "unregister_backend", "use_backend",
+    "validate", "varlen_call", "verify", "within_rule",
+]

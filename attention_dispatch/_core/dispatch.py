@@ -1,0 +1,370 @@
+"""attention(), explain() and the decision cache.
+
+The path of one call: :func:`attention` builds the cache key from q, k, v,
+the selection and the :class:`~.spec.CallOptions`; a hit gives a
+:class:`~.decide.Plan` and one kernel call.  A miss validates the call
+(:func:`~.spec.validate` -> ``CallSpec``), chooses a backend
+(:mod:`.decide`), decides the copies its kernel needs (:mod:`.layout`) and
+stores the plan.  Under ``torch.compile`` the decision is made at trace time
+(:mod:`.compile`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from . import autotuning as _autotune, compile as _compile, eventlog as _events
+from . import quarantine as _quarantine
+from . import reliability as _reliability, verification as _verify
+from .backend import Backend
+from .caches import clear_all, register_cache
+from .decide import Plan, decide, explain_spec, tuned
+from .decision import Decision
+from .errors import BackendRuntimeError, BackendUnavailable
+from .layout import MemoryPlan, apply_memory, plan_memory
+from .masks import alive_rows, zero_empty_rows
+from .registry import REGISTRY
+from .selfcheck import check_call
+from .select import AUTO, BackendArg, _context, env_selection, resolve
+from .spec import CallOptions, CallSpec, keyword_tensors, options_key, validate
+
+logger = logging.getLogger("attention_dispatch")
+Tensor = torch.Tensor
+_MAX_ENTRIES = 4096
+_grad_enabled = torch.is_grad_enabled
+
+_plans: dict[tuple, Plan] = {}
+_lock = threading.Lock()
+
+
+def forget_plans() -> None:
+    """Forget the cached decisions of dense calls."""
+    with _lock:
+        _plans.clear()
+
+
+register_cache("dispatch.plans", forget_plans)
+
+
+def clear_cache() -> None:
+    """Forget every cached decision and probe, and re-read the environment
+    (every in-memory cache registered with ``caches.register_cache``)."""
+    clear_all()
+
+
+REGISTRY.listeners.append(clear_cache)
+
+
+def call_key(selection: tuple[str, ...], q: Any, k: Any, v: Any, o: CallOptions) -> tuple:
+    """The decision cache key (TypeError / AttributeError for arguments that
+    are not tensors or not hashable: ``validate`` then says what is wrong)."""
+    grad = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                or (o.mask is not None and o.mask.requires_grad))
+    return (selection, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(),
+            q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, grad, options_key(o))
+
+
+def _bhsd(o: CallOptions, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if o.layout == "bshd":
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    return q, k, v
+
+
+def _memory_for(backend: Backend, spec: CallSpec, q: Tensor, k: Tensor, v: Tensor,
+                mask: Optional[Tensor]) -> MemoryPlan:
+    """The copies ``backend`` needs for these tensors (bhsd views)."""
+    caps = backend.capabilities
+    clean = spec.key_padding and caps.key_padding and not caps.padded_keys_unread
+    return plan_memory(backend.stride_requirements(spec), caps.native_layout, clean,
+                       q, k, v, mask)
+
+
+def _bind(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions) -> Plan:
+    """``plan`` for tensors with the strides of these (the caller's layout):
+    its memory plan, and the direct kernel call when nothing else is needed."""
+    q, k, v = _bhsd(o, q, k, v)
+    spec, inst = plan.spec, plan.backend
+    mp = _memory_for(inst, spec, q, k, v, o.mask)
+    simple = mp.idle and not (plan.fix_rows or plan.empty or keyword_tensors(o)
+                              or (spec.key_padding and not inst.capabilities.key_padding))
+    align = mp.req.pointer_alignment if mp.req.checks_pointers else 0
+    return plan._replace(memory=mp, direct=inst.forward if simple else None, align=align)
+
+
+def timer(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions
+          ) -> Callable[[str], Optional[float]]:
+    """Autotune's ``timer(name)`` for this call: a small-call check against the
+    float64 reference (``selfcheck``), then the time of this call on ``name``."""
+    qb, kb, vb = _bhsd(o, q, k, v)
+    spec = plan.spec
+
+    def run(name: str) -> Any:
+        inst, _ = REGISTRY.load(name)
+        return _forward(plan._replace(backend=inst), qb, kb, vb, o)
+
+    return _autotune.timer_for(spec, run, lambda name: check_call(call, name, spec))
+
+
+def plan_call(key: Optional[tuple], selection: tuple[str, ...], q: Any, k: Any, v: Any,
+              o: CallOptions) -> Plan:
+    """Cache miss: validate, decide, remember (under ``key``, unless None)."""
+    _events.configure_from_env()
+    spec = validate(q, k, v, o)
+    plan = decide(spec, selection, o.scale, o.dropout_p)
+    plan = _bind(tuned(plan, selection, timer(plan, q, k, v, o)), q, k, v, o)
+    if key is not None:
+        with _lock:
+            if len(_plans) >= _MAX_ENTRIES:
+                _plans.clear()
+            _plans[key] = plan
+    return plan
+
+
+def _fallback(plan: Plan, exc: Exception, q: Tensor, k: Tensor, v: Tensor,
+              o: CallOptions) -> tuple[Plan, Tensor, Any]:
+    """The chosen backend raised: demote it for this signature and run the next
+    eligible one (q, k, v in the bhsd view), and the next while they raise too.
+    Bad input, out-of-memory and a forced selection (no "auto") raise the
+    original error instead.  The cached plans of this signature and selection
+    then point to the backend that ran (one decision, logged once)."""
+    stale: list[tuple] = []
+    while True:
+        name = plan.backend.name
+        if not _reliability.may_fall_back(exc):
+            raise exc
+        if "auto" not in plan.selection:
+            raise BackendRuntimeError(name, plan.selection, exc) from exc
+        _reliability.demote(name, plan.spec, exc)
+        with _lock:
+            dropped = [k_ for k_, p in _plans.items() if p.backend is plan.backend
+                       and p.spec == plan.spec]
+            stale += [k_ for k_ in dropped if _plans[k_].selection == plan.selection]
+            for key in dropped:
+                del _plans[key]
+        try:
+            new = decide(plan.spec, plan.selection, plan.scale, plan.dropout_p)
+        except BackendUnavailable as unavailable:
+            raise unavailable from exc
+        _events.emit(_events.FALLBACK, new.backend.name, f"{name} raised "
+                     f"{type(exc).__name__}: {str(exc)[:200]}", plan.spec, level=logging.INFO)
+        try:
+            out, lse = _forward(new, q, k, v, o)
+        except Exception as again:  # the next one fails too: demote it and go on
+            plan, exc = new, again
+            continue
+        with _lock:
+            for key in stale:
+                _plans[key] = new
+        return new, out, lse
+
+
+def _plan_at_trace(backend: BackendArg, q: Tensor, k: Tensor, v: Tensor, o: CallOptions,
+                   device: torch.device) -> Plan:
+    """The plan for a traced call, from meta tensors standing for the real ones."""
+    selection, _ = resolve(backend)
+    spec = validate(q, k, v, o)
+    spec = dataclasses.replace(spec, device_type=device.type, device_index=device.index)
+    return tuned(decide(spec, selection, o.scale, o.dropout_p), selection, None)
+
+
+_decide_constant = _compile.make_decider(_plan_at_trace)
+_compiling = torch.compiler.is_compiling
+_verify_budget = _verify.budget
+
+
+def _empty(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec) -> tuple[Tensor, Tensor]:
+    shape = (spec.batch, spec.heads_q, spec.seq_q)
+    out = q.new_zeros(shape + (spec.head_dim_v,))
+    if spec.requires_grad:  # zero, finite gradients
+        out = out + 0.0 * (q.sum() + k.sum() + v.sum())
+    return out, q.new_full(shape, float("-inf"), dtype=torch.float32)
+
+
+def call(selection: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor, o: CallOptions
+         ) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Run a validated-on-miss call: the hot path of :func:`attention`, also
+    used by the packed route of ``attention_varlen`` (``selection`` resolved)."""
+    try:
+        key: Optional[tuple] = call_key(selection, q, k, v, o)
+        plan = _plans.get(key)  # type: ignore[arg-type]
+    except (AttributeError, TypeError):  # not tensors, unhashable: validate() says what
+        key, plan = None, None
+    if plan is None:
+        plan = plan_call(key, selection, q, k, v, o)
+    if _verify_budget():  # verify mode (off by default: one context-variable read)
+        return _verified(plan, key, q, k, v, o)
+    direct = plan.direct
+    if (direct is not None and o.layout == "bhsd" and not o.return_lse  # the common case
+            and not (plan.align and (q.data_ptr() | k.data_ptr() | v.data_ptr()) % plan.align)):
+        try:
+            return direct(q, k, v, spec=plan.spec, mask=o.mask,
+                          key_padding_mask=o.key_padding_mask, dropout_p=plan.dropout_p,
+                          scale=plan.scale)[0]
+        except Exception as exc:
+            return _run(plan, q, k, v, o, failure=exc)
+    return _run(plan, q, k, v, o)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
+              key_padding_mask: Optional[Tensor] = None, causal: bool = False,
+              dropout_p: float = 0.0, scale: Optional[float] = None, layout: str = "bhsd",
+              backend: BackendArg = "auto", return_lse: bool = False,
+              window: Optional[tuple[int, int]] = None, softcap: Optional[float] = None,
+              alibi_slopes: Optional[Tensor] = None
+              ) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Scaled dot-product attention on the best backend that accepts the call.
+
+    Shapes (layout="bhsd"): q (B, Hq, Sq, D), k (B, Hkv, Sk, D),
+    v (B, Hkv, Sk, Dv) -> out (B, Hq, Sq, Dv).  layout="bshd" swaps the head
+    and sequence axes of q, k, v and out.  Hq % Hkv == 0; query head h reads
+    kv head h // (Hq // Hkv).
+
+    Args:
+        mask: bool (True = may attend) or float (added to the scores, -inf
+            allowed), broadcastable to (B, Hq, Sq, Sk).
+        key_padding_mask: bool (B, Sk), True = real key.
+        causal: query i may attend key j iff j <= i + (Sk - Sq) (bottom-right).
+        dropout_p: dropout on the attention weights, applied exactly when > 0.
+        scale: score scale, default 1/sqrt(D).
+        backend: "auto", a name, "a,b" or a list (first that accepts; "auto"
+            expands to the ranking).  "auto" defers to :func:`use_backend`,
+            then ATTENTION_DISPATCH_BACKEND.
+        return_lse: also return lse (B, Hq, Sq) float32, natural log, detached
+            (it carries no gradient on any backend).
+        window: (left, right): query i may attend key j iff
+            i + (Sk - Sq) - left <= j <= i + (Sk - Sq) + right; -1 = unbounded;
+            combines with causal.  See docs/structured.md.
+        softcap: c > 0: scores -> c * tanh(scores / c) before masks and biases.
+        alibi_slopes: (Hq,) or (B, Hq) float32: adds -slope * |i + Sk - Sq - j|.
+
+    Rows with no key they may attend give 0 (lse -inf, zero gradients).
+
+    Equivalent math (float64 reference)::
+
+        s = softcap * tanh(scale * q @ k.transpose(-1, -2) / softcap)  # if softcap
+        s = s + float_mask - alibi_slope * abs(i + Sk - Sq - j)
+        s = s.masked_fill(~(bool_mask & key_padding & causal_bottom_right & window), -inf)
+        out = dropout(softmax(s, -1)) @ v        # rows of all -inf -> 0
+        lse = logsumexp(s, -1)
+
+    Raises:
+        AttentionInputError / AttentionTypeError: bad input, before any kernel.
+        BackendUnavailable: the selection names no backend that accepts the call.
+    """
+    o = CallOptions(mask, key_padding_mask, alibi_slopes, causal, dropout_p, scale, layout,
+                    return_lse, window, softcap)
+    if _compiling():  # torch.compile: decided at trace time, nothing left per call
+        plan = getattr(_compile, _compile.plan_name(_decide_constant(
+            _compile.constant_key(q, k, v, o, backend))))
+        return _run(plan, q, k, v, o)
+    if backend == "auto":
+        selection = _context.get() or env_selection() or AUTO
+    else:
+        selection = resolve(backend)[0]
+    return call(selection, q, k, v, o)
+
+
+def _verified(plan: Plan, key: Optional[tuple], q: Tensor, k: Tensor, v: Tensor,
+              o: CallOptions) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Run the call, then (the first N times per signature) check its output on
+    a sample against the reference; a wrong result is quarantined and the call
+    re-run on the next backend (auto) or raised (forced).  See ``verify``."""
+    res = _run(plan, q, k, v, o)
+    if plan.empty or _verify.skipped(o.dropout_p, q) or not _verify.due(key, _verify_budget()):
+        return res
+    ran = _plans.get(key, plan) if key is not None else plan  # after a fallback: the new one
+    out = res[0] if o.return_lse else res
+    views = [q, k, v, out] if o.layout == "bhsd" else [t.transpose(1, 2) for t in (q, k, v, out)]
+    math, _ = REGISTRY.load("math")
+    why = _verify.check(ran.backend, math, ran.spec, views[0], views[1], views[2],  # type: ignore[arg-type]
+                        o.mask, o.key_padding_mask, ran.scale, o.alibi_slopes, views[3])
+    if why is None:
+        return res
+    _events.emit(_events.VERIFY, ran.backend.name, why, ran.spec, level=logging.WARNING)
+    _quarantine.record(ran.backend, ran.spec, why)
+    return _run(ran, q, k, v, o, failure=_verify.WrongResultError(why))
+
+
+def _forward(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions
+             ) -> tuple[Tensor, Any]:
+    """The kernel call (bhsd views): tensor options beyond the masks as keywords,
+    only when given; key padding through ``forward_varlen`` for a varlen backend
+    without key_padding.  First the copies the memory plan names (strides,
+    pointers, key-padding slots)."""
+    mask, kpm = o.mask, o.key_padding_mask
+    mp = plan.memory
+    if mp is None:
+        mp = _memory_for(plan.backend, plan.spec, q, k, v, mask)
+    if not mp.idle or mp.req.checks_pointers:
+        q, k, v, mask = apply_memory(mp, q, k, v, mask, kpm)
+    if kpm is not None and not kpm.is_contiguous():  # (B, Sk) bools: a tiny copy
+        kpm = kpm.contiguous()
+    if kpm is not None and not plan.backend.capabilities.key_padding:
+        from .packing import dense_via_varlen
+
+        return dense_via_varlen(plan.backend, q, k, v, kpm, spec=plan.spec,
+                                dropout_p=plan.dropout_p, scale=plan.scale)
+    return plan.backend.forward(q, k, v, spec=plan.spec, mask=mask, key_padding_mask=kpm,
+                                dropout_p=plan.dropout_p, scale=plan.scale,
+                                **keyword_tensors(o))
+
+
+def _run(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions,
+         failure: Optional[Exception] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Run a plan: layout views, the kernel, the empty-row fix, the result.
+    ``failure``: the plan's kernel already raised this (bhsd): fall back at once."""
+    spec = plan.spec
+    q, k, v = _bhsd(o, q, k, v)
+    if plan.empty:
+        out, lse = _empty(q, k, v, spec)
+    else:
+        try:
+            if failure is not None:
+                raise failure
+            out, lse = _forward(plan, q, k, v, o)
+        except Exception as exc:
+            plan, out, lse = _fallback(plan, exc, q, k, v, o)
+        if plan.fix_rows:
+            out, lse = zero_empty_rows(out, lse, alive_rows(spec, o.mask, o.key_padding_mask),
+                                       (q, k, v))
+    if o.layout == "bshd":
+        out = out.transpose(1, 2)
+    if o.return_lse:
+        return out, lse.detach()  # type: ignore[union-attr]  # no kernel differentiates it
+    return out
+
+
+def explain(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
+            key_padding_mask: Optional[Tensor] = None, causal: bool = False,
+            dropout_p: float = 0.0, scale: Optional[float] = None, layout: str = "bhsd",
+            backend: BackendArg = "auto", return_lse: bool = False,
+            window: Optional[tuple[int, int]] = None, softcap: Optional[float] = None,
+            alibi_slopes: Optional[Tensor] = None) -> Decision:
+    """Which backend :func:`attention` would run for these arguments, and, for
+    every registered backend, whether it accepts the call or the exact reasons
+    why not, and (``Decision.copies``) which tensors the chosen backend gets
+    as copies (memory layout, key-padding slots zeroed) and why.  Nothing
+    runs; the decision cache is not touched."""
+    o = CallOptions(mask, key_padding_mask, alibi_slopes, causal, dropout_p, scale, layout,
+                    return_lse, window, softcap)
+    return explain_options(backend, q, k, v, o)
+
+
+def explain_options(backend: BackendArg, q: Tensor, k: Tensor, v: Tensor, o: CallOptions
+                    ) -> Decision:
+    """:func:`explain` for a :class:`CallOptions`."""
+    selection, source = resolve(backend)
+    spec = validate(q, k, v, o)
+    decision = explain_spec(spec, selection, source)
+    if decision.backend is None:
+        return decision
+    inst, _ = REGISTRY.load(decision.backend)
+    q, k, v = _bhsd(o, q, k, v)
+    notes = _memory_for(inst, spec, q, k, v, o.mask).notes  # type: ignore[arg-type]
+    return dataclasses.replace(decision, copies=notes) if notes else decision
+

@@ -1,0 +1,192 @@
+"""The auto ranking per device family and shape class, kept as data.
+
+Three sources, most specific first: a ranking a user registers
+(:func:`register_ranking`), the tables below, and the placement a backend
+declares (``Backend.ranking``: {"family" or "family/shape class" or "*":
+"first" | "last" | "before:NAME" | "after:NAME"}); a backend that is in no
+table and declares nothing ranks just before ``math``.
+
+Device families: "sm90", "sm100", "sm80", "cuda" (other NVIDIA), "rocm"
+(a CUDA device of a ROCm build, ``torch.version.hip``), "mps", "xpu", "cpu",
+"other".  The rocm, mps and xpu tables are NOT measured here: they follow
+those platforms' documentation (PyTorch's SDPA on ROCm runs its flash and
+memory-efficient kernels through AOTriton on MI200/MI300, cuDNN is absent;
+on MPS and XPU torch's own ``scaled_dot_product_attention`` is the fused
+kernel there, the ``sdpa`` backend; flex needs Triton, so not on MPS).
+
+Source of the CUDA rankings: measurements on an H100 SXM (sm90), torch
+2.11+cu130, 2026-11-24, bf16, head dim 128, n=16384 (fwd TFLOP/s non-causal /
+causal): flash-attn (FA4) 716/648, sdpa-cudnn 588/589, xformers 363/328,
+sdpa-flash 328/296, flex 410/386 (reported for that H100, not re-measured;
+compiled per signature), sdpa-mem-efficient 176/163; decode (Sq=1, GQA 32/8,
+Sk=8192): sdpa-cudnn 351 us, FA4 358 us, sdpa-flash 398 us, xformers 403 us.
+flex ranks behind xformers and sdpa-flash although its forward beats them
+on paper, because it compiles a kernel per new shape (seconds); it
+runs what the kernels ahead of it refuse (windows, softcap, ALiBi), ahead of
+sdpa-mem-efficient and math.  sm80/sm100/other CUDA follow the same order
+with cuDNN demoted where it is not the fastest (sm80: FA2 first).
+CPU: torch's CPU flash kernel is 4-7x faster than math (bench/overhead.py
+and the conformance timings); flex (inference only there, compiled per
+signature) comes next: it takes the softcapped and different-Dv calls the
+CPU flash kernel refuses, ~10x faster than math at 1k tokens once compiled.
+
+Shape classes (``SHAPE_RANKINGS``), measured on the same H100 on 2026-11-26 with
+bench/gpu_bench.py (bf16, hdim 128, interleaved CUDA-event timing):
+* "short" (Sq > 1, max(Sq, Sk) <= 2048, or <= 4096 without gradients; no key
+  padding): cuDNN beats FA4 - B=16 S=1024 fwd 0.36 vs 0.48 ms, causal 0.26 vs
+  0.36 ms, fwd+bwd 1.36 vs 1.44 ms; B=4 S=4096 fwd 1.05 vs 1.10 ms, causal
+  0.66 vs 0.75 ms (fwd+bwd at 4096: FA4 3.32 vs 3.54 ms, so long).
+  Refined from the full bench grid (``attention-dispatch bench --shapes default``,
+  H100, 2026-11-26, bf16 and fp16): forward at S=8192 with head dim 128 cuDNN
+  beats FA4 by 1-6 % (B=2, H=16: 1.02 vs 1.08 ms causal), so "short" reaches
+  8192 there; causal GQA forwards (32/8) go to FA4 from S=4096 (1.09 vs 1.25 ms);
+  forward+backward with head dim 64 at S=2048 goes to FA4 (2.21 vs 2.34 ms, B=8, H=32).
+* "decode" (Sq == 1; B=32, Hq=32, Hkv=8, Sk=8192): sdpa-cudnn 484 us,
+  sdpa-flash 496 us, sdpa-mem-efficient 526 us, FA4 598 us, xformers 771 us.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+
+from .caches import clear_all
+from .registry import REGISTRY
+from .spec import CallSpec
+
+RANKINGS: dict[str, tuple[str, ...]] = {
+    "sm90": ("flash-attn", "sdpa-cudnn", "xformers", "sdpa-flash", "flex",
+             "sdpa-mem-efficient", "math"),
+    "sm100": ("flash-attn", "sdpa-cudnn", "xformers", "sdpa-flash", "flex",
+              "sdpa-mem-efficient", "math"),
+    "sm80": ("flash-attn", "sdpa-flash", "xformers", "sdpa-cudnn", "flex",
+             "sdpa-mem-efficient", "math"),
+    "cuda": ("flash-attn", "xformers", "sdpa-flash", "sdpa-mem-efficient", "sdpa-cudnn",
+             "flex", "math"),
+    # not measured (see the module docstring)
+    "rocm": ("flash-attn", "sdpa-flash", "xformers", "sdpa-mem-efficient", "flex", "sdpa",
+             "math"),
+    "mps": ("sdpa", "math"),
+    "xpu": ("sdpa", "flex", "math"),
+    "cpu": ("sdpa-flash", "flex", "math"),
+    "other": ("math",),
+}
+#: Families whose table was not measured on such a device.
+UNMEASURED = frozenset({"rocm", "mps", "xpu"})
+
+
+_SM90_SHORT = ("sdpa-cudnn", "flash-attn", "xformers", "sdpa-flash", "flex",
+               "sdpa-mem-efficient", "math")
+_SM90_DECODE = ("sdpa-cudnn", "sdpa-flash", "sdpa-mem-efficient", "flash-attn", "xformers",
+                "flex", "math")
+SHAPE_RANKINGS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("sm90", "short"): _SM90_SHORT,
+    ("sm90", "decode"): _SM90_DECODE,
+}
+SHAPE_CLASSES = ("decode", "short", "long")
+
+_lock = threading.Lock()
+_registered: dict[tuple[str, Optional[str]], tuple[str, ...]] = {}
+
+
+def register_ranking(family: str, order: "tuple[str, ...] | list[str]",
+                     shape_class: Optional[str] = None) -> None:
+    """Use ``order`` (backend names, best first) for ``family`` (and only for
+    ``shape_class`` when given) in place of the built-in table.  Names that are
+    not registered are skipped; registered backends the order leaves out are
+    placed as their declarations say (default: before ``math``).
+    ``register_ranking(family, ())`` removes a registration.  Cached decisions
+    are forgotten (``ad.clear_cache()``), so the next call uses the new order."""
+    if shape_class is not None and shape_class not in SHAPE_CLASSES:
+        raise ValueError(f"shape_class: expected one of {SHAPE_CLASSES} or None; "
+                         f"got {shape_class!r}")
+    with _lock:
+        if order:
+            _registered[(family, shape_class)] = tuple(order)
+        else:
+            _registered.pop((family, shape_class), None)
+    clear_all()
+
+
+def table(family: str, spec: Optional[CallSpec]) -> tuple[str, ...]:
+    """The ranking table for ``family`` and the call's shape class."""
+    cls = shape_class(spec) if spec is not None else None
+    for key in ((family, cls), (family, None)):
+        if key in _registered:
+            return _registered[key]
+    if cls is not None and (family, cls) in SHAPE_RANKINGS:
+        return SHAPE_RANKINGS[(family, cls)]
+    return RANKINGS.get(family, RANKINGS["other"])
+
+
+def shape_class(spec: CallSpec) -> str:
+    """"decode", "short" or "long" (see the module docstring)."""
+    if spec.seq_q == 1:
+        return "decode"
+    if spec.key_padding or spec.varlen:
+        return "long"
+    longest = max(spec.seq_q, spec.seq_k)
+    if longest <= (2048 if spec.head_dim >= 128 or not spec.requires_grad else 1024):
+        return "short"
+    if spec.requires_grad or (spec.causal and spec.heads_q != spec.heads_kv):
+        return "long"  # cuDNN's causal GQA forward reads expanded K/V
+    return "short" if longest <= (8192 if spec.head_dim >= 128 else 4096) else "long"
+
+
+def device_family(device: torch.device) -> str:
+    """"cpu", "sm90", "sm100", "sm80", "cuda" (other NVIDIA), "rocm", "mps",
+    "xpu" or "other"."""
+    kind = device.type
+    if kind == "cuda":
+        if getattr(torch.version, "hip", None):
+            return "rocm"
+        major, _ = torch.cuda.get_device_capability(device)
+        return {9: "sm90", 10: "sm100", 8: "sm80"}.get(major, "cuda")
+    return kind if kind in ("cpu", "mps", "xpu") else "other"
+
+
+def _declared(name: str, family: str, cls: Optional[str]) -> Optional[str]:
+    """The placement backend ``name`` declares for this family (and class)."""
+    inst, _ = REGISTRY.load(name)
+    marks = getattr(inst, "ranking", None) or {}
+    for key in ((f"{family}/{cls}" if cls else None), family, "*"):
+        if key is not None and key in marks:
+            return str(marks[key])
+    return None
+
+
+def _place(order: list[str], name: str, where: Optional[str]) -> None:
+    where = where or "before:math"
+    rel, _, other = where.partition(":")
+    if rel == "first":
+        order.insert(0, name)
+    elif rel in ("before", "after") and other in order:
+        order.insert(order.index(other) + (rel == "after"), name)
+    elif "math" in order and rel != "last":
+        order.insert(order.index("math"), name)
+    else:
+        order.append(name)
+
+
+def ranked(device: torch.device, registered: list[str], spec: Optional[CallSpec] = None
+           ) -> list[str]:
+    """Registered backends in auto order for ``device`` (and the call's shape
+    class, when ``spec`` is given): the table, then every registered backend
+    outside it placed as it declares.  Built-in backends named by no table of
+    any family stay out unless they declare a placement for this family."""
+    family = device_family(device)
+    cls = shape_class(spec) if spec is not None else None
+    order = [n for n in table(family, spec) if n in registered]
+    for name in registered:
+        if name in order:
+            continue
+        where = _declared(name, family, cls)
+        if where is None and name in _ALL_RANKED:
+            continue  # a built-in kernel this family's table leaves out
+        _place(order, name, where)
+    return order
+
+
+_ALL_RANKED = frozenset(n for r in RANKINGS.values() for n in r)

@@ -1,0 +1,92 @@
+"""``sdpa``: torch's own ``scaled_dot_product_attention``, with torch choosing the kernel.
+
+This is the call a user makes without us.  Where torch has a fused kernel of
+its own that no other adapter reaches (MPS, XPU, ROCm builds), it is the
+fast path; on CPU and NVIDIA GPUs the adapters of torch's individual kernels
+(``sdpa-flash``, ``sdpa-cudnn``, ``sdpa-mem-efficient``) rank ahead of it, and
+it is reached there by name (``backend="sdpa"``).
+
+Translation to torch's semantics: causal is passed as ``is_causal`` only
+where torch's top-left alignment equals the contract's bottom-right one
+(Sq == Sk, no other mask); otherwise masks, key padding, causal, a window and
+ALiBi become one additive bias (materialised, O(Sq * Sk)).  GQA through
+``enable_gqa`` (torch >= 2.5), else K/V expanded.  Rows with no key are set
+to 0 by the dispatcher; key-padding slots are zeroed first (torch's kernels
+read them).  No LSE, no softcap.
+
+Equivalent math: see :mod:`attention_dispatch.adapters.math`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .._core.backend import AttentionResult, Backend
+from .._core.capabilities import Capabilities
+from .._core.layout import ANY_STRIDES
+from .._core.masks import expand_kv
+from .._core.spec import CallSpec
+from ._torch_common import top_left_causal_flag, torch_bias
+
+Tensor = torch.Tensor
+#: torch's function as it was when this module was imported (``patch_sdpa``
+#: replaces the attribute; this adapter must never call itself)
+_TORCH_SDPA = F.scaled_dot_product_attention
+
+
+def _has_enable_gqa() -> bool:
+    try:
+        return "enable_gqa" in inspect.signature(_TORCH_SDPA).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: try the keyword
+        return True
+
+
+class SdpaBackend(Backend):
+    """torch.nn.functional.scaled_dot_product_attention (torch picks the kernel)."""
+
+    capabilities = Capabilities(
+        device_types=frozenset({"cpu", "cuda", "mps", "xpu"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+        strides=ANY_STRIDES,  # torch checks strides itself and picks a kernel that takes them
+        lse=False,
+        window=True,  # materialised into the bias
+        alibi=True,   # likewise
+    )
+
+    def __init__(self) -> None:
+        self._gqa = _has_enable_gqa()
+
+    def describe(self) -> str:
+        return f"torch {torch.__version__} scaled_dot_product_attention (torch's choice)"
+
+    def check(self, spec: CallSpec) -> list[str]:
+        out = []
+        if spec.mask_grad:
+            out.append("a float mask that requires grad; torch's fused kernels may give it "
+                       "no gradient")
+        if (spec.device_type == "cpu" and spec.requires_grad
+                and spec.dtype in (torch.float16, torch.bfloat16)):
+            out.append(f"gradients in {str(spec.dtype).replace('torch.', '')} on CPU; "
+                       "allowed: float32/float64 (torch's CPU flash backward is inexact in "
+                       "half precision)")
+        return out
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
+                mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                dropout_p: float, scale: float,
+                alibi_slopes: Optional[Tensor] = None) -> AttentionResult:
+        other = mask is not None or key_padding_mask is not None or alibi_slopes is not None
+        is_causal, in_bias = top_left_causal_flag(spec, other_masks=other)
+        bias = torch_bias(spec, mask, key_padding_mask, q.dtype, in_bias, alibi_slopes)
+        kw = {}
+        if spec.gqa and self._gqa:
+            kw["enable_gqa"] = True
+        elif spec.gqa:
+            k, v = expand_kv(k, spec.heads_q), expand_kv(v, spec.heads_q)
+        out = _TORCH_SDPA(q, k, v, attn_mask=bias, dropout_p=dropout_p, is_causal=is_causal,
+                          scale=scale, **kw)
+        return out, None
