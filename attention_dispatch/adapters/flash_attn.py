@@ -26,6 +26,8 @@ Translation of the contract:
 * refused: dense bool/float masks, float32/float64, dropout on FA3/FA4, head
   dims a kernel lacks, Dv != D on FA3/FA2, LSE with dropout on FA2.
 * rows with no allowed key are zeroed by the dispatcher (FA2 writes lse=+inf).
+* packed varlen calls (:func:`attention_varlen`): ``flash_attn_varlen_func``
+  with ``cu_seqlens`` on both sides (``forward_varlen``).
 
 Equivalent math (what every path computes)::
 
@@ -37,6 +39,7 @@ Equivalent math (what every path computes)::
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -110,6 +113,7 @@ class FlashAttnBackend(Backend):
         # zeroes those slots first (padded_keys_unread stays False)
         window=True,   # FA4 path; see call reasons
         softcap=True,  # FA4 path
+        varlen=True,   # forward_varlen: packed sequences, cu_seqlens on both sides
     )
 
     def __init__(self) -> None:
@@ -217,6 +221,42 @@ class FlashAttnBackend(Backend):
         if spec.return_lse:
             lse = lse_to_bhs(lse, spec.batch, spec.heads_q, spec.seq_q)  # type: ignore[arg-type]
         return out.transpose(1, 2), (lse if spec.return_lse else None)
+
+    def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
+                       cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+                       max_seqlen_k: int, dropout_p: float, scale: float) -> AttentionResult:
+        """Packed sequences: q (Tq, Hq, D), k/v (Tk, Hkv, D|Dv), cu_seqlens (B + 1,)
+        int32 -> out (Tq, Hq, Dv), lse (Hq, Tq) float32 or None."""
+        choice, why = self._choose(spec)
+        if choice is None:
+            raise RuntimeError("flash-attn cannot run this call: " + "; ".join(why))
+        api, mod = choice
+        with (api_mod.quiet_fa4_compile() if api is FA4 else contextlib.nullcontext()):
+            out, lse = _packed(api, mod, spec, q, k, v, cu_seqlens_q, cu_seqlens_k,
+                               max_seqlen_q, max_seqlen_k, dropout_p, scale)
+        if not spec.return_lse:
+            return out, None
+        if lse is None or lse.dim() != 2:  # older FA2: (B, Hq, max_q), padded per sequence
+            raise RuntimeError("flash-attn returned no packed (Hq, Tq) LSE for this varlen call")
+        return out, lse.float()
+
+
+def _packed(api: FlashApi, mod: ModuleType, spec: CallSpec, q: Tensor, k: Tensor, v: Tensor,
+            cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, dropout_p: float,
+            scale: float) -> tuple[Tensor, Optional[Tensor]]:
+    """A packed varlen call: q (Tq, Hq, D), k/v (Tk, Hkv, D|Dv) -> out (Tq, Hq, Dv),
+    lse (Hq, Tq) or None.  Causal, window and softcap are bottom-right per
+    sequence in every API, as in the contract."""
+    if api is FA4:
+        kw = api_mod.fa4_structured(spec.window, spec.softcap) \
+            if spec.window is not None or spec.softcap is not None else {}
+        return api_mod._split(mod.flash_attn_varlen_func(
+            q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+            max_seqlen_k=max_k, softmax_scale=scale, causal=spec.causal,
+            return_lse=spec.return_lse, **kw))
+    return api_mod.call_varlen(api, mod, q, k, v, cu_q, cu_k, max_q, max_k,
+                               causal=spec.causal, dropout_p=dropout_p, scale=scale,
+                               need_lse=spec.return_lse)
 
 
 def _call(api: FlashApi, mod: ModuleType, spec: CallSpec, q: Tensor, k: Tensor, v: Tensor,
