@@ -61,6 +61,7 @@ from .._core.capabilities import Capabilities
 from .._core.layout import CUDA_ALIGNED, StrideRequirements
 from .._core.masks import expand_kv
 from .._core.spec import CallSpec
+from .paged_flex import paged_block_mask, paged_reasons
 
 Tensor = torch.Tensor
 
@@ -376,6 +377,7 @@ class FlexBackend(Backend):
         key_padding=True,
         causal=True,
         dropout=False,
+        extras=frozenset({"paged"}),  # forward_paged: block-table mask (see paged_flex)
         lse=True,        # CUDA only: check() refuses it on the CPU
         gqa=True,
         backward=True,   # CUDA only, likewise
@@ -421,7 +423,7 @@ class FlexBackend(Backend):
     min_cpu_scores: int = 64 * 64
 
     def check(self, spec: CallSpec) -> list[str]:
-        out = []
+        out = paged_reasons(spec) if spec.paged else []
         if spec.device_type == "cpu":
             scores = spec.seq_q * spec.seq_k
             if scores < self.min_cpu_scores:
@@ -464,8 +466,12 @@ class FlexBackend(Backend):
         return cls._lse_request
 
     def _run(self, key: tuple, q: Tensor, k: Tensor, v: Tensor, spec: CallSpec,
-             score_mod: Any, block_mask: Any, scale: float) -> AttentionResult:
-        k, v, gqa = _gqa(q, k, v)
+             score_mod: Any, block_mask: Any, scale: float,
+             native_gqa: bool = False) -> AttentionResult:
+        if native_gqa:  # flex's enable_gqa: K/V (a whole paged cache) not expanded
+            gqa = q.shape[1] != k.shape[1]
+        else:
+            k, v, gqa = _gqa(q, k, v)
         aux = self._aux(spec)
         fn = _compiled_for(key + (tuple(q.shape), tuple(k.shape), tuple(v.shape), gqa, scale,
                                   aux is not None))
@@ -519,3 +525,21 @@ class FlexBackend(Backend):
         out, lse = self._run(key, qp, kp, vp, spec, sm, bm, scale)
         out = out[0, :, :tq].transpose(0, 1)
         return out, (lse[0, :, :tq] if lse is not None else None)
+
+    def forward_paged(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, *, spec: CallSpec,
+                      block_table: Tensor, cache_seqlens: Tensor, scale: float
+                      ) -> AttentionResult:
+        """Paged call as one flex call over the flat cache (1, Hkv, NB * bs, D):
+        a block mask whose key blocks are each row's used cache blocks, and a
+        mask_mod that maps a physical key back to its row position (see
+        :mod:`.paged_flex`).  q (B, Sq, Hq, D) -> out (B, Sq, Hq, Dv)."""
+        nb, bs, hkv, d = k_cache.shape
+        kf = k_cache.reshape(1, nb * bs, hkv, d).transpose(1, 2)
+        vf = v_cache.reshape(1, nb * bs, hkv, v_cache.shape[-1]).transpose(1, 2)
+        bm = paged_block_mask(block_table, cache_seqlens, spec, nb, _flex())
+        sm = make_score_mod(spec.softcap, None, lambda b, qi, kv: qi, lambda b, qi: b)
+        key = ("paged", q.device, q.dtype, spec.causal, spec.window, spec.softcap,
+               spec.block_size, tuple(block_table.shape))
+        out, lse = self._run(key, q.transpose(1, 2), kf, vf, spec, sm, bm, scale,
+                             native_gqa=True)
+        return out.transpose(1, 2), lse
