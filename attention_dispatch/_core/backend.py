@@ -51,6 +51,11 @@ class Backend:
     #: device family, "family/shape class" or "*"; values: "first", "last",
     #: "before:NAME", "after:NAME").  Default: just before ``math``.
     ranking: ClassVar[Mapping[str, str]] = {}
+    #: ``forward_paged`` loads a row's last cache block whole (block-granular
+    #: kernels: flex, FA4) and weighs the slots past the row's length by zero,
+    #: so those slots must hold finite values; False: it never reads them.
+    #: Blocks a row does not use are never read either way.
+    paged_reads_tail: ClassVar[bool] = False
 
     def probe(self, device: torch.device) -> list[str]:
         """Reasons this backend cannot run on ``device`` at all; [] if it can.

@@ -333,10 +333,20 @@ def explain_paged_options(backend: BackendArg, q: Any, k_cache: Any, v_cache: An
     for rank, n in [(i, n) for i, n in enumerate(names)] + [(None, n) for n in others]:
         native, gathered = routes[n]
         ok = not native or not gathered
-        note = (NATIVE if not native else GATHERED) if ok else None
         status = CHOSEN if n == chosen else ACCEPTED if ok else REFUSED
         why: tuple[str, ...] = () if ok else tuple(_merge(native, gathered))
         if rank is None and ok:
             status, why = SKIPPED, ("not in the selection " + ",".join(selection),)
-        out.append(BackendVerdict(n, status, why, rank, note and f"route: {note}"))
+        out.append(BackendVerdict(n, status, why, rank, _route_note(n, native) if ok else None))
     return Decision(chosen, selection, source, spec, tuple(out))
+
+
+def _route_note(name: str, native: list[str]) -> str:
+    """An accepting verdict's note: its route, and what the native one needs."""
+    inst, _ = REGISTRY.load(name)
+    if not native:
+        tail = inst is not None and inst.paged_reads_tail
+        return f"route: {NATIVE}" + ("; reads a row's last block whole: the slots past "
+                                     "its length must be finite" if tail else "")
+    pages = inst is not None and "paged" in inst.capabilities.extras
+    return f"route: {GATHERED}" + (f" (native refused: {'; '.join(native)})" if pages else "")

@@ -61,7 +61,7 @@ from .._core.capabilities import Capabilities
 from .._core.layout import CUDA_ALIGNED, StrideRequirements
 from .._core.masks import expand_kv
 from .._core.spec import CallSpec
-from .paged_flex import paged_block_mask, paged_reasons
+from .paged_flex import forward_paged, paged_reasons
 
 Tensor = torch.Tensor
 
@@ -526,20 +526,5 @@ class FlexBackend(Backend):
         out = out[0, :, :tq].transpose(0, 1)
         return out, (lse[0, :, :tq] if lse is not None else None)
 
-    def forward_paged(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, *, spec: CallSpec,
-                      block_table: Tensor, cache_seqlens: Tensor, scale: float
-                      ) -> AttentionResult:
-        """Paged call as one flex call over the flat cache (1, Hkv, NB * bs, D):
-        a block mask whose key blocks are each row's used cache blocks, and a
-        mask_mod that maps a physical key back to its row position (see
-        :mod:`.paged_flex`).  q (B, Sq, Hq, D) -> out (B, Sq, Hq, Dv)."""
-        nb, bs, hkv, d = k_cache.shape
-        kf = k_cache.reshape(1, nb * bs, hkv, d).transpose(1, 2)
-        vf = v_cache.reshape(1, nb * bs, hkv, v_cache.shape[-1]).transpose(1, 2)
-        bm = paged_block_mask(block_table, cache_seqlens, spec, nb, _flex())
-        sm = make_score_mod(spec.softcap, None, lambda b, qi, kv: qi, lambda b, qi: b)
-        key = ("paged", q.device, q.dtype, spec.causal, spec.window, spec.softcap,
-               spec.block_size, tuple(block_table.shape))
-        out, lse = self._run(key, q.transpose(1, 2), kf, vf, spec, sm, bm, scale,
-                             native_gqa=True)
-        return out.transpose(1, 2), lse
+    forward_paged = forward_paged  # the block-table route: see paged_flex
+    paged_reads_tail = True  # a row's last block is one key block: read whole

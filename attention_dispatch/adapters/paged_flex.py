@@ -10,17 +10,20 @@ block is skipped and never read.  Inside them the mask_mod maps a physical
 key index back to the row's position (``logical[b, kv // bs] * bs + kv % bs``,
 ``logical`` the inverse of the row's table, -1 for blocks it does not use) and
 keeps position j iff j < L_b and the per-row causal / window test holds
-(query i at position i + L_b - Sq).
+(query i at position i + L_b - Sq).  A row's last block is one key block,
+loaded whole: its slots past L_b get weight 0, so they must hold finite
+values (``paged_reads_tail``); NaN there would give 0 * NaN.
 
 Equivalent math: ``attention_paged``'s (see the math backend's gather).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
+from .._core.backend import AttentionResult
 from .._core.spec import CallSpec
 
 Tensor = torch.Tensor
@@ -98,3 +101,32 @@ def paged_block_mask(block_table: Tensor, cache_seqlens: Tensor, spec: CallSpec,
     return flex.BlockMask.from_kv_blocks(
         num, idx, BLOCK_SIZE=(_Q_BLOCK, bs), mask_mod=_mask_mod(logical, lengths, spec),
         seq_lengths=(spec.seq_q, num_blocks * bs), compute_q_blocks=False)
+
+
+def _softcap_mod(softcap: Optional[float]) -> Optional[Callable[..., Tensor]]:
+    if softcap is None:
+        return None
+
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
+        return torch.tanh(score / softcap) * softcap
+
+    return score_mod
+
+
+def forward_paged(self: Any, q: Tensor, k_cache: Tensor, v_cache: Tensor, *, spec: CallSpec,
+                  block_table: Tensor, cache_seqlens: Tensor, scale: float) -> AttentionResult:
+    """``FlexBackend.forward_paged``: one flex call over the flat cache
+    (1, Hkv, num_blocks * bs, D) (a view when the cache's first two axes
+    merge) with the block-table BlockMask and flex's native GQA (the cache
+    is not expanded).  q (B, Sq, Hq, D) -> out (B, Sq, Hq, Dv), lse or None."""
+    from torch.nn.attention import flex_attention as flex
+
+    nb, bs, hkv, d = k_cache.shape
+    kf = k_cache.reshape(1, nb * bs, hkv, d).transpose(1, 2)
+    vf = v_cache.reshape(1, nb * bs, hkv, v_cache.shape[-1]).transpose(1, 2)
+    bm = paged_block_mask(block_table, cache_seqlens, spec, nb, flex)
+    key = ("paged", q.device, q.dtype, spec.causal, spec.window, spec.softcap, bs,
+           tuple(block_table.shape))
+    out, lse = self._run(key, q.transpose(1, 2), kf, vf, spec, _softcap_mod(spec.softcap),
+                         bm, scale, native_gqa=True)
+    return out.transpose(1, 2), lse
