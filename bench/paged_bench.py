@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +40,11 @@ from attention_dispatch._core.timing import time_interleaved
 Tensor = torch.Tensor
 
 
-def make(b: int, hq: int, hkv: int, d: int, sk: int, bs: int, mixed: bool) -> dict[str, Any]:
+def make(b: int, hq: int, hkv: int, d: int, sk: int, bs: int, mixed: bool,
+         dev: str = "cuda") -> dict[str, Any]:
     """The paged cache, its table and lengths, and the same keys stored dense."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    dev, dt = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
     maxb = sk // bs
     nb = b * maxb
     if mixed:
@@ -95,16 +96,20 @@ def calls(c: dict[str, Any]) -> dict[str, Callable[[], Tensor]]:
     return out
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a smoke run)")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--heads", type=int, nargs=2, default=(32, 8), metavar=("HQ", "HKV"))
+    ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--lengths", choices=("full", "mixed"), default="full")
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--out", default="paged-bench.json")
-    args = ap.parse_args()
-    c = make(args.batch, 32, 8, 128, args.seq, args.block_size, args.lengths == "mixed")
+    args = ap.parse_args(argv)
+    c = make(args.batch, args.heads[0], args.heads[1], args.head_dim, args.seq, args.block_size,
+             args.lengths == "mixed", args.device)
     fns = calls(c)
     with torch.no_grad():
         ref = ad.attention(c["q"], c["kd"], c["vd"], layout="bshd", causal=True,
@@ -112,17 +117,19 @@ def main() -> None:
         errors = {}
         for name, fn in fns.items():
             errors[name] = (fn().float() - ref).abs().max().item()
-        ms = time_interleaved(fns, torch.device("cuda"), rounds=args.rounds)
+        ms = time_interleaved(fns, torch.device(args.device), rounds=args.rounds)
     base = ms.get("torch-sdpa") or ms["dense:auto"]
     print(f"\n{'call':<34} {'us':>9} {'vs baseline':>11} {'max err':>9}")
     for name in sorted(ms, key=ms.get):
         print(f"{name:<34} {ms[name] * 1e3:9.1f} {base / ms[name]:10.2f}x {errors[name]:9.2e}")
-    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+    name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor()
+    res = dict(device=name, torch=torch.__version__,
                host=platform.node(), args=vars(args), us={n: t * 1e3 for n, t in ms.items()},
                max_err=errors)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
