@@ -175,7 +175,9 @@ class Backend:
         Shapes: q (B, Sq, Hq, D); k_cache (num_blocks, block_size, Hkv, D),
         v_cache (num_blocks, block_size, Hkv, Dv); block_table (B, max_blocks)
         int32, contiguous; cache_seqlens (B,) int32 (validated: Sq <=
-        cache_seqlens[b] <= max_blocks * block_size, used blocks in range).
+        cache_seqlens[b] <= max_blocks * block_size, used blocks in range and
+        distinct within a row).  q and the caches already meet
+        :meth:`stride_requirements` (copied when they did not).
         Row b's key j (j < cache_seqlens[b]) is slot ``j % block_size`` of
         block ``block_table[b, j // block_size]``; no other slot or block may
         influence the result.  Causal and window are bottom-right per row

@@ -36,6 +36,7 @@ from .caches import register_cache
 from .decide import candidates, reasons
 from .decision import ACCEPTED, CHOSEN, REFUSED, SKIPPED, BackendVerdict, Decision
 from .errors import AttentionInputError, AttentionTypeError, BackendUnavailable
+from .layout import StrideRequirements
 from .registry import REGISTRY
 from .select import BackendArg, resolve
 from .spec import FLOAT_DTYPES, CallOptions, CallSpec, _check_scalars, keyword_tensors
@@ -289,6 +290,8 @@ def paged_call(selection: tuple[str, ...], q: Tensor, k_cache: Tensor, v_cache: 
         lse = torch.full((spec.batch, spec.heads_q, spec.seq_q), float("-inf"),
                          device=q.device)
     elif plan.native:
+        q, k_cache, v_cache = _conform(plan.backend.stride_requirements(spec), q, k_cache,
+                                       v_cache)
         out, lse = plan.backend.forward_paged(
             q, k_cache, v_cache, spec=spec, block_table=block_table.contiguous(),
             cache_seqlens=cache_seqlens.contiguous(), scale=plan.scale, **keyword_tensors(o))
@@ -297,6 +300,13 @@ def paged_call(selection: tuple[str, ...], q: Tensor, k_cache: Tensor, v_cache: 
     if o.return_lse:
         return out, lse.detach()  # type: ignore[union-attr]
     return out
+
+
+def _conform(req: StrideRequirements, *ts: Tensor) -> tuple[Tensor, ...]:
+    """Tensors whose memory breaks the kernel's rule, copied contiguous (judged
+    per call; a copy of a cache is the price of a layout the kernel cannot read)."""
+    return tuple(t.contiguous() if req.violation(t) is not None or req.misaligned(t) else t
+                 for t in ts)
 
 
 def _run_gathered(plan: _PagedPlan, q: Tensor, k_cache: Tensor, v_cache: Tensor,

@@ -282,14 +282,11 @@ def _varlen(api: FlashApi, mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, kpm
 def _paged(mod: ModuleType, spec: CallSpec, q: Tensor, k_cache: Tensor, v_cache: Tensor,
            block_table: Tensor, cache_seqlens: Tensor, scale: float
            ) -> tuple[Tensor, Optional[Tensor]]:
-    """FA4's paged call (inputs copied only when their last stride is not 1)."""
-    def unit(t: Tensor) -> Tensor:
-        return t if t.stride(-1) == 1 else t.contiguous()
-
+    """FA4's paged call (the core copied inputs whose memory breaks CUDA_ALIGNED)."""
     kw = dict(causal=spec.causal and spec.seq_q > 1, scale=scale, need_lse=spec.return_lse)
     if spec.window is not None or spec.softcap is not None:
         kw["fa4_kw"] = api_mod.fa4_structured(spec.window, spec.softcap)
-    out, lse = api_mod.call_paged(mod, unit(q), unit(k_cache), unit(v_cache), block_table,
+    out, lse = api_mod.call_paged(mod, q, k_cache, v_cache, block_table,
                                   cache_seqlens, **kw)
     if spec.return_lse:
         lse = lse_to_bhs(lse, spec.batch, spec.heads_q, spec.seq_q)  # type: ignore[arg-type]
