@@ -84,9 +84,9 @@ def test_views_and_return_lse_on_the_gathered_route():
 
 @pytest.fixture
 def cpu_flex(monkeypatch):
-    from attention_dispatch.adapters.flex import FlexBackend
-
-    monkeypatch.setattr(FlexBackend, "min_cpu_scores", 0)  # small calls, still compiled
+    # small calls, still compiled (the instance: another test's monkeypatch may
+    # have left an instance attribute that shadows the class's)
+    monkeypatch.setattr(ad.get_backend("flex"), "min_cpu_scores", 0)
 
 
 @pytest.mark.parametrize("lengths,sq,hq,hkv,bs,opts", [
@@ -101,7 +101,7 @@ def test_flex_native_route(cpu_flex, lengths, sq, hq, hkv, bs, opts):
     case = make_case(lengths, sq, hq, hkv, 32, bs, seed=7, tail=1e3)
     d = ad.explain_paged(case.q, case.k_cache, case.v_cache, block_table=case.block_table,
                          cache_seqlens=case.cache_seqlens, backend="flex", **opts)
-    assert d.backend == "flex" and d.verdicts[0].note.startswith("route: native")
+    assert d.backend == "flex" and d.verdicts[0].note.startswith("route: native"), str(d)
     assert "slots past its length must be finite" in d.verdicts[0].note
     _rule("flex", case, torch.float32, **opts)
 
