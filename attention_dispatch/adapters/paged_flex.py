@@ -34,13 +34,19 @@ def paged_reasons(spec: CallSpec) -> list[str]:
     """The flex paged route's limits: block sizes that are powers of two >= 16
     (the sparse key block is the cache block: flex's Triton kernels tile keys
     in blocks that must divide it, and the CPU kernel's 16-key micro-GEMM
-    steps must fill it); on CUDA GQA groups that are powers of two (flex's
-    decoding kernel)."""
+    steps must fill it), >= 128 on CUDA for Sq >= 128; on CUDA GQA groups
+    that are powers of two (flex's decoding kernel)."""
     out = []
     bs = spec.block_size
     if bs < 16 or bs & (bs - 1):
         out.append(f"block_size={bs}; allowed: a power of two >= 16 (flex's key block is "
                    "the cache block)")
+    if spec.device_type == "cuda" and spec.seq_q >= _Q_BLOCK and bs < _Q_BLOCK:
+        # research notes on torch 2.13's Triton kernels: the decoding kernel
+        # (short queries) clamps its key tile to the block; the main one needs
+        # key tiles (64-128) that divide the sparse block
+        out.append(f"block_size={bs} with Sq={spec.seq_q} on CUDA; allowed: >= 128 for "
+                   "Sq >= 128 (flex's main kernel tiles keys by up to 128)")
     group = spec.heads_q // spec.heads_kv
     if spec.device_type == "cuda" and group & (group - 1):
         out.append(f"GQA group {group} on CUDA; allowed: powers of two (flex's decoding "
