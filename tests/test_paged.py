@@ -245,3 +245,20 @@ def test_paged_bench_script_smoke_on_cpu(tmp_path):
         res = json.loads(out.read_text())
         assert {"paged:auto", "dense:auto"} <= set(res["us"])
         assert max(res["max_err"].values()) < 1e-5
+
+
+def test_flex_paged_limits_as_data():
+    """flex's paged limits per device (a pure function of the CallSpec)."""
+    from attention_dispatch.adapters.paged_flex import paged_reasons
+
+    spec = ad.CallSpec("cuda", 0, torch.bfloat16, 2, 8, 2, 1, 4096, 128, 128, layout="bshd",
+                       paged=True, block_size=16)
+    assert paged_reasons(spec) == []
+    assert "Sq=256 on CUDA" in " ".join(paged_reasons(spec.__class__(
+        **{**spec.__dict__, "seq_q": 256})))
+    assert "GQA group 3" in " ".join(paged_reasons(spec.__class__(
+        **{**spec.__dict__, "heads_q": 6})))
+    assert paged_reasons(spec.__class__(**{**spec.__dict__, "device_type": "cpu",
+                                           "seq_q": 256, "heads_q": 6})) == []
+    assert "block_size=48" in " ".join(paged_reasons(spec.__class__(
+        **{**spec.__dict__, "block_size": 48})))
