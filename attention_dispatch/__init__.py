@@ -36,6 +36,8 @@ from ._core import unregister_backend
 from ._core import use_backend
 from ._core import verify
 from .structured.merge import merge_attention
+from .structured.paged import attention_paged
+from .structured.paged import explain_paged
 from .structured.varlen import attention_varlen
 from .attend import Attend
 from .sdpa import patch_sdpa
@@ -73,12 +75,14 @@ __all__ = [
     "WrongResultError",
     "__version__",
     "attention",
+    "attention_paged",
     "attention_varlen",
     "autotune",
     "clear_cache",
     "clear_events",
     "events",
     "explain",
+    "explain_paged",
     "explain_spec",
     "get_backend",
     "list_backends",

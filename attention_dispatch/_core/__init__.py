@@ -9,7 +9,8 @@ registry.  See docs/architecture.md.
 Modules, bottom to top: errors, caches, eventlog, layout, spec (``CallSpec``,
 ``CallOptions``, validation), capabilities, backend, registry, select,
 ranking, decision, masks, packing, reference, timing, reliability, verification,
-quarantine, autotuning, selfcheck, compile, decide, dispatch, varlen, tuning.
+quarantine, autotuning, selfcheck, compile, decide, dispatch, varlen, paged,
+tuning.
 """
 
 from .autotuning import autotune, isolated_cache
@@ -23,6 +24,7 @@ from .errors import (AttentionDispatchError, AttentionInputError, AttentionTypeE
                      BackendRegistrationError, BackendRuntimeError, BackendUnavailable,
                      PluginWarning, UnknownBackendError)
 from .eventlog import Event, clear_events, events
+from .paged import explain_paged_options, gather_dense, paged_call
 from .ranking import register_ranking, ranked
 from .reference import ATOL, atol, reference_attention, within_rule
 from .registry import REGISTRY, get_backend, list_backends, register_backend, unregister_backend
@@ -41,8 +43,9 @@ __all__ = [
     "Capabilities", "Decision", "Event", "FallbackWarning", "PluginWarning", "REGISTRY",
     "TuneResult", "UnknownBackendError", "WrongResultError", "atol", "attention", "autotune",
     "call", "candidates", "clear_all", "clear_cache", "clear_events", "eligible", "events",
-    "explain", "explain_options", "explain_spec", "get_backend", "isolated_cache",
-    "list_backends", "normalize", "ranked", "reasons", "reference_attention",
+    "explain", "explain_options", "explain_paged_options", "explain_spec", "gather_dense",
+    "get_backend", "isolated_cache", "list_backends", "normalize", "paged_call", "ranked",
+    "reasons", "reference_attention",
     "register_backend", "register_cache", "register_ranking", "registered", "resolve",
     "selection_of", "time_interleaved", "tune_call", "unregister_backend", "use_backend",
     "validate", "varlen_call", "verify", "within_rule",

@@ -34,7 +34,8 @@ class Backend:
     ``spec.softcap`` carry the window and the cap; when ``spec.alibi`` is True
     ``forward`` also receives ``alibi_slopes=`` ((Hq,) or (B, Hq) float32), and
     only then, so a backend without ``capabilities.alibi`` need not accept it.
-    A backend declaring ``capabilities.varlen`` implements :meth:`forward_varlen`.
+    A backend declaring ``capabilities.varlen`` implements :meth:`forward_varlen`;
+    one naming ``"paged"`` in ``capabilities.extras`` implements :meth:`forward_paged`.
     """
 
     name: ClassVar[str] = ""
@@ -50,6 +51,11 @@ class Backend:
     #: device family, "family/shape class" or "*"; values: "first", "last",
     #: "before:NAME", "after:NAME").  Default: just before ``math``.
     ranking: ClassVar[Mapping[str, str]] = {}
+    #: ``forward_paged`` loads a row's last cache block whole (block-granular
+    #: kernels: flex, FA4) and weighs the slots past the row's length by zero,
+    #: so those slots must hold finite values; False: it never reads them.
+    #: Blocks a row does not use are never read either way.
+    paged_reads_tail: ClassVar[bool] = False
 
     def probe(self, device: torch.device) -> list[str]:
         """Reasons this backend cannot run on ``device`` at all; [] if it can.
@@ -151,3 +157,33 @@ class Backend:
         ``spec.seq_q``/``spec.seq_k`` are max_seqlen_q/max_seqlen_k.
         """
         raise NotImplementedError(f"backend {self.name!r} declares no varlen support")
+
+    def forward_paged(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        *,
+        spec: CallSpec,
+        block_table: torch.Tensor,
+        cache_seqlens: torch.Tensor,
+        scale: float,
+    ) -> AttentionResult:
+        """Attention over a paged KV cache (only if ``"paged"`` is in
+        ``capabilities.extras``; see :func:`attention_dispatch.attention_paged`).
+
+        Shapes: q (B, Sq, Hq, D); k_cache (num_blocks, block_size, Hkv, D),
+        v_cache (num_blocks, block_size, Hkv, Dv); block_table (B, max_blocks)
+        int32, contiguous; cache_seqlens (B,) int32 (validated: Sq <=
+        cache_seqlens[b] <= max_blocks * block_size, used blocks in range and
+        distinct within a row).  q and the caches already meet
+        :meth:`stride_requirements` (copied when they did not).
+        Row b's key j (j < cache_seqlens[b]) is slot ``j % block_size`` of
+        block ``block_table[b, j // block_size]``; no other slot or block may
+        influence the result.  Causal and window are bottom-right per row
+        (query i sits at position i + cache_seqlens[b] - Sq).  Returns out
+        (B, Sq, Hq, Dv) and lse (B, Hq, Sq) float32 (None unless
+        ``spec.return_lse``).  Later tensor options (e.g. sinks) arrive as
+        keywords of their own name, only when given.
+        """
+        raise NotImplementedError(f"backend {self.name!r} declares no paged support")

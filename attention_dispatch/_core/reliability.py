@@ -138,7 +138,8 @@ def _run_canary(backend: Backend, spec: CallSpec) -> Optional[str]:
                                key_padding=False, causal=False, dropout=False,
                                return_lse=False, requires_grad=False, mask_grad=False,
                                heads_q=spec.heads_q // spec.heads_kv, heads_kv=1,
-                               window=None, softcap=None, alibi=False, varlen=False)
+                               window=None, softcap=None, alibi=False, varlen=False,
+                               paged=False, block_size=0)
     if backend.supports(tiny):
         return None  # cannot express the tiny case: nothing to check
     g = torch.Generator().manual_seed(1234)

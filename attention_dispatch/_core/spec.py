@@ -36,6 +36,10 @@ class CallSpec:
     ``varlen``: a packed variable-length call (:func:`attention_varlen`); then
     ``batch`` is the number of sequences and ``seq_q``/``seq_k`` are
     ``max_seqlen_q``/``max_seqlen_k``; the causal offset is per sequence.
+    ``paged``: a paged KV-cache call (:func:`attention_paged`); then ``seq_k``
+    is the block table's capacity (max_blocks * block_size), ``block_size``
+    the cache's block size, and each row's length, causal offset and window
+    come from ``cache_seqlens`` (per row, bottom-right).
     """
 
     device_type: str
@@ -60,6 +64,8 @@ class CallSpec:
     softcap: Optional[float] = None
     alibi: bool = False
     varlen: bool = False
+    paged: bool = False
+    block_size: int = 0  # the KV cache's block size (paged calls), else 0
 
     @property
     def device(self) -> torch.device:
@@ -144,7 +150,11 @@ def keyword_tensors(o: CallOptions) -> dict[str, torch.Tensor]:
 #: it, what the refusal says).  A backend takes a call that uses one only if
 #: its ``Capabilities.extras`` names it, so a new option needs no new
 #: capability field and no new check.
-EXTRA_FEATURES: dict[str, tuple[Callable[["CallSpec"], bool], str]] = {}
+EXTRA_FEATURES: dict[str, tuple[Callable[["CallSpec"], bool], str]] = {
+    "paged": (lambda s: s.paged,
+              "paged KV cache call; allowed: dense K/V (attention_paged gathers the used "
+              "blocks to a dense batch for this kernel)"),
+}
 
 
 def window_has_empty_rows(seq_q: int, seq_k: int, window: tuple[int, int],

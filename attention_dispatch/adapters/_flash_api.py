@@ -295,7 +295,41 @@ def _fa2_call_reasons(spec: CallSpec, cc: CC) -> list[str]:
 def call_reasons(api: FlashApi, spec: CallSpec, cc: CC) -> list[str]:
     """Why ``api`` cannot take the call ``spec`` on compute capability ``cc``."""
     fn = {"fa4": _fa4_call_reasons, "fa3": _fa3_call_reasons, "fa2": _fa2_call_reasons}
+    if spec.paged and api is not FA4:
+        return [f"paged KV cache; the {api.label} path takes no page table (FA4 does)"]
     return fn[api.key](spec, cc)
+
+
+#: Compute capability majors whose FA4 kernels take a page table (sm80/sm120
+#: assert ``page_table is None``); any block size there (a block of the kernel's
+#: key tile size loads by TMA, any other by cp.async).
+FA4_PAGED_MAJORS = (9, 10, 11)
+
+
+def paged_reasons(module: ModuleType, spec: CallSpec, cc: CC) -> list[str]:
+    """Why FA4 (``module``) cannot take the paged call ``spec``."""
+    out = []
+    if cc[0] not in FA4_PAGED_MAJORS:
+        out.append(f"paged KV cache on sm{cc[0]}{cc[1]}; FA4 allowed: sm90/sm100/sm110")
+    if "page_table" not in _params(getattr(module, "flash_attn_varlen_func", None)):
+        out.append("this FA4 build's flash_attn_varlen_func takes no page_table")
+    return out
+
+
+def call_paged(mod: ModuleType, q: Tensor, k_cache: Tensor, v_cache: Tensor,
+               block_table: Tensor, cache_seqlens: Tensor, *, causal: bool, scale: float,
+               need_lse: bool, fa4_kw: Optional[dict[str, Any]] = None
+               ) -> tuple[Tensor, Optional[Tensor]]:
+    """FA4 over a paged cache: q (B, Sq, Hq, D), caches (num_blocks, block_size,
+    Hkv, D|Dv), ``page_table`` = block_table (B, max_blocks) int32 and
+    ``seqused_k`` = cache_seqlens (causal and window bottom-right per row).
+    One split (FA4 has no split-KV with a page table on sm90).  Returns out
+    (B, Sq, Hq, Dv) and FA4's lse or None."""
+    fn = mod.flash_attn_varlen_func
+    extra = {"num_splits": 1} if "num_splits" in _params(fn) else {}
+    return _split(fn(q, k_cache, v_cache, seqused_k=cache_seqlens, page_table=block_table,
+                     softmax_scale=scale, causal=causal, return_lse=need_lse,
+                     **extra, **(fa4_kw or {})))
 
 
 #: The CuTe DSL's multi-line UserWarning when FA4 compiles a kernel whose

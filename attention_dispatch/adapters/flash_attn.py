@@ -28,6 +28,13 @@ Translation of the contract:
 * rows with no allowed key are zeroed by the dispatcher (FA2 writes lse=+inf).
 * packed varlen calls (:func:`attention_varlen`): ``flash_attn_varlen_func``
   with ``cu_seqlens`` on both sides (``forward_varlen``).
+* paged KV caches (``forward_paged``): FA4 only, sm90/sm100/sm110, any block
+  size: ``page_table`` = block_table, ``seqused_k`` = cache_seqlens, causal and
+  window bottom-right per row as ``attention_paged`` defines them.  Blocks a
+  row does not use are never read; on its TMA path (block size = the kernel's
+  key tile, 128 for most head dims) FA4 loads a row's whole last block, so the
+  slots past a row's length there must hold finite values (FA4's own
+  requirement; zero-initialised caches meet it).
 
 Equivalent math (what every path computes)::
 
@@ -97,6 +104,7 @@ class FlashAttnBackend(Backend):
     """flash-attn FA4 / FA3 / FA2 kernels behind the contract (see module docstring)."""
 
     package = "flash-attn-4"
+    paged_reads_tail = True  # FA4's TMA path loads a row's last page whole
     capabilities = Capabilities(
         device_types=frozenset({"cuda"}),
         strides=CUDA_ALIGNED,
@@ -114,6 +122,7 @@ class FlashAttnBackend(Backend):
         window=True,   # FA4 path; see call reasons
         softcap=True,  # FA4 path
         varlen=True,   # forward_varlen: packed sequences, cu_seqlens on both sides
+        extras=frozenset({"paged"}),  # FA4 page_table + seqused_k (sm90/sm100/sm110)
     )
 
     def __init__(self) -> None:
@@ -163,6 +172,8 @@ class FlashAttnBackend(Backend):
             res = (None, [])
             for api, mod in st.usable:
                 why = api_mod.call_reasons(api, spec, st.cc)  # type: ignore[arg-type]
+                if spec.paged and api is FA4:
+                    why += api_mod.paged_reasons(mod, spec, st.cc)  # type: ignore[arg-type]
                 if not why:
                     res = ((api, mod), [])
                     break
@@ -196,6 +207,23 @@ class FlashAttnBackend(Backend):
                 v = api_mod.version(api, sys.modules.get(api.module)) or "version unknown"
                 parts.append(f"{api.dists[0]} {v} ({api.label})")
         return " + ".join(parts) if parts else "flash-attn (not installed)"
+
+    def forward_paged(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, *, spec: CallSpec,
+                      block_table: Tensor, cache_seqlens: Tensor, scale: float
+                      ) -> AttentionResult:
+        """FA4 over a paged cache: q (B, Sq, Hq, D) -> out (B, Sq, Hq, Dv),
+        lse (B, Hq, Sq) or None (see the module docstring)."""
+        choice, why = self._choose(spec)
+        if choice is None:
+            raise RuntimeError("flash-attn cannot run this paged call: " + "; ".join(why))
+        args = (choice[1], spec, q, k_cache, v_cache, block_table, cache_seqlens, scale)
+        if spec in self._fa4_seen:
+            return _paged(*args)
+        with api_mod.quiet_fa4_compile():
+            res = _paged(*args)
+        with self._lock:
+            self._fa4_seen.add(spec)
+        return res
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
                 mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
@@ -289,3 +317,17 @@ def _varlen(api: FlashApi, mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, kpm
                                    unpad(v, kpm), cu_q, cu_seqlens(lengths), sq, max_k,
                                    dropout_p=dropout_p, **kw)
     return out.reshape(b, sq, hq, out.shape[-1]), lse
+
+
+def _paged(mod: ModuleType, spec: CallSpec, q: Tensor, k_cache: Tensor, v_cache: Tensor,
+           block_table: Tensor, cache_seqlens: Tensor, scale: float
+           ) -> tuple[Tensor, Optional[Tensor]]:
+    """FA4's paged call (the core copied inputs whose memory breaks CUDA_ALIGNED)."""
+    kw = dict(causal=spec.causal and spec.seq_q > 1, scale=scale, need_lse=spec.return_lse)
+    if spec.window is not None or spec.softcap is not None:
+        kw["fa4_kw"] = api_mod.fa4_structured(spec.window, spec.softcap)
+    out, lse = api_mod.call_paged(mod, q, k_cache, v_cache, block_table,
+                                  cache_seqlens, **kw)
+    if spec.return_lse:
+        lse = lse_to_bhs(lse, spec.batch, spec.heads_q, spec.seq_q)  # type: ignore[arg-type]
+    return out, (lse if spec.return_lse else None)

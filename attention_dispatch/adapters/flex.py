@@ -61,6 +61,7 @@ from .._core.capabilities import Capabilities
 from .._core.layout import CUDA_ALIGNED, StrideRequirements
 from .._core.masks import expand_kv
 from .._core.spec import CallSpec
+from .paged_flex import forward_paged, paged_reasons
 
 Tensor = torch.Tensor
 
@@ -376,6 +377,7 @@ class FlexBackend(Backend):
         key_padding=True,
         causal=True,
         dropout=False,
+        extras=frozenset({"paged"}),  # forward_paged: block-table mask (see paged_flex)
         lse=True,        # CUDA only: check() refuses it on the CPU
         gqa=True,
         backward=True,   # CUDA only, likewise
@@ -421,7 +423,7 @@ class FlexBackend(Backend):
     min_cpu_scores: int = 64 * 64
 
     def check(self, spec: CallSpec) -> list[str]:
-        out = []
+        out = paged_reasons(spec) if spec.paged else []
         if spec.device_type == "cpu":
             scores = spec.seq_q * spec.seq_k
             if scores < self.min_cpu_scores:
@@ -464,8 +466,12 @@ class FlexBackend(Backend):
         return cls._lse_request
 
     def _run(self, key: tuple, q: Tensor, k: Tensor, v: Tensor, spec: CallSpec,
-             score_mod: Any, block_mask: Any, scale: float) -> AttentionResult:
-        k, v, gqa = _gqa(q, k, v)
+             score_mod: Any, block_mask: Any, scale: float,
+             native_gqa: bool = False) -> AttentionResult:
+        if native_gqa:  # flex's enable_gqa: K/V (a whole paged cache) not expanded
+            gqa = q.shape[1] != k.shape[1]
+        else:
+            k, v, gqa = _gqa(q, k, v)
         aux = self._aux(spec)
         fn = _compiled_for(key + (tuple(q.shape), tuple(k.shape), tuple(v.shape), gqa, scale,
                                   aux is not None))
@@ -519,3 +525,6 @@ class FlexBackend(Backend):
         out, lse = self._run(key, qp, kp, vp, spec, sm, bm, scale)
         out = out[0, :, :tq].transpose(0, 1)
         return out, (lse[0, :, :tq] if lse is not None else None)
+
+    forward_paged = forward_paged  # the block-table route: see paged_flex
+    paged_reads_tail = True  # a row's last block is one key block: read whole

@@ -11,6 +11,9 @@ Equivalent math::
 
 Packed variable-length calls (``forward_varlen``) loop over the sequences and
 run the dense path on each (one host synchronisation to read the lengths).
+Paged calls (``forward_paged``) gather each row's used blocks into a dense
+right-aligned batch with key padding (``_core.paged.gather_dense``: slots past
+a row's length are zeros, never read) and run the dense path once.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .._core.backend import AttentionResult, Backend
 from .._core.capabilities import Capabilities
 from .._core.layout import ANY_STRIDES
 from .._core.masks import additive_bias, expand_kv, softcap_scores
+from .._core.paged import dense_spec, gather_dense
 from .._core.spec import CallSpec
 
 Tensor = torch.Tensor
@@ -58,6 +62,7 @@ class MathBackend(Backend):
         softcap=True,
         alibi=True,
         varlen=True,
+        extras=frozenset({"paged"}),
     )
 
     def describe(self) -> str:
@@ -115,3 +120,15 @@ class MathBackend(Backend):
             return out, (lse if spec.return_lse else None)
         out = torch.cat(outs, 0)
         return out, (torch.cat(lses, -1).float() if spec.return_lse else None)
+
+    def forward_paged(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, *, spec: CallSpec,
+                      block_table: Tensor, cache_seqlens: Tensor, scale: float
+                      ) -> AttentionResult:
+        """Paged call: q (B, Sq, Hq, D) -> out (B, Sq, Hq, Dv), lse (B, Hq, Sq) or
+        None; the used blocks gathered right-aligned, then the dense path
+        (bottom-right causal on the padded length = per row on the real one)."""
+        kd, vd, kpm = gather_dense(k_cache, v_cache, block_table, cache_seqlens)
+        out, lse = self.forward(q.transpose(1, 2), kd.transpose(1, 2), vd.transpose(1, 2),
+                                spec=dense_spec(spec), mask=None, key_padding_mask=kpm,
+                                dropout_p=0.0, scale=scale)
+        return out.transpose(1, 2), lse

@@ -1,0 +1,362 @@
+"""Attention over a paged KV cache (the core of :func:`attention_paged`):
+validation, the decision per signature, the native and the gathered route.
+
+The cache is vLLM's / FA4's: k_cache (num_blocks, block_size, Hkv, D),
+v_cache (num_blocks, block_size, Hkv, Dv); row b's key j (j < cache_seqlens[b])
+is slot ``j % block_size`` of block ``block_table[b, j // block_size]``.
+Slots past a row's length and blocks its table does not reach are never read.
+
+Routes, in this order: a backend naming ``"paged"`` in its
+``capabilities.extras`` gets the cache itself (``Backend.forward_paged``);
+candidates are tried for that route first, in rank order, since any other
+route copies the whole used cache.  Then, in rank order again, the gathered
+route: each row's used blocks are gathered into a dense (B, M, Hkv, D) batch,
+M = max_blocks * block_size, *right-aligned* (padding first) with a key
+padding mask, and the dense dispatcher runs it on that backend.  Right
+alignment keeps causal and window exact: dense key j' = j + M - L_b gives
+j' <= i + M - Sq  <=>  j <= i + L_b - Sq, the per-row bottom-right offset.
+
+A later per-call tensor option (sinks, say) travels in ``CallOptions``: the
+native route passes it to ``forward_paged`` as a keyword (``keyword_tensors``),
+the gathered route hands the options to the dense call unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from typing import Any, NamedTuple, Optional, Union
+
+import torch
+
+from . import eventlog as _events
+from .backend import Backend
+from .caches import register_cache
+from .decide import candidates, reasons
+from .decision import ACCEPTED, CHOSEN, REFUSED, SKIPPED, BackendVerdict, Decision
+from .errors import AttentionInputError, AttentionTypeError, BackendUnavailable
+from .layout import StrideRequirements
+from .registry import REGISTRY
+from .select import BackendArg, resolve
+from .spec import FLOAT_DTYPES, CallOptions, CallSpec, _check_scalars, keyword_tensors
+from .spec import structured_fields
+
+Tensor = torch.Tensor
+NATIVE = "native (forward_paged)"
+GATHERED = "gathered to a dense batch"
+
+
+# -------------------------------------------------------------- validation
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _check_float(name: str, t: Any, ref: Optional[Tensor], layout: str) -> None:
+    if not isinstance(t, Tensor):
+        raise AttentionTypeError(name, "a torch.Tensor", type(t).__name__)
+    if t.dim() != 4:
+        raise AttentionInputError(name, f"a 4-D tensor {layout}",
+                                  f"{t.dim()}-D tensor of shape {_shape(t)}")
+    if t.dtype not in FLOAT_DTYPES or (ref is not None and t.dtype != ref.dtype):
+        raise AttentionTypeError(name, "a floating dtype" + ("" if ref is None else
+                                 f", as q ({ref.dtype})"), str(t.dtype))
+    if ref is not None and t.device != ref.device:
+        raise AttentionInputError(name, f"device {ref.device} (as q)", str(t.device))
+
+
+def _check_int(name: str, t: Any, shape: str, dims: int, device: torch.device) -> None:
+    if not isinstance(t, Tensor):
+        raise AttentionTypeError(name, f"a torch.Tensor {shape} int32", type(t).__name__)
+    if t.dtype != torch.int32:
+        raise AttentionTypeError(name, "dtype torch.int32", str(t.dtype), f"use {name}.int()")
+    if t.dim() != dims:
+        raise AttentionInputError(name, f"a {dims}-D tensor {shape}", _shape(t))
+    if t.device != device:
+        raise AttentionInputError(name, f"device {device} (as q)", str(t.device))
+
+
+def _check_shapes(q: Any, kc: Any, vc: Any, bt: Any, sl: Any) -> None:
+    _check_float("q", q, None, "(B, Sq, Hq, D)")
+    _check_float("k_cache", kc, q, "(num_blocks, block_size, Hkv, D)")
+    _check_float("v_cache", vc, q, "(num_blocks, block_size, Hkv, Dv)")
+    B, _, Hq, D = q.shape
+    nb, bs, hkv, dk = kc.shape
+    if dk != D or D == 0:
+        raise AttentionInputError("k_cache", f"head dim {D} (as q), >= 1", str(dk))
+    if nb == 0 or bs == 0:
+        raise AttentionInputError("k_cache", "at least one block of at least one slot",
+                                  _shape(kc))
+    if tuple(vc.shape[:3]) != (nb, bs, hkv) or vc.shape[3] == 0:
+        raise AttentionInputError("v_cache", f"(num_blocks, block_size, Hkv) = "
+                                  f"{(nb, bs, hkv)} (as k_cache), Dv >= 1", _shape(vc))
+    if hkv == 0 or Hq % hkv:
+        raise AttentionInputError("k_cache", f"a number of heads dividing q's {Hq}",
+                                  f"{hkv} heads")
+    _check_int("block_table", bt, "(B, max_blocks)", 2, q.device)
+    _check_int("cache_seqlens", sl, "(B,)", 1, q.device)
+    if bt.shape[0] != B or bt.shape[1] == 0:
+        raise AttentionInputError("block_table", f"shape (B, max_blocks) with B = {B} (as q), "
+                                  "max_blocks >= 1", _shape(bt))
+    if tuple(sl.shape) != (B,):
+        raise AttentionInputError("cache_seqlens", f"shape (B,) = ({B},) (as q)", _shape(sl))
+
+
+def check_paged_values(block_table: Tensor, cache_seqlens: Tensor, seq_q: int,
+                       num_blocks: int, block_size: int) -> None:
+    """The values (one host read of the two int tensors): Sq <= cache_seqlens[b]
+    <= max_blocks * block_size, and each row's used blocks (the first
+    ceil(cache_seqlens[b] / block_size)) in [0, num_blocks) and distinct."""
+    lengths, table = cache_seqlens.cpu().long(), block_table.cpu().long()
+    cap = table.shape[1] * block_size
+    bad = ((lengths < seq_q) | (lengths > cap)).nonzero()
+    if bad.numel():
+        b = int(bad[0, 0])
+        raise AttentionInputError("cache_seqlens", f"Sq = {seq_q} <= length <= max_blocks * "
+                                  f"block_size = {cap} in every row",
+                                  f"{int(lengths[b])} in row {b}")
+    cols = torch.arange(table.shape[1])
+    used = cols < (lengths[:, None] + block_size - 1) // block_size
+    out = used & ((table < 0) | (table >= num_blocks))
+    if out.any():
+        b, c = (int(x) for x in out.nonzero()[0])
+        raise AttentionInputError("block_table", f"used block indices in [0, num_blocks = "
+                                  f"{num_blocks})", f"{int(table[b, c])} at row {b}, "
+                                  f"column {c}")
+    marked = torch.where(used, table, -1 - cols).sort(-1).values
+    dup = (marked[:, 1:] == marked[:, :-1]).nonzero()
+    if dup.numel():
+        b = int(dup[0, 0])
+        raise AttentionInputError("block_table", "distinct blocks among a row's used ones",
+                                  f"block {int(marked[b, int(dup[0, 1])])} twice in row {b}")
+
+
+def validate_paged(q: Any, k_cache: Any, v_cache: Any, block_table: Any, cache_seqlens: Any,
+                   o: CallOptions, check_values: bool = True) -> CallSpec:
+    """Check every argument of a paged call; the call's CallSpec (``paged=True``,
+    ``seq_k`` = max_blocks * block_size, ``layout`` "bshd")."""
+    _check_shapes(q, k_cache, v_cache, block_table, cache_seqlens)
+    _check_scalars(o.causal, 0.0, o.scale, o.return_lse)
+    if o.mask is not None or o.key_padding_mask is not None or o.alibi_slopes is not None:
+        raise AttentionInputError("mask", "no mask, key padding or ALiBi for a paged call",
+                                  "a tensor")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        raise AttentionInputError("q", "tensors that need no gradient (attention_paged is "
+                                  "forward-only)", "q, k_cache or v_cache requires grad",
+                                  "call it under torch.no_grad() or pass detached tensors")
+    B, Sq, Hq, D = q.shape
+    nb, bs, hkv, _ = k_cache.shape
+    if check_values:
+        check_paged_values(block_table, cache_seqlens, Sq, nb, bs)
+    return CallSpec(
+        device_type=q.device.type, device_index=q.device.index, dtype=q.dtype, batch=B,
+        heads_q=Hq, heads_kv=hkv, seq_q=Sq, seq_k=block_table.shape[1] * bs, head_dim=D,
+        head_dim_v=v_cache.shape[-1], layout="bshd", paged=True, block_size=bs,
+        **structured_fields(o, B, Hq, q.device))
+
+
+# ------------------------------------------------------------ gathering
+
+
+def gather_dense(k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+                 cache_seqlens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The used blocks of every row as a dense right-aligned batch.
+
+    Returns k (B, M, Hkv, D), v (B, M, Hkv, Dv) and the key padding mask
+    (B, M) bool (True = real key), M = max_blocks * block_size: row b's key j
+    sits at M - L_b + j, the first M - L_b slots are zeros.  Reads no slot
+    past a row's length and no block past its used ones (NaN there changes
+    nothing); no host synchronisation.
+
+    Equivalent math::
+
+        for b in range(B):
+            L = cache_seqlens[b]
+            keys = cat([k_cache[block_table[b, n]] for n in range(ceil(L / bs))])[:L]
+            k[b] = cat([zeros(M - L, Hkv, D), keys])
+    """
+    bs = k_cache.shape[1]
+    m = block_table.shape[1] * bs
+    lengths = cache_seqlens.long()[:, None]
+    j = torch.arange(m, device=k_cache.device)[None, :] - (m - lengths)  # (B, M)
+    real = j >= 0
+    jc = j.clamp(min=0)
+    blocks = block_table.long().gather(1, jc // bs)
+    blocks = torch.where(real, blocks, torch.zeros_like(blocks))  # block 0 exists
+    slots = jc % bs
+    keep = ~real[..., None, None]
+    kd = k_cache[blocks, slots].masked_fill(keep, 0.0)
+    vd = v_cache[blocks, slots].masked_fill(keep, 0.0)
+    return kd, vd, real
+
+
+# ------------------------------------------------------------ the decision
+
+
+class _PagedPlan(NamedTuple):
+    backend: Backend
+    native: bool  # forward_paged; else the gathered dense call
+    spec: CallSpec
+    scale: float
+
+
+_plans: dict[tuple, _PagedPlan] = {}
+_lock = threading.Lock()
+
+
+def clear_plans() -> None:
+    """Forget cached paged decisions (``ad.clear_cache()``)."""
+    with _lock:
+        _plans.clear()
+
+
+register_cache("paged.plans", clear_plans)
+
+
+def dense_spec(spec: CallSpec) -> CallSpec:
+    """The gathered dense equivalent of a paged call (right-aligned, key padding)."""
+    return dataclasses.replace(spec, paged=False, block_size=0, key_padding=True)
+
+
+def route_reasons(name: str, spec: CallSpec, forced: bool, canary: bool = True
+                  ) -> tuple[list[str], list[str]]:
+    """(reasons against the native route, reasons against the gathered route)."""
+    native = reasons(name, spec, forced, canary)
+    gathered = reasons(name, dense_spec(spec), forced, canary) if native else []
+    return native, gathered
+
+
+def decide_paged(spec: CallSpec, selection: tuple[str, ...]
+                 ) -> tuple[Optional[Backend], bool, dict[str, list[str]]]:
+    """The backend for a paged call: the first candidate (rank order) that
+    takes it natively, else the first that takes the gathered dense call;
+    (backend, native, every refused candidate's reasons)."""
+    forced = "auto" not in selection
+    names = candidates(selection, spec.device, spec)
+    native_why = {n: reasons(n, spec, forced) for n in names}
+    for n in names:
+        if not native_why[n]:
+            return REGISTRY.load(n)[0], True, {}
+    refused: dict[str, list[str]] = {}
+    for n in names:
+        gathered = reasons(n, dense_spec(spec), forced)
+        if not gathered:
+            return REGISTRY.load(n)[0], False, refused
+        refused[n] = _merge(native_why[n], gathered)
+    return None, False, refused
+
+
+def _merge(native: list[str], gathered: list[str]) -> list[str]:
+    """Reasons against both routes: shared ones once, the others prefixed."""
+    both = [r for r in native if r in gathered]
+    return (both + [f"native: {r}" for r in native if r not in both]
+            + [f"gathered: {r}" for r in gathered if r not in both])
+
+
+def _plan(key: tuple, spec: CallSpec, selection: tuple[str, ...],
+          scale: Optional[float]) -> _PagedPlan:
+    inst, native, refused = decide_paged(spec, selection)
+    if inst is None:
+        raise BackendUnavailable(selection, refused)
+    route = NATIVE if native else GATHERED
+    _events.emit(_events.DECISION, inst.name, f"selection {','.join(selection)}; {route}", spec)
+    eff = float(scale) if scale is not None else 1.0 / math.sqrt(spec.head_dim)
+    plan = _PagedPlan(inst, native, spec, eff)
+    with _lock:
+        if len(_plans) >= 1024:
+            _plans.clear()
+        _plans[key] = plan
+    return plan
+
+
+# ----------------------------------------------------------------- the call
+
+
+def paged_call(selection: tuple[str, ...], q: Tensor, k_cache: Tensor, v_cache: Tensor,
+               block_table: Tensor, cache_seqlens: Tensor, o: CallOptions
+               ) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """A paged call (``attention_paged``'s arguments, the selection resolved):
+    validated, decided once per signature, run."""
+    spec = validate_paged(q, k_cache, v_cache, block_table, cache_seqlens, o,
+                          check_values=not torch.compiler.is_compiling())
+    key = (selection, spec, o.scale, type(o.scale))
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plan(key, spec, selection, o.scale)
+    if spec.batch == 0 or spec.seq_q == 0:
+        out = q.new_zeros(q.shape[:-1] + (v_cache.shape[-1],))
+        lse = torch.full((spec.batch, spec.heads_q, spec.seq_q), float("-inf"),
+                         device=q.device)
+    elif plan.native:
+        q, k_cache, v_cache = _conform(plan.backend.stride_requirements(spec), q, k_cache,
+                                       v_cache)
+        out, lse = plan.backend.forward_paged(
+            q, k_cache, v_cache, spec=spec, block_table=block_table.contiguous(),
+            cache_seqlens=cache_seqlens.contiguous(), scale=plan.scale, **keyword_tensors(o))
+    else:
+        out, lse = _run_gathered(plan, q, k_cache, v_cache, block_table, cache_seqlens, o)
+    if o.return_lse:
+        return out, lse.detach()  # type: ignore[union-attr]
+    return out
+
+
+def _conform(req: StrideRequirements, *ts: Tensor) -> tuple[Tensor, ...]:
+    """Tensors whose memory breaks the kernel's rule, copied contiguous (judged
+    per call; a copy of a cache is the price of a layout the kernel cannot read)."""
+    return tuple(t.contiguous() if req.violation(t) is not None or req.misaligned(t) else t
+                 for t in ts)
+
+
+def _run_gathered(plan: _PagedPlan, q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                  block_table: Tensor, cache_seqlens: Tensor, o: CallOptions
+                  ) -> tuple[Tensor, Optional[Tensor]]:
+    """The dense route: gather right-aligned, one dense call on the plan's backend."""
+    from .dispatch import call
+
+    kd, vd, kpm = gather_dense(k_cache, v_cache, block_table, cache_seqlens)
+    res = call((plan.backend.name,), q, kd, vd,
+               o._replace(key_padding_mask=kpm, layout="bshd", scale=plan.scale))
+    return res if plan.spec.return_lse else (res, None)  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------ explain
+
+
+def explain_paged_options(backend: BackendArg, q: Any, k_cache: Any, v_cache: Any,
+                          block_table: Any, cache_seqlens: Any, o: CallOptions) -> Decision:
+    """:func:`explain_paged` for a :class:`CallOptions`: the backend and route
+    ``attention_paged`` would use, and each backend's reasons for both routes
+    ("native: ..." and "gathered: ..."); each verdict's note names the route.
+    Validates the arguments (values too); runs nothing else."""
+    selection, source = resolve(backend)
+    spec = validate_paged(q, k_cache, v_cache, block_table, cache_seqlens, o)
+    forced = "auto" not in selection
+    names = candidates(selection, spec.device, spec)
+    others = [n for n in REGISTRY.names() if n not in names]
+    routes = {n: route_reasons(n, spec, forced, canary=False) for n in names + others}
+    chosen = next((n for n in names if not routes[n][0]), None)
+    if chosen is None:
+        chosen = next((n for n in names if not routes[n][1]), None)
+    out = []
+    for rank, n in [(i, n) for i, n in enumerate(names)] + [(None, n) for n in others]:
+        native, gathered = routes[n]
+        ok = not native or not gathered
+        status = CHOSEN if n == chosen else ACCEPTED if ok else REFUSED
+        why: tuple[str, ...] = () if ok else tuple(_merge(native, gathered))
+        if rank is None and ok:
+            status, why = SKIPPED, ("not in the selection " + ",".join(selection),)
+        out.append(BackendVerdict(n, status, why, rank, _route_note(n, native) if ok else None))
+    return Decision(chosen, selection, source, spec, tuple(out))
+
+
+def _route_note(name: str, native: list[str]) -> str:
+    """An accepting verdict's note: its route, and what the native one needs."""
+    inst, _ = REGISTRY.load(name)
+    if not native:
+        tail = inst is not None and inst.paged_reads_tail
+        return f"route: {NATIVE}" + ("; reads a row's last block whole: the slots past "
+                                     "its length must be finite" if tail else "")
+    pages = inst is not None and "paged" in inst.capabilities.extras
+    return f"route: {GATHERED}" + (f" (native refused: {'; '.join(native)})" if pages else "")

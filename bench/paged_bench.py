@@ -1,0 +1,135 @@
+"""Paged decode vs dense decode on CUDA, in one run with interleaved timing.
+
+Shape: B=32 rows, Hq=32, Hkv=8 (GQA 4), D=128, bfloat16, one new token per row
+(Sq=1), Sk=8192 keys per row (all rows full, so dense and paged do the same
+work), block size 128 (64 blocks a row), blocks scattered over the cache
+(a random permutation).  Timed side by side (``_core.timing.time_interleaved``:
+CUDA events, a random order in each round, the median of --rounds):
+
+* ``paged:<backend>``: ``attention_paged`` on each backend that takes the call
+  natively (FA4 page_table, flex block mask), and ``paged:auto``;
+* ``paged-gathered:<backend>``: the gathered route (the used blocks copied to a
+  dense batch first) on the dense backends, to show what native paging saves;
+* ``dense:<backend>`` / ``dense:auto``: ``attention`` on the same keys stored
+  dense (B, Sk, Hkv, D), causal=True (Sq=1: every key);
+* ``torch-sdpa``: torch's ``F.scaled_dot_product_attention`` on the dense keys
+  (enable_gqa), the baseline.
+
+Every output is compared with the dense math result (max abs error printed).
+``--lengths mixed`` draws row lengths in [1, 8192] instead (paged only wins
+memory there; dense runs padded with key_padding_mask).
+
+Usage::
+
+    python bench/paged_bench.py --out paged-h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import attention_dispatch as ad
+from attention_dispatch._core.timing import time_interleaved
+
+Tensor = torch.Tensor
+
+
+def make(b: int, hq: int, hkv: int, d: int, sk: int, bs: int, mixed: bool,
+         dev: str = "cuda") -> dict[str, Any]:
+    """The paged cache, its table and lengths, and the same keys stored dense."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    maxb = sk // bs
+    nb = b * maxb
+    if mixed:
+        lengths = torch.randint(1, sk + 1, (b,), device=dev, generator=g, dtype=torch.int32)
+    else:
+        lengths = torch.full((b,), sk, device=dev, dtype=torch.int32)
+    table = torch.randperm(nb, device=dev, generator=g).view(b, maxb).int()
+    kc = torch.randn(nb, bs, hkv, d, device=dev, dtype=dt, generator=g)
+    vc = torch.randn(nb, bs, hkv, d, device=dev, dtype=dt, generator=g)
+    q = torch.randn(b, 1, hq, d, device=dev, dtype=dt, generator=g)
+    kd = kc[table.long()].reshape(b, sk, hkv, d)  # row b's keys in order (left-aligned)
+    vd = vc[table.long()].reshape(b, sk, hkv, d)
+    kpm = torch.arange(sk, device=dev)[None, :] < lengths[:, None].long()
+    return dict(q=q, kc=kc, vc=vc, table=table, lengths=lengths, kd=kd, vd=vd, kpm=kpm,
+                mixed=mixed)
+
+
+def calls(c: dict[str, Any]) -> dict[str, Callable[[], Tensor]]:
+    """Every timed call; those a backend refuses are left out (printed)."""
+    q, kw = c["q"], dict(block_table=c["table"], cache_seqlens=c["lengths"])
+    kpm = c["kpm"] if c["mixed"] else None
+    out: dict[str, Callable[[], Tensor]] = {}
+
+    def paged(name: str) -> Callable[[], Tensor]:
+        return lambda: ad.attention_paged(q, c["kc"], c["vc"], backend=name, **kw)
+
+    def dense(name: str) -> Callable[[], Tensor]:
+        return lambda: ad.attention(q, c["kd"], c["vd"], layout="bshd", causal=True,
+                                    key_padding_mask=kpm, backend=name)
+
+    dec = ad.explain_paged(q, c["kc"], c["vc"], **kw)
+    print(dec)
+    for v in dec.verdicts:
+        if v.rank is None or v.reasons or v.name == "math":
+            continue
+        kind = "paged" if v.note and "native" in v.note else "paged-gathered"
+        out[f"{kind}:{v.name}"] = paged(v.name)
+    out["paged:auto"] = paged("auto")
+    dense_dec = ad.explain(q, c["kd"], c["vd"], layout="bshd", causal=True,
+                           key_padding_mask=kpm)
+    for v in dense_dec.verdicts:
+        if v.rank is not None and not v.reasons and v.name != "math":
+            out[f"dense:{v.name}"] = dense(v.name)
+    out["dense:auto"] = dense("auto")
+    if not c["mixed"]:
+        out["torch-sdpa"] = lambda: F.scaled_dot_product_attention(
+            q.transpose(1, 2), c["kd"].transpose(1, 2), c["vd"].transpose(1, 2),
+            enable_gqa=True).transpose(1, 2)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a smoke run)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--heads", type=int, nargs=2, default=(32, 8), metavar=("HQ", "HKV"))
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--seq", type=int, default=8192)
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--lengths", choices=("full", "mixed"), default="full")
+    ap.add_argument("--rounds", type=int, default=50)
+    ap.add_argument("--out", default="paged-bench.json")
+    args = ap.parse_args(argv)
+    c = make(args.batch, args.heads[0], args.heads[1], args.head_dim, args.seq, args.block_size,
+             args.lengths == "mixed", args.device)
+    fns = calls(c)
+    with torch.no_grad():
+        ref = ad.attention(c["q"], c["kd"], c["vd"], layout="bshd", causal=True,
+                           key_padding_mask=c["kpm"], backend="math").float()
+        errors = {}
+        for name, fn in fns.items():
+            errors[name] = (fn().float() - ref).abs().max().item()
+        ms = time_interleaved(fns, torch.device(args.device), rounds=args.rounds)
+    base = ms.get("torch-sdpa") or ms["dense:auto"]
+    print(f"\n{'call':<34} {'us':>9} {'vs baseline':>11} {'max err':>9}")
+    for name in sorted(ms, key=ms.get):
+        print(f"{name:<34} {ms[name] * 1e3:9.1f} {base / ms[name]:10.2f}x {errors[name]:9.2e}")
+    name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor()
+    res = dict(device=name, torch=torch.__version__,
+               host=platform.node(), args=vars(args), us={n: t * 1e3 for n, t in ms.items()},
+               max_err=errors)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,264 @@
+"""attention_paged on the CPU: every route against a float64 reference built
+from the block table in the test (tests/_paged.py), the bad arguments, the
+decision and explain_paged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attention_dispatch as ad
+from attention_dispatch.testing import atol
+from _paged import make_case, max_err, paged_reference
+
+CASES = [  # (lengths, Sq, Hq, Hkv, D, block_size)
+    ([5, 1, 33, 16], 1, 4, 2, 16, 16),       # decode, GQA, partial last blocks
+    ([70, 3, 128, 129], 3, 4, 4, 8, 16),     # prefill chunk, MHA, full and partial blocks
+    ([300, 9, 128], 2, 6, 2, 16, 128),       # block size 128, GQA group 3
+    ([7, 12, 2], 2, 3, 1, 8, 4),             # a small block size, MQA
+    ([3, 5], 1, 2, 1, 8, 1),                 # one slot per block
+]
+
+
+def _run(case, **kw):
+    with torch.no_grad():
+        return ad.attention_paged(case.q, case.k_cache, case.v_cache,
+                                  block_table=case.block_table,
+                                  cache_seqlens=case.cache_seqlens, **kw)
+
+
+@pytest.mark.parametrize("lengths,sq,hq,hkv,d,bs", CASES)
+@pytest.mark.parametrize("opts", [dict(), dict(causal=False), dict(window=(4, 0)),
+                                  dict(causal=False, window=(3, 2), softcap=2.0),
+                                  dict(softcap=1.5, scale=0.3)], ids=str)
+def test_math_equals_reference(lengths, sq, hq, hkv, d, bs, opts):
+    """float64 math with NaN in every unused slot and block and garbage in the
+    table past each row's used blocks: the reference's result, out and lse."""
+    case = make_case(lengths, sq, hq, hkv, d, bs, dtype=torch.float64, seed=len(lengths) + d)
+    out, lse = _run(case, backend="math", return_lse=True, **opts)
+    ref, ref_lse = paged_reference(case, **opts)
+    assert out.shape == ref.shape and out.dtype == torch.float64
+    assert lse.shape == ref_lse.shape and lse.dtype == torch.float32
+    assert max_err(out, ref) <= 1e-10
+    assert max_err(lse, ref_lse) <= 2e-5 * (1 + ref_lse.abs().max().item())
+
+
+def _rule(backend: str, case, dtype: torch.dtype, **opts) -> None:
+    ref, ref_lse = paged_reference(case, **opts)
+    math_out = _run(case, backend="math", **opts)
+    out = _run(case, backend=backend, **opts)
+    bound = 2 * max_err(math_out, ref) + atol(dtype) * (1 + ref.abs().max().item())
+    err = max_err(out, ref)
+    assert err <= bound, f"{backend}: {err} > {bound}"
+
+
+@pytest.mark.parametrize("backend", ["sdpa-flash", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("opts", [dict(), dict(causal=False), dict(window=(5, 0))], ids=str)
+def test_gathered_route_obeys_the_rule(backend, dtype, opts):
+    """Backends without native paging run the gathered dense call: exact per
+    row (right-aligned keys) under the contract's accuracy rule."""
+    case = make_case([40, 2, 17, 64], 2, 4, 2, 16, 16, dtype=dtype, seed=3)
+    d = ad.explain_paged(case.q, case.k_cache, case.v_cache, block_table=case.block_table,
+                         cache_seqlens=case.cache_seqlens, backend=backend, **opts)
+    if d.backend is None:
+        pytest.skip(f"{backend} refuses: {d.reasons(backend)}")
+    assert [v.note for v in d.verdicts if v.name == backend] == ["route: gathered to a "
+                                                                "dense batch"]
+    _rule(backend, case, dtype, **opts)
+
+
+def test_views_and_return_lse_on_the_gathered_route():
+    """q as a transposed view, caches as a slice of a larger (layers) tensor."""
+    case = make_case([20, 9], 3, 4, 2, 16, 8, dtype=torch.float64, seed=5)
+    layers_k = torch.stack([torch.full_like(case.k_cache, 7.0), case.k_cache])
+    layers_v = torch.stack([torch.full_like(case.v_cache, 7.0), case.v_cache])
+    case.k_cache, case.v_cache = layers_k[1], layers_v[1]
+    case.q = case.q.transpose(1, 2).contiguous().transpose(1, 2)
+    ref, ref_lse = paged_reference(case)
+    for backend in ("math", "sdpa-flash"):
+        out, lse = _run(case, backend=backend, return_lse=True)
+        assert max_err(out, ref) <= 1e-6
+        assert max_err(lse, ref_lse) <= 1e-4
+
+
+@pytest.fixture
+def cpu_flex(monkeypatch):
+    # small calls, still compiled (the instance: another test's monkeypatch may
+    # have left an instance attribute that shadows the class's)
+    monkeypatch.setattr(ad.get_backend("flex"), "min_cpu_scores", 0)
+
+
+@pytest.mark.parametrize("lengths,sq,hq,hkv,bs,opts", [
+    ([5, 1, 33, 16], 1, 4, 2, 16, dict(window=(9, 0))),
+    ([70, 3, 128, 129], 3, 4, 4, 32, dict(softcap=2.0)),
+], ids=["decode-gqa-window", "prefill-softcap"])
+def test_flex_native_route(cpu_flex, lengths, sq, hq, hkv, bs, opts):
+    """flex's block-table mask (compiled, inference-only on the CPU): NaN in
+    unused blocks, garbage past each row's used table entries, and large
+    finite values in the slots past a row's length (its last block is read
+    whole: they must be finite, and change nothing)."""
+    case = make_case(lengths, sq, hq, hkv, 32, bs, seed=7, tail=1e3)
+    d = ad.explain_paged(case.q, case.k_cache, case.v_cache, block_table=case.block_table,
+                         cache_seqlens=case.cache_seqlens, backend="flex", **opts)
+    assert d.backend == "flex" and d.verdicts[0].note.startswith("route: native"), str(d)
+    assert "slots past its length must be finite" in d.verdicts[0].note
+    _rule("flex", case, torch.float32, **opts)
+
+
+def test_flex_native_limits_are_explained(cpu_flex):
+    """A block size flex cannot page natively: the gathered route, and the
+    note says why not native."""
+    case = make_case([5, 9], 1, 2, 2, 32, 4)
+    d = ad.explain_paged(case.q, case.k_cache, case.v_cache, block_table=case.block_table,
+                         cache_seqlens=case.cache_seqlens, backend="flex")
+    note = d.verdicts[0].note
+    assert note.startswith("route: gathered") and "block_size=4; allowed: a power of two" in note
+    with pytest.raises(ad.BackendUnavailable, match="LSE"):
+        _run(make_case([5, 9], 1, 2, 2, 32, 16), backend="flex", return_lse=True)
+
+
+def test_decision_cached_per_signature_and_native_first():
+    from attention_dispatch._core import paged
+
+    case = make_case([5, 19], 1, 4, 2, 16, 16)
+    _run(case)
+    _run(case)
+    plans = list(paged._plans.values())
+    assert len(plans) == 1 and plans[0].native and plans[0].backend.name == "math"
+    d = ad.explain_paged(case.q, case.k_cache, case.v_cache, block_table=case.block_table,
+                         cache_seqlens=case.cache_seqlens)
+    # sdpa-flash ranks first on the CPU but pages only through a copy: math runs natively
+    assert d.backend == "math" and d.verdicts[0].note == "route: gathered to a dense batch"
+    assert "paged block_size=16" in str(d)
+    ad.clear_cache()
+    assert not paged._plans
+
+
+def test_empty_batch():
+    case = make_case([5], 1, 2, 1, 8, 4)
+    q = case.q[:0]
+    out = ad.attention_paged(q, case.k_cache, case.v_cache, block_table=case.block_table[:0],
+                             cache_seqlens=case.cache_seqlens[:0])
+    assert out.shape == (0, 1, 2, 8)
+
+
+# ----------------------------------------------------------------- errors
+
+
+def _bad(case, exc, match, **kw):
+    args = dict(block_table=case.block_table, cache_seqlens=case.cache_seqlens)
+    q, kc, vc = kw.pop("q", case.q), kw.pop("k_cache", case.k_cache), kw.pop("v_cache",
+                                                                            case.v_cache)
+    args.update(kw)
+    with pytest.raises(exc, match=match):
+        ad.attention_paged(q, kc, vc, **args)
+    with pytest.raises(exc, match=match):  # explain validates the same way
+        ad.explain_paged(q, kc, vc, **args)
+
+
+def test_bad_tensors():
+    c = make_case([5, 9], 2, 4, 2, 8, 4)
+    E, T = ad.AttentionInputError, ad.AttentionTypeError
+    _bad(c, T, "q", q=c.q.numpy())
+    _bad(c, E, "q", q=c.q[0])
+    _bad(c, T, "k_cache", k_cache=c.k_cache.double())
+    _bad(c, E, "k_cache", k_cache=c.k_cache[..., :4])
+    _bad(c, E, "v_cache", v_cache=c.v_cache[:, :2])
+    _bad(c, E, "k_cache", k_cache=c.k_cache[:, :, :1].expand(-1, -1, 3, -1),
+         v_cache=c.v_cache[:, :, :1].expand(-1, -1, 3, -1))
+    _bad(c, E, "k_cache", k_cache=c.k_cache[:0], v_cache=c.v_cache[:0])
+    _bad(c, T, "block_table", block_table=c.block_table.long())
+    _bad(c, T, "block_table", block_table=c.block_table.tolist())
+    _bad(c, E, "block_table", block_table=c.block_table[0])
+    _bad(c, E, "block_table", block_table=c.block_table[:1])
+    _bad(c, T, "cache_seqlens", cache_seqlens=c.cache_seqlens.long())
+    _bad(c, E, "cache_seqlens", cache_seqlens=c.cache_seqlens[:1])
+    _bad(c, T, "causal", causal=1)
+    _bad(c, E, "window", window=(-2, 0))
+    _bad(c, E, "softcap", softcap=-1.0)
+    _bad(c, E, "scale", scale=float("inf"))
+
+
+def test_bad_values():
+    c = make_case([5, 9], 2, 4, 2, 8, 4)  # 3 blocks a row at most
+    E = ad.AttentionInputError
+    _bad(c, E, r"cache_seqlens.*13 in row 1",
+         cache_seqlens=torch.tensor([5, 13], dtype=torch.int32))
+    _bad(c, E, r"cache_seqlens.*1 in row 0",
+         cache_seqlens=torch.tensor([1, 9], dtype=torch.int32))  # < Sq
+    for value in (c.k_cache.shape[0], -1):
+        table = c.block_table.clone()
+        table[1, 2] = value
+        _bad(c, E, rf"block_table.*{value} at row 1, column 2", block_table=table)
+    table = c.block_table.clone()
+    table[1, 2] = table[1, 0]
+    _bad(c, E, "block_table.*twice in row 1", block_table=table)
+    table = c.block_table.clone()
+    table[0, 2] = 10 ** 6  # row 0 uses 2 blocks: column 2 is never read
+    ad.attention_paged(c.q, c.k_cache, c.v_cache, block_table=table,
+                       cache_seqlens=c.cache_seqlens)
+
+
+def test_gradients_are_refused():
+    c = make_case([5, 9], 2, 4, 2, 8, 4)
+    for name in ("q", "k_cache", "v_cache"):
+        t = getattr(c, name).clone().requires_grad_(True)
+        with pytest.raises(ad.AttentionInputError, match="forward-only"):
+            ad.attention_paged(**{"q": c.q, "k_cache": c.k_cache, "v_cache": c.v_cache,
+                                  name: t}, block_table=c.block_table,
+                               cache_seqlens=c.cache_seqlens)
+    with torch.no_grad():  # no gradient needed: fine
+        ad.attention_paged(c.q.clone().requires_grad_(True), c.k_cache, c.v_cache,
+                           block_table=c.block_table, cache_seqlens=c.cache_seqlens)
+
+
+def test_compiled_call_matches_eager():
+    """Under torch.compile the values are not checked and the result is the same."""
+    case = make_case([5, 19], 1, 4, 2, 16, 16, poison=False, garbage_table=False)
+
+    def f(q, kc, vc, bt, sl):
+        return ad.attention_paged(q, kc, vc, block_table=bt, cache_seqlens=sl, backend="math")
+
+    eager = f(case.q, case.k_cache, case.v_cache, case.block_table, case.cache_seqlens)
+    compiled = torch.compile(f, backend="eager")(case.q, case.k_cache, case.v_cache,
+                                                 case.block_table, case.cache_seqlens)
+    assert torch.allclose(eager, compiled)
+
+
+def test_paged_bench_script_smoke_on_cpu(tmp_path):
+    """bench/paged_bench.py (a GPU benchmark) runs end to end on the CPU with
+    tiny sizes: every timed call agrees with the dense math result."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "paged_bench.py"
+    spec = importlib.util.spec_from_file_location("paged_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "r.json"
+    for lengths in ("full", "mixed"):
+        assert mod.main(["--device", "cpu", "--batch", "3", "--heads", "4", "2", "--head-dim",
+                         "16", "--seq", "32", "--block-size", "8", "--lengths", lengths,
+                         "--rounds", "2", "--out", str(out)]) == 0
+        res = json.loads(out.read_text())
+        assert {"paged:auto", "dense:auto"} <= set(res["us"])
+        assert max(res["max_err"].values()) < 1e-5
+
+
+def test_flex_paged_limits_as_data():
+    """flex's paged limits per device (a pure function of the CallSpec)."""
+    from attention_dispatch.adapters.paged_flex import paged_reasons
+
+    spec = ad.CallSpec("cuda", 0, torch.bfloat16, 2, 8, 2, 1, 4096, 128, 128, layout="bshd",
+                       paged=True, block_size=16)
+    assert paged_reasons(spec) == []
+    assert "Sq=256 on CUDA" in " ".join(paged_reasons(spec.__class__(
+        **{**spec.__dict__, "seq_q": 256})))
+    assert "GQA group 3" in " ".join(paged_reasons(spec.__class__(
+        **{**spec.__dict__, "heads_q": 6})))
+    assert paged_reasons(spec.__class__(**{**spec.__dict__, "device_type": "cpu",
+                                           "seq_q": 256, "heads_q": 6})) == []
+    assert "block_size=48" in " ".join(paged_reasons(spec.__class__(
+        **{**spec.__dict__, "block_size": 48})))
