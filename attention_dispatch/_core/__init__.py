@@ -23,6 +23,7 @@ from .errors import (AttentionDispatchError, AttentionInputError, AttentionTypeE
                      BackendRegistrationError, BackendRuntimeError, BackendUnavailable,
                      PluginWarning, UnknownBackendError)
 from .eventlog import Event, clear_events, events
+from .masks import apply_sinks
 from .ranking import register_ranking, ranked
 from .reference import ATOL, atol, reference_attention, within_rule
 from .registry import REGISTRY, get_backend, list_backends, register_backend, unregister_backend
@@ -39,7 +40,8 @@ __all__ = [
     "AttentionTypeError", "Backend", "BackendArg", "BackendRegistrationError",
     "BackendRuntimeError", "BackendUnavailable", "BackendVerdict", "CallOptions", "CallSpec",
     "Capabilities", "Decision", "Event", "FallbackWarning", "PluginWarning", "REGISTRY",
-    "TuneResult", "UnknownBackendError", "WrongResultError", "atol", "attention", "autotune",
+    "TuneResult", "UnknownBackendError", "WrongResultError", "apply_sinks", "atol", "attention",
+    "autotune",
     "call", "candidates", "clear_all", "clear_cache", "clear_events", "eligible", "events",
     "explain", "explain_options", "explain_spec", "get_backend", "isolated_cache",
     "list_backends", "normalize", "ranked", "reasons", "reference_attention",

@@ -69,6 +69,8 @@ class Decision:
                 f"lse={s.return_lse} grad={s.requires_grad}")
         if s.window is not None or s.softcap is not None or s.alibi or s.varlen:
             head += f" window={s.window} softcap={s.softcap} alibi={s.alibi} varlen={s.varlen}"
+        if s.sinks:
+            head += " sinks=True"
         chosen = f"chosen: {self.backend or 'none'}"
         if self.tuned:
             chosen += (" (tuned: the stored tuning decision for this shape bucket; "

@@ -291,7 +291,8 @@ def _verified(plan: Plan, key: Optional[tuple], q: Tensor, k: Tensor, v: Tensor,
     views = [q, k, v, out] if o.layout == "bhsd" else [t.transpose(1, 2) for t in (q, k, v, out)]
     math, _ = REGISTRY.load("math")
     why = _verify.check(ran.backend, math, ran.spec, views[0], views[1], views[2],  # type: ignore[arg-type]
-                        o.mask, o.key_padding_mask, ran.scale, o.alibi_slopes, views[3])
+                        o.mask, o.key_padding_mask, ran.scale, o.alibi_slopes, views[3],
+                        o.sinks)
     if why is None:
         return res
     _events.emit(_events.VERIFY, ran.backend.name, why, ran.spec, level=logging.WARNING)

@@ -30,7 +30,7 @@ takes seconds, ~15 s on a laptop) it is inference-only and returns no LSE:
 calls that need gradients or ``return_lse`` are refused there, and so are
 calls with fewer than ``FlexBackend.min_cpu_scores`` (64 * 64) scores, which
 finish before a compile would.  On CUDA
-(triton): gradients and LSE.  No dropout, no dense masks (use another
+(triton): gradients and LSE, and attention sinks, applied through the LSE.  No dropout, no dense masks (use another
 backend for those).
 
 Equivalent math::
@@ -40,6 +40,7 @@ Equivalent math::
     s = s - slope[h] * |i + Sk - Sq - j|          # score_mod, if ALiBi
     s[~(key_padding & causal_bottom_right & window & same_document)] = -inf  # block_mask
     out = softmax(s) @ v;  lse = logsumexp(s)     # rows without keys: 0 / -inf
+    out *= sigmoid(lse - sinks[h]); lse = logaddexp(lse, sinks[h])  # sinks (CUDA)
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ import torch
 from .._core.backend import AttentionResult, Backend
 from .._core.capabilities import Capabilities
 from .._core.layout import CUDA_ALIGNED, StrideRequirements
-from .._core.masks import expand_kv
+from .._core.masks import apply_sinks, expand_kv
 from .._core.spec import CallSpec
 
 Tensor = torch.Tensor
@@ -384,6 +385,7 @@ class FlexBackend(Backend):
         softcap=True,
         alibi=True,
         varlen=True,
+        extras=frozenset({"sinks"}),  # through the LSE: CUDA only (check)
     )
 
     def stride_requirements(self, spec: CallSpec) -> StrideRequirements:
@@ -432,6 +434,9 @@ class FlexBackend(Backend):
             if spec.return_lse:
                 out.append("return_lse=True on the CPU; compiled flex_attention returns no "
                            "LSE there")
+            if spec.sinks:
+                out.append("sinks on the CPU; flex applies them through its LSE, which "
+                           "compiled flex_attention does not return there")
         elif spec.device_type == "cuda":
             for name, d in (("head_dim", spec.head_dim), ("head_dim_v", spec.head_dim_v)):
                 if not 16 <= d <= 256:
@@ -455,7 +460,7 @@ class FlexBackend(Backend):
     @classmethod
     def _aux(cls, spec: CallSpec) -> Optional[dict]:
         """flex's LSE request, one object for the process (it is guarded on)."""
-        if not spec.return_lse:
+        if not (spec.return_lse or spec.sinks):
             return None
         if cls._lse_request is None:
             request = getattr(_flex(), "AuxRequest", None)
@@ -464,7 +469,9 @@ class FlexBackend(Backend):
         return cls._lse_request
 
     def _run(self, key: tuple, q: Tensor, k: Tensor, v: Tensor, spec: CallSpec,
-             score_mod: Any, block_mask: Any, scale: float) -> AttentionResult:
+             score_mod: Any, block_mask: Any, scale: float,
+             sinks: Optional[Tensor] = None) -> AttentionResult:
+        """One compiled flex call; ``sinks`` (Hq,) applied through its (differentiable) LSE."""
         k, v, gqa = _gqa(q, k, v)
         aux = self._aux(spec)
         fn = _compiled_for(key + (tuple(q.shape), tuple(k.shape), tuple(v.shape), gqa, scale,
@@ -473,13 +480,14 @@ class FlexBackend(Backend):
         if aux is None:
             return res, None
         out, extra = res
-        lse = extra.lse if hasattr(extra, "lse") else extra
-        return out, lse.float()
+        lse = (extra.lse if hasattr(extra, "lse") else extra).float()
+        out, lse = (out, lse) if sinks is None else apply_sinks(out, lse, sinks.view(1, -1, 1))
+        return out, (lse.float() if spec.return_lse else None)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
                 mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
-                dropout_p: float, scale: float,
-                alibi_slopes: Optional[Tensor] = None) -> AttentionResult:
+                dropout_p: float, scale: float, alibi_slopes: Optional[Tensor] = None,
+                sinks: Optional[Tensor] = None) -> AttentionResult:
         """Dense call: one flex call; on the CPU with small head dims the keys
         are padded to a multiple of 16 and masked (``cpu_key_length``)."""
         Sq, Sk = q.shape[2], k.shape[2]
@@ -492,12 +500,13 @@ class FlexBackend(Backend):
         key = ("dense", q.device, q.dtype, spec.causal, spec.window, kpm is not None,
                spec.softcap, None if alibi_slopes is None else alibi_slopes.dim(),
                spec.requires_grad, Sk)
-        return self._run(key, q, k, v, spec, sm, bm, scale)
+        return self._run(key, q, k, v, spec, sm, bm, scale, sinks)
 
     def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
                        cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                        max_seqlen_k: int, dropout_p: float, scale: float,
-                       alibi_slopes: Optional[Tensor] = None) -> AttentionResult:
+                       alibi_slopes: Optional[Tensor] = None,
+                       sinks: Optional[Tensor] = None) -> AttentionResult:
         """Packed call as one (1, H, T, D) flex call with a document mask."""
         tq, tk = q.shape[0], k.shape[0]
         pq, pk = _bucket(tq), _bucket(tk)
@@ -516,6 +525,6 @@ class FlexBackend(Backend):
         sm = make_score_mod(spec.softcap, alibi_slopes, docs.distance, docs.row)
         key = ("varlen", q.device, q.dtype, spec.causal, spec.window, spec.softcap,
                None if alibi_slopes is None else alibi_slopes.shape, spec.requires_grad)
-        out, lse = self._run(key, qp, kp, vp, spec, sm, bm, scale)
+        out, lse = self._run(key, qp, kp, vp, spec, sm, bm, scale, sinks)
         out = out[0, :, :tq].transpose(0, 1)
         return out, (lse[0, :, :tq] if lse is not None else None)
