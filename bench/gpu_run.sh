@@ -9,6 +9,7 @@
 #   bash bench/gpu_run.sh layouts            # memory layouts, poisoned padding, verify mode: tests
 #   bash bench/gpu_run.sh layout-bench       # a transposed K: time and memory vs contiguous and torch
 #   bash bench/gpu_run.sh hf-llama           # transformers Llama: attention_dispatch vs sdpa
+#   bash bench/gpu_run.sh sinks              # attention sinks: GPU tests (FA4, flex), 16k speed
 # Logs and results go to $OUT (default ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -76,6 +77,13 @@ for stage in "$@"; do
       step hf-llama
       ATTENTION_DISPATCH_CACHE_DIR=$(mktemp -d) python3 bench/hf_llama_bench.py \
         --out "$OUT/hf-llama.json" 2>&1 | tail -20 | tee -a "$LOG" ;;
+    sinks)
+      env_on
+      step sinks-tests
+      python3 -m pytest tests/gpu/test_gpu_sinks.py -m gpu -q -p no:cacheprovider -rfE 2>&1 \
+        | tail -25 | tee "$OUT/gpu-sinks-tests.txt" | tee -a "$LOG"
+      step sinks-bench; python3 bench/sinks_bench.py --out "$OUT/sinks-h200.json" 2>&1 \
+        | tail -10 | tee -a "$LOG" ;;
     *) echo "unknown stage $stage" | tee -a "$LOG"; exit 2 ;;
   esac
 done
