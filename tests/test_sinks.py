@@ -1,6 +1,6 @@
-"""Attention sinks (``sinks=``, one logit per query head) on the CPU: the math
-backend's output, lse and gradients (q, k, v, sinks) against the float64
-reference with causal Sq != Sk, GQA, key padding, windows, softcap, ALiBi, float
+"""Attention sinks (``sinks=``, one logit per query head) on the CPU: the
+output, lse and gradients (q, k, v, sinks) of the backends that take them
+(math natively; sdpa-flash through its LSE) against the float64 reference with causal Sq != Sk, GQA, key padding, windows, softcap, ALiBi, float
 masks, rows with no key, views and both layouts; varlen; merge_attention and
 simulated ring attention applying the sink once; dropout's definition; the
 refusals of the backends without sinks; typed errors."""
@@ -70,7 +70,9 @@ def _call_args(case: dict, sq: int, sk: int, b: int = 2, h: int = 4) -> dict[str
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_math_forward_and_gradients(name: str, layout: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("backend", ["math", "sdpa-flash"])
+def test_forward_and_gradients(backend: str, name: str, layout: str, dtype: torch.dtype
+                               ) -> None:
     case = CASES[name]
     sk = case.get("sk", 5)
     q, k, v = _qkv(hkv=case.get("hkv", 2), sk=sk, dtype=dtype)
@@ -79,10 +81,14 @@ def test_math_forward_and_gradients(name: str, layout: str, dtype: torch.dtype) 
     if "mask" in kw:
         kw["mask"] = kw["mask"].to(dtype)
     views = [q, k, v] if layout == "bhsd" else [t.transpose(1, 2) for t in (q, k, v)]
-    out, lse = ad.attention(*views, layout=layout, sinks=sinks, return_lse=True, **kw)
+    try:
+        out, lse = ad.attention(*views, layout=layout, sinks=sinks, return_lse=True,
+                                backend=backend, **kw)
+    except ad.BackendUnavailable as exc:
+        assert backend != "math" and "softcap" in name, exc  # sdpa-flash: no softcap
+        return
     if layout == "bshd":
         out = out.transpose(1, 2)
-    assert ad.explain(*views, layout=layout, sinks=sinks, **kw).backend == "math"
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v, sinks)]
     ref, ref_lse = testing.reference_attention(*ref_in[:3], sinks=ref_in[3], **kw)
     _check(out, ref, dtype)
@@ -92,14 +98,15 @@ def test_math_forward_and_gradients(name: str, layout: str, dtype: torch.dtype) 
         _check(got, want, dtype)
 
 
-def test_rows_with_no_key_give_zero_and_the_sink() -> None:
+@pytest.mark.parametrize("backend", ["math", "sdpa-flash"])
+def test_rows_with_no_key_give_zero_and_the_sink(backend: str) -> None:
     """Causal Sq > Sk (rows 0, 1 see nothing) and a batch row without real keys:
     out 0, lse = sinks[h]; their gradients are zero and finite."""
     q, k, v = _qkv(sq=7, sk=5)
     sinks = _sinks(dtype=torch.float64)
     kpm = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
     out, lse = ad.attention(q, k, v, causal=True, key_padding_mask=kpm, sinks=sinks,
-                            return_lse=True)
+                            return_lse=True, backend=backend)
     s = sinks.detach().float()[:, None]
     assert not out[0, :, :2].any() and not out[1].any()
     assert torch.equal(lse[0, :, :2], s.expand(4, 2)) and torch.equal(lse[1], s.expand(4, 7))
@@ -145,8 +152,9 @@ def test_dropout_drops_the_real_keys_probabilities() -> None:
     assert torch.allclose(out[kept].double(), p[kept] / 0.6, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", ["math", "sdpa-flash"])  # native; padded to dense
 @pytest.mark.parametrize("causal", [False, True])
-def test_varlen(causal: bool) -> None:
+def test_varlen(causal: bool, backend: str) -> None:
     """Per-head sinks, the same for every sequence; a sequence without keys gives
     out 0 and lse the sink; gradients of q, k, v and sinks."""
     lq, lk = [3, 4, 2], [5, 0, 6]
@@ -157,7 +165,7 @@ def test_varlen(causal: bool) -> None:
     sinks = _sinks(dtype=torch.float64)
     cu_q, cu_k = (cu_seqlens(torch.tensor(x, dtype=torch.int32)) for x in (lq, lk))
     out, lse = ad.attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), causal=causal,
-                                   sinks=sinks, return_lse=True)
+                                   sinks=sinks, return_lse=True, backend=backend)
     w = torch.randn(out.shape, dtype=torch.float64, generator=g)
     got = _grads(out, w, [q, k, v, sinks])
     ref_in = [t.detach().requires_grad_() for t in (q, k, v, sinks)]
@@ -229,14 +237,21 @@ def test_simulated_ring_applies_the_sink_once(sharding: str) -> None:
 def test_backends_without_sinks_refuse_with_a_reason() -> None:
     q, k, v = (t.detach().float() for t in _qkv(sq=64, sk=64))
     d = ad.explain(q, k, v, sinks=torch.zeros(4))
-    assert d.backend == "math" and d.spec.sinks
-    for name in ("sdpa-flash", "sdpa", "chunked"):
+    assert d.backend in ("sdpa-flash", "math") and d.spec.sinks
+    assert not d.reasons("sdpa-flash") and not d.reasons("math")
+    for name in ("sdpa", "chunked"):
         if name in ad.list_backends():
             assert any("has no attention sinks" in r for r in d.reasons(name)), name
     assert any("sinks on the CPU" in r for r in d.reasons("flex"))
     assert "sinks=True" in str(d)
     with pytest.raises(ad.BackendUnavailable, match="sinks"):
-        ad.attention(q, k, v, sinks=torch.zeros(4), backend="sdpa-flash")
+        ad.attention(q, k, v, sinks=torch.zeros(4), backend="sdpa")
+
+
+def test_sdpa_flash_refuses_sinks_on_cuda() -> None:
+    spec = validate(*(t.detach().half() for t in _qkv()), sinks=torch.zeros(4))
+    cuda = CallSpec(**{**spec.__dict__, "device_type": "cuda", "device_index": 0})
+    assert any("sinks on CUDA" in r for r in ad.get_backend("sdpa-flash").check(cuda))
 
 
 def test_verify_mode_and_autotune_check_take_sinks() -> None:
@@ -248,6 +263,7 @@ def test_verify_mode_and_autotune_check_take_sinks() -> None:
     _check(out, ref, torch.float32)
     spec = validate(q, k, v, causal=True, sinks=sinks)
     assert check_call(call, "math", spec) is None
+    assert check_call(call, "sdpa-flash", spec) is None
 
 
 def test_the_decision_cache_keys_on_sinks_needing_a_gradient() -> None:
