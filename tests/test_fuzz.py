@@ -8,8 +8,8 @@ random broadcastable shape, float with -inf entries, some rows fully masked, a
 learned float bias that needs a gradient), a key padding mask (prefix or
 scattered, one batch row possibly all False), causal, scale None or random,
 return_lse and gradients, attention sinks (with their gradient), and the memory
-behind every tensor (the layout dimension, ``attention_dispatch.testing.draw_memory``): q, k, v stored
-transposed, broadcast with stride 0 on any axis including the last, step
+behind every tensor (the layout dimension, ``attention_dispatch.testing.draw_memory``):
+q, k, v stored transposed, broadcast with stride 0 on any axis including the last, step
 slices, storage offsets or views of one packed qkv projection; masks stored
 transposed or broadcast with stride 0; key-padding masks that are step slices;
 NaN and Inf in the padded K/V slots.  The backend's output, lse and gradients must obey

@@ -1,7 +1,8 @@
 """Attention sinks (``sinks=``, one logit per query head) on the CPU: the
 output, lse and gradients (q, k, v, sinks) of the backends that take them
-(math natively; sdpa-flash through its LSE) against the float64 reference with causal Sq != Sk, GQA, key padding, windows, softcap, ALiBi, float
-masks, rows with no key, views and both layouts; varlen; merge_attention and
+(math natively; sdpa-flash through its LSE) against the float64 reference,
+with causal Sq != Sk, GQA, key padding, windows, softcap, ALiBi, float masks,
+rows with no key, views and both layouts; varlen; merge_attention and
 simulated ring attention applying the sink once; dropout's definition; the
 refusals of the backends without sinks; typed errors."""
 

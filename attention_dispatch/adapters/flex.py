@@ -29,8 +29,8 @@ On the CPU (inductor's C++ flex kernel; the first compile of a signature
 takes seconds, ~15 s on a laptop) it is inference-only and returns no LSE:
 calls that need gradients or ``return_lse`` are refused there, and so are
 calls with fewer than ``FlexBackend.min_cpu_scores`` (64 * 64) scores, which
-finish before a compile would.  On CUDA
-(triton): gradients and LSE, and attention sinks, applied through the LSE.  No dropout, no dense masks (use another
+finish before a compile would.  On CUDA (triton): gradients, LSE, and sinks
+through the LSE.  No dropout, no dense masks (use another
 backend for those).
 
 Equivalent math::
@@ -463,14 +463,13 @@ class FlexBackend(Backend):
         if not (spec.return_lse or spec.sinks):
             return None
         if cls._lse_request is None:
-            request = getattr(_flex(), "AuxRequest", None)
-            cls._lse_request = {"return_aux": request(lse=True)} if request else \
-                {"return_lse": True}
+            req = getattr(_flex(), "AuxRequest", None)
+            cls._lse_request = {"return_aux": req(lse=True)} if req else {"return_lse": True}
         return cls._lse_request
 
     def _run(self, key: tuple, q: Tensor, k: Tensor, v: Tensor, spec: CallSpec,
-             score_mod: Any, block_mask: Any, scale: float,
-             sinks: Optional[Tensor] = None) -> AttentionResult:
+             score_mod: Any, block_mask: Any, scale: float, sinks: Optional[Tensor] = None
+             ) -> AttentionResult:
         """One compiled flex call; ``sinks`` (Hq,) applied through its (differentiable) LSE."""
         k, v, gqa = _gqa(q, k, v)
         aux = self._aux(spec)
@@ -479,8 +478,9 @@ class FlexBackend(Backend):
         res = fn(q, k, v, score_mod, block_mask, scale, gqa, aux)
         if aux is None:
             return res, None
-        out, extra = res
-        lse = (extra.lse if hasattr(extra, "lse") else extra).float()
+        out, lse = res[0], (res[1].lse if hasattr(res[1], "lse") else res[1]).float()
+        if sinks is not None and out.requires_grad and not lse.requires_grad:  # never silently
+            raise RuntimeError("flex returned an LSE without a gradient; sinks need one")
         out, lse = (out, lse) if sinks is None else apply_sinks(out, lse, sinks.view(1, -1, 1))
         return out, (lse.float() if spec.return_lse else None)
 
