@@ -9,7 +9,8 @@ neighbours: a small pool keeps compiled kernels reusable), D 64/128 (and some
 broadcastable shape, -inf entries, fully masked rows, key padding prefix or
 scattered with an all-False batch row), causal, scale, return_lse, gradients,
 a sliding window (p 0.2: left, right from {-1, 0, 1, 3, 16, 64}, not both -1;
-combined with causal, masks and padding) and a softcap (p 0.15: 5, 20 or 50),
+combined with causal, masks and padding), a softcap (p 0.15: 5, 20 or 50),
+attention sinks (p 0.15: float32 (Hq,), with their gradient),
 and the memory behind the tensors (``attention_dispatch.testing.draw_memory``):
 q, k, v stored transposed, stride 0 on any axis, step slices, storage offsets
 or views of one packed projection; masks transposed or broadcast with stride 0;
@@ -117,7 +118,8 @@ SEQ_POOL = (1, 1, 2, 3, 5, 7, 8, 13, 16, 17, 31, 33, 63, 64, 65, 100, 127, 128, 
 HEAD_DIMS = ((64, 0.4), (128, 0.4), (32, 0.1), (96, 0.1))
 WINDOW_P, WINDOW_SIDES = 0.2, (-1, 0, 1, 3, 16, 64)
 SOFTCAP_P, SOFTCAPS = 0.15, (5.0, 20.0, 50.0)
-NAMES = ("out", "lse", "dq", "dk", "dv")
+SINKS_P = 0.15
+NAMES = ("out", "lse", "dq", "dk", "dv", "dsinks")
 BASELINE = "(inputs, reference, math)"
 
 
@@ -144,6 +146,7 @@ class Spec:
     softcap: Optional[float]
     seed: int
     memory: MemoryDraw = MemoryDraw()
+    sinks: bool = False  # attention sinks (Hq,) float32, with a gradient when grad
 
     @property
     def heads_q(self) -> int:
@@ -193,7 +196,7 @@ def draw(rng: random.Random, dtypes: list[str], grad_p: float,
                 lse=rng.random() < 0.3, grad=grad,
                 window=draw_window(rng),
                 softcap=rng.choice(SOFTCAPS) if rng.random() < SOFTCAP_P else None,
-                seed=rng.randrange(2**31))
+                seed=rng.randrange(2**31), sinks=rng.random() < SINKS_P)
 
 
 def build(s: Spec, device: torch.device) -> dict[str, Any]:
@@ -239,6 +242,7 @@ def build(s: Spec, device: torch.device) -> dict[str, Any]:
     out["mask"] = mask
     out["key_padding_mask"] = None if kpm is None else kpm_view(s.memory, kpm)
     out["grad_out"] = rnd(s.batch, s.heads_q, s.seq_q, s.head_dim).to(dt) if s.grad else None
+    out["sinks"] = rnd(s.heads_q) * 2 if s.sinks else None
     return out
 
 
@@ -247,40 +251,44 @@ def _bhsd(t: Tensor, layout: str) -> Tensor:
 
 
 def run(backend: str, s: Spec, inp: dict[str, Any]) -> list[Optional[Tensor]]:
-    """[out, lse, dq, dk, dv] in bhsd (None where not requested)."""
+    """[out, lse, dq, dk, dv, dsinks] in bhsd (None where not requested)."""
     leaves = [inp[n].detach().clone().requires_grad_(s.grad) for n in "qkv"]
+    sinks = None if inp["sinks"] is None else inp["sinks"].detach().clone().requires_grad_(s.grad)
     q, k, v = (inp["make"][n](t) for n, t in zip("qkv", leaves))
     if s.grad:
         for t in (q, k, v):
             t.retain_grad()
     res = ad.attention(q, k, v, mask=inp["mask"], key_padding_mask=inp["key_padding_mask"],
                        causal=s.causal, scale=s.scale, layout=s.layout, backend=backend,
-                       return_lse=s.lse, window=s.window, softcap=s.softcap)
+                       return_lse=s.lse, window=s.window, softcap=s.softcap, sinks=sinks)
     out, lse = res if s.lse else (res, None)
     want = (s.batch, s.heads_q, s.seq_q, s.head_dim)
     if s.layout == "bshd":
         want = (s.batch, s.seq_q, s.heads_q, s.head_dim)
     if tuple(out.shape) != want or out.dtype != DTYPES[s.dtype]:
         raise AssertionError(f"out {tuple(out.shape)} {out.dtype}; expected {want} {s.dtype}")
-    grads: list[Optional[Tensor]] = [None, None, None]
+    grads: list[Optional[Tensor]] = [None, None, None, None]
     if s.grad:
         go = inp["grad_out"]
         out.backward(go.transpose(1, 2) if s.layout == "bshd" else go)
         grads = [_bhsd(t.grad, s.layout) for t in (q, k, v)]
+        grads.append(None if sinks is None else sinks.grad)
     return [_bhsd(out, s.layout).detach(), lse] + grads
 
 
 def reference(s: Spec, inp: dict[str, Any]) -> list[Optional[Tensor]]:
-    """Float64 reference on the device: [out, lse, dq, dk, dv]."""
+    """Float64 reference on the device: [out, lse, dq, dk, dv, dsinks]."""
     q, k, v = (_bhsd(inp["make"][n](inp[n]), s.layout).detach().double()
                .requires_grad_(s.grad) for n in "qkv")
+    sinks = None if inp["sinks"] is None else inp["sinks"].double().requires_grad_(s.grad)
     out, lse = reference_attention(q, k, v, mask=inp["mask"],
                                    key_padding_mask=inp["key_padding_mask"], causal=s.causal,
-                                   scale=s.scale, window=s.window, softcap=s.softcap)
-    grads: list[Optional[Tensor]] = [None, None, None]
+                                   scale=s.scale, window=s.window, softcap=s.softcap,
+                                   sinks=sinks)
+    grads: list[Optional[Tensor]] = [None, None, None, None]
     if s.grad:
         out.backward(inp["grad_out"].double())
-        grads = [q.grad, k.grad, v.grad]
+        grads = [q.grad, k.grad, v.grad, None if sinks is None else sinks.grad]
     return [out.detach(), lse.detach() if s.lse else None] + grads
 
 

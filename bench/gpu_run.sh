@@ -10,6 +10,7 @@
 #   bash bench/gpu_run.sh layout-bench       # a transposed K: time and memory vs contiguous and torch
 #   bash bench/gpu_run.sh hf-llama           # transformers Llama: attention_dispatch vs sdpa
 #   bash bench/gpu_run.sh paged              # paged KV cache: GPU tests (FA4, flex), paged vs dense decode
+#   bash bench/gpu_run.sh sinks              # attention sinks: GPU tests (FA4, flex), 16k speed
 # Logs and results go to $OUT (default ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -87,6 +88,13 @@ for stage in "$@"; do
         python3 bench/paged_bench.py --lengths $lengths --out "$OUT/paged-$lengths.json" 2>&1 \
           | tail -40 | tee -a "$LOG"
       done ;;
+    sinks)
+      env_on
+      step sinks-tests
+      python3 -m pytest tests/gpu/test_gpu_sinks.py -m gpu -q -p no:cacheprovider -rfE 2>&1 \
+        | tail -25 | tee "$OUT/gpu-sinks-tests.txt" | tee -a "$LOG"
+      step sinks-bench; python3 bench/sinks_bench.py --out "$OUT/sinks-h200.json" 2>&1 \
+        | tail -10 | tee -a "$LOG" ;;
     *) echo "unknown stage $stage" | tee -a "$LOG"; exit 2 ;;
   esac
 done

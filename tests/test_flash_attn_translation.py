@@ -32,6 +32,7 @@ import torch
 
 import attention_dispatch as ad
 from attention_dispatch import testing
+from attention_dispatch._core import validate
 from attention_dispatch.adapters import _flash_api
 from attention_dispatch.adapters.flash_attn import FlashAttnBackend
 
@@ -244,6 +245,17 @@ class FakeFA3(Recorder):
         return {"flash_attn_interface": mod}
 
 
+def _sink(out: Tensor, lse: Tensor, sink: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """FA4's learnable_sink on a dense bshd result (lse (B, H, Sq)): out scaled by
+    sigmoid(lse - sink[h]), lse = logaddexp(lse, sink[h]) (rows with no key: out
+    0, lse sink)."""
+    if sink is None:
+        return out, lse
+    s = sink.float().view(1, -1, 1)
+    alpha = torch.sigmoid(lse - s)
+    return (out.float() * alpha.transpose(1, 2)[..., None]).to(out.dtype), torch.logaddexp(lse, s)
+
+
 class FakeFA4(Recorder):
     """``flash_attn.cute`` (FA4): both functions return (out, lse), lse (B, H, Sq)
     for dense queries, -inf for rows with no key, differentiable."""
@@ -257,9 +269,10 @@ class FakeFA4(Recorder):
                         gather_bwd_token_chunk=None) -> Any:
         self.record("flash_attn_func", (q, k, v), dict(softmax_scale=softmax_scale, causal=causal,
                                                        return_lse=return_lse,
-                                                       window_size=window_size, softcap=softcap))
-        out, lse = _dense(q, k, v, softmax_scale, causal, -INF, window=window_size,
-                          softcap=softcap)
+                                                       window_size=window_size, softcap=softcap,
+                                                       learnable_sink=learnable_sink))
+        out, lse = _sink(*_dense(q, k, v, softmax_scale, causal, -INF, window=window_size,
+                                 softcap=softcap), learnable_sink)
         return out, (lse if return_lse else None)
 
     def flash_attn_varlen_func(self, q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None,
@@ -276,9 +289,11 @@ class FakeFA4(Recorder):
         self.record("flash_attn_varlen_func", (q, k, v),
                     dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                          seqused_k=seqused_k, softmax_scale=softmax_scale, causal=causal,
-                         return_lse=return_lse, window_size=window_size, softcap=softcap))
-        out, lse = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softmax_scale, causal,
-                           -INF, window=window_size, softcap=softcap)
+                         return_lse=return_lse, window_size=window_size, softcap=softcap,
+                         learnable_sink=learnable_sink))
+        out, lse = _sink(*_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softmax_scale,
+                                  causal, -INF, window=window_size, softcap=softcap),
+                         learnable_sink)
         return out, (lse if return_lse else None)
 
     def modules(self) -> dict[str, types.ModuleType]:
@@ -744,3 +759,50 @@ def test_fa4_compile_warning_is_hidden_only_around_first_calls(
         warnings.simplefilter("always")
         warnings.warn(JIT_WARNING, UserWarning)
     assert len(rec) == 1
+
+
+# ----------------------------------------------------------------- attention sinks
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_fa4_sinks_pass_learnable_sink(flash_env: Callable, padded: bool) -> None:
+    """FA4 gets sinks as learnable_sink (the caller's tensor), dense and with key
+    padding (a row with no key: out 0, lse the sink); out, lse and the sinks'
+    gradient match the reference."""
+    fake = FakeFA4()
+    flash_env(fake)
+    q, k, v = make_qkv(b=3, hq=4, hkv=2, sq=5, sk=9, dtype=torch.bfloat16)
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], requires_grad=True)
+    kpm = padding_mask([9, 4, 0], 9) if padded else None
+    out, lse = ad.attention(q, k, v, key_padding_mask=kpm, layout="bshd", backend="flash-attn",
+                            return_lse=True, sinks=sinks)
+    name, _, kw = fake.last
+    assert name == ("flash_attn_varlen_func" if padded else "flash_attn_func")
+    assert kw["learnable_sink"] is sinks
+    ref, ref_lse = reference(q, k, v, "bshd", key_padding_mask=kpm, sinks=sinks.detach())
+    assert_close(out.transpose(1, 2), ref, tol=2e-2)
+    assert_close(lse, ref_lse)
+    if padded:
+        assert not out[2].any() and torch.equal(lse[2], sinks.detach()[:, None].expand(4, 5))
+    w = torch.randn(ref.shape, dtype=torch.float64)
+    (got,) = torch.autograd.grad((out.transpose(1, 2).double() * w).sum(), sinks)
+    s64 = sinks.detach().double().requires_grad_()
+    want_out, _ = reference(q, k, v, "bshd", key_padding_mask=kpm, sinks=s64)
+    (want,) = torch.autograd.grad((want_out * w).sum(), s64)
+    assert_close(got, want, tol=3e-2)
+
+
+@pytest.mark.parametrize("api", ["fa3", "fa2"])
+def test_sinks_refused_on_fa3_fa2(flash_env: Callable, api: str) -> None:
+    flash_env(API_FAKES[api]())
+    q, k, v = make_qkv()
+    why = ad.explain(q, k, v, layout="bshd", sinks=torch.zeros(4)).reasons("flash-attn")
+    assert any("sinks given; the" in r and "learnable_sink" in r for r in why), why
+
+
+def test_fa4_sink_gradients_need_sm90_or_newer() -> None:
+    spec = validate(*make_qkv(layout="bhsd", dtype=torch.float16, grad=True),
+                    sinks=torch.zeros(4))
+    assert spec.sinks and spec.requires_grad
+    assert any("learnable_sink backward" in r for r in _flash_api._fa4_call_reasons(spec, (12, 0)))
+    assert not _flash_api._fa4_call_reasons(spec, (9, 0))

@@ -7,9 +7,9 @@ dtype the backend declares, layout bhsd/bshd, a mask (none, bool or float of a
 random broadcastable shape, float with -inf entries, some rows fully masked, a
 learned float bias that needs a gradient), a key padding mask (prefix or
 scattered, one batch row possibly all False), causal, scale None or random,
-return_lse and gradients, and the memory behind every tensor (the layout
-dimension, ``attention_dispatch.testing.draw_memory``): q, k, v stored
-transposed, broadcast with stride 0 on any axis including the last, step
+return_lse and gradients, attention sinks (with their gradient), and the memory
+behind every tensor (the layout dimension, ``attention_dispatch.testing.draw_memory``):
+q, k, v stored transposed, broadcast with stride 0 on any axis including the last, step
 slices, storage offsets or views of one packed qkv projection; masks stored
 transposed or broadcast with stride 0; key-padding masks that are step slices;
 NaN and Inf in the padded K/V slots.  The backend's output, lse and gradients must obey
@@ -92,7 +92,7 @@ def features(backend: str) -> dict[str, bool]:
         "bool": {"mask_kind": "bool"}, "float": {"mask_kind": "float"},
         "padding": {"key_padding": True}, "causal": {"causal": True},
         "lse": {"return_lse": True}, "grad": {"requires_grad": True},
-        "gqa": {"heads_q": 4}, "dv": {"head_dim_v": 16},
+        "gqa": {"heads_q": 4}, "dv": {"head_dim_v": 16}, "sinks": {"sinks": True},
     }
     out = {}
     for name, change in variants.items():
@@ -134,14 +134,15 @@ class Call:
     grad: bool
     seed: int
     memory: MemoryDraw = MemoryDraw()
+    sinks: bool = False  # attention sinks (Hq,), float32 or the input dtype
 
     @property
     def heads_q(self) -> int:
         return self.heads_kv * self.group
 
 
-ALL_FEATURES = dict.fromkeys(("bool", "float", "padding", "causal", "lse", "grad", "gqa", "dv"),
-                             True)
+ALL_FEATURES = dict.fromkeys(("bool", "float", "padding", "causal", "lse", "grad", "gqa", "dv",
+                              "sinks"), True)
 
 
 @st.composite
@@ -182,7 +183,8 @@ def calls(draw: Any, dtypes: tuple[torch.dtype, ...],
         grad=grad, seed=draw(st.integers(0, 2**31 - 1)),
         memory=draw_memory(random.Random(draw(st.integers(0, 2**31 - 1))),
                            packable=sq == sk and group == 1 and dv == d, padding=True,
-                           key_axis=(2 if layout == "bhsd" else 1) if grad else None))
+                           key_axis=(2 if layout == "bhsd" else 1) if grad else None),
+        sinks=draw(flag(f["sinks"])))
 
 
 def with_memory(c: Call) -> Call:
@@ -240,6 +242,10 @@ def build(c: Call) -> dict[str, Any]:
     kw["mask"] = mask
     kw["key_padding_mask"] = None if kpm is None else kpm_view(mem, kpm)
     kw["grad_out"] = torch.randn(c.batch, c.heads_q, c.seq_q, c.head_dim_v, generator=g)
+    kw["sinks"] = None
+    if c.sinks:
+        kw["sinks"] = (torch.randn(c.heads_q, generator=g) * 2).to(
+            c.dtype if c.seed % 2 else torch.float32)
     return kw
 
 
@@ -248,7 +254,7 @@ def _bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def run(backend: str, c: Call, inp: dict[str, Any]) -> list[Optional[torch.Tensor]]:
-    """[out, lse, dq, dk, dv, dmask] in bhsd (None where not requested)."""
+    """[out, lse, dq, dk, dv, dmask, dsinks] in bhsd (None where not requested)."""
     leaves = [inp[n].detach().clone().requires_grad_(c.grad) for n in "qkv"]
     q, k, v = (inp["make"][n](t) for n, t in zip("qkv", leaves))
     if c.grad:
@@ -258,9 +264,12 @@ def run(backend: str, c: Call, inp: dict[str, Any]) -> list[Optional[torch.Tenso
     if mask is not None and c.mask_grad:
         mask = mask.detach().clone().requires_grad_()
     view = mask if mask is None else mask_view(c.memory, mask, full_shape(c))
+    sinks = inp["sinks"]
+    if sinks is not None:
+        sinks = sinks.detach().clone().requires_grad_(c.grad)
     res = ad.attention(q, k, v, mask=view, key_padding_mask=inp["key_padding_mask"],
                        causal=c.causal, scale=c.scale, layout=c.layout, backend=backend,
-                       return_lse=c.lse)
+                       return_lse=c.lse, sinks=sinks)
     out, lse = res if c.lse else (res, None)
     want = (c.batch, c.heads_q, c.seq_q, c.head_dim_v)
     if c.layout == "bshd":
@@ -270,14 +279,14 @@ def run(backend: str, c: Call, inp: dict[str, Any]) -> list[Optional[torch.Tenso
         assert lse.dtype == torch.float32 and tuple(lse.shape) == want[:1] + (c.heads_q,
                                                                               c.seq_q)
         assert not lse.requires_grad
-    grads: list[Optional[torch.Tensor]] = [None, None, None, None]
+    grads: list[Optional[torch.Tensor]] = [None, None, None, None, None]
     if c.grad:
         go = inp["grad_out"].to(c.dtype)
         if c.layout == "bshd":
             go = go.transpose(1, 2)
         out.backward(go)
         grads = [_bhsd(q.grad, c.layout), _bhsd(k.grad, c.layout), _bhsd(v.grad, c.layout),
-                 mask.grad if c.mask_grad else None]
+                 mask.grad if c.mask_grad else None, None if sinks is None else sinks.grad]
     return [_bhsd(out, c.layout).detach(), lse] + grads
 
 
@@ -286,24 +295,28 @@ def full_shape(c: Call) -> tuple[int, ...]:
 
 
 def reference(c: Call, inp: dict[str, Any]) -> tuple[list[Optional[torch.Tensor]], bool]:
-    """[out, lse, dq, dk, dv, dmask] in float64, and whether some row has no key."""
+    """[out, lse, dq, dk, dv, dmask, dsinks] in float64, and whether some row has no key."""
     q, k, v = (_bhsd(inp["make"][n](inp[n]), c.layout).detach().double()
                .requires_grad_(c.grad) for n in "qkv")
     leaf = mask = inp["mask"]
     if mask is not None and mask.dtype != torch.bool:
         leaf = mask.double().requires_grad_(c.mask_grad)
     mask = leaf if leaf is None else mask_view(c.memory, leaf, full_shape(c))
+    sinks = inp["sinks"]
+    if sinks is not None:
+        sinks = sinks.double().requires_grad_(c.grad)
     out, lse = reference_attention(q, k, v, mask=mask, key_padding_mask=inp["key_padding_mask"],
-                                   causal=c.causal, scale=c.scale)
-    grads: list[Optional[torch.Tensor]] = [None, None, None, None]
+                                   causal=c.causal, scale=c.scale, sinks=sinks)
+    grads: list[Optional[torch.Tensor]] = [None, None, None, None, None]
     if c.grad:
         out.backward(inp["grad_out"].to(c.dtype).double())
-        grads = [q.grad, k.grad, v.grad, leaf.grad if c.mask_grad else None]
+        grads = [q.grad, k.grad, v.grad, leaf.grad if c.mask_grad else None,
+                 None if sinks is None else sinks.grad]
     empty = bool(torch.isneginf(lse).any())
     return [out.detach(), lse.detach() if c.lse else None] + grads, empty
 
 
-NAMES = ("out", "lse", "dq", "dk", "dv", "dmask")
+NAMES = ("out", "lse", "dq", "dk", "dv", "dmask", "dsinks")
 
 
 def _err(a: torch.Tensor, r: torch.Tensor) -> float:
@@ -330,6 +343,8 @@ def violations(c: Call, got: list, base: list, ref: list) -> list[str]:
                 continue
             a, m, r = (x.double().masked_fill(dead, 0.0) for x in (a, m, r))
             dt = torch.float32 if c.dtype == torch.float64 else c.dtype
+        if name == "dsinks":  # in the sinks' dtype (float32 or the input dtype)
+            dt = a.dtype
         e, em = _err(a, r), _err(m, r)
         top = r.abs().max().item() if r.numel() else 0.0
         slack = atol(dt) * (1 + top)
@@ -367,6 +382,7 @@ def check(backend: str, c: Call) -> None:
     counts["mask " + c.mask] += 1
     counts["key padding"] += c.padding != "none"
     counts["causal"] += c.causal
+    counts["sinks"] += c.sinks
     counts["empty rows"] += empty
     counts["memory views"] += c.memory.label() != "contiguous"
     counts["poisoned padding"] += c.memory.poison

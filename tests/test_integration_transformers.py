@@ -231,6 +231,49 @@ def test_unsupported_arguments_raise_clear_errors():
         ours(torch.ones(1, 4, dtype=torch.long), output_attentions=True)
 
 
+def _gpt_oss():
+    """Tiny gpt-oss models (attention sinks, a sliding-window layer), eager and ours,
+    with sinks drawn away from their zero init."""
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip("this transformers has no gpt-oss")
+    cfg = transformers.GptOssConfig(**{**COMMON, "intermediate_size": 64}, head_dim=16,
+                                    num_local_experts=4, num_experts_per_tok=2,
+                                    sliding_window=5,
+                                    layer_types=["sliding_attention", "full_attention"])
+    name = adt.register()
+    torch.manual_seed(0)
+    eager = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg),
+                                                          attn_implementation="eager")
+    with torch.no_grad():
+        for layer in eager.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 2.0)
+    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg),
+                                                         attn_implementation=name)
+    ours.load_state_dict(eager.state_dict())
+    return eager.eval(), ours.eval()
+
+
+def test_gpt_oss_sinks_logits_and_gradients_match_eager():
+    """gpt-oss passes its sinks as s_aux: logits (left-padded batch) and every
+    parameter's gradient, the sinks' included, match eager attention."""
+    eager, ours = _gpt_oss()
+    ids, mask = batch(padded=True)
+    real = mask.bool()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, attention_mask=mask).logits[real],
+                                   eager(ids, attention_mask=mask).logits[real],
+                                   rtol=0, atol=1e-4)
+    w = torch.randn(128, generator=torch.Generator().manual_seed(2))
+    for m in (eager, ours):
+        (m(ids, attention_mask=mask).logits[real] * w).sum().backward()
+    for (name, a), (_, b) in zip(eager.named_parameters(), ours.named_parameters()):
+        if a.grad is None:  # experts no token was routed to
+            continue
+        assert b.grad is not None, name
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=1e-4, msg=name)
+    assert ours.model.layers[0].self_attn.sinks.grad.abs().sum() > 0
+
+
 def test_custom_mask_functions_fall_back_to_transformers_dense_mask():
     mu = pytest.importorskip("transformers.masking_utils")
     fn = mu.or_masks(mu.causal_mask_function, lambda b, h, q, kv: kv == 0)

@@ -146,6 +146,31 @@ def attend_check(rank: int, world: int) -> float:
     return (unshard_sequence(local, sharding="zigzag") - ref).abs().max().item()
 
 
+def sinks_check(rank: int, world: int) -> float:
+    """ring_attention with sinks (the sink applied once, to the merged result) vs
+    the reference: the gathered output, dq and the sinks' gradient summed over
+    the group (each rank's covers its own query rows).  Max error."""
+    import torch.distributed as dist
+
+    g = torch.Generator().manual_seed(8)
+    q, k, v, do = (torch.randn(2, h, 4 * world, 8, generator=g, dtype=torch.float64)
+                   for h in (4, 2, 2, 4))
+    sinks = torch.randn(4, generator=g, dtype=torch.float64)
+    ql, kl, vl, dol = (shard_sequence(t, rank, world, "zigzag").contiguous()
+                       for t in (q, k, v, do))
+    ql.requires_grad_()
+    sl = sinks.clone().requires_grad_()
+    out = ring_attention(ql, kl, vl, causal=True, sharding="zigzag", sinks=sl)
+    out.backward(dol)
+    dist.all_reduce(sl.grad)
+    qr, sr = q.clone().requires_grad_(), sinks.clone().requires_grad_()
+    ref, _ = reference_attention(qr, k, v, causal=True, sinks=sr)
+    ref.backward(do)
+    pairs = ((unshard_sequence(out, sharding="zigzag"), ref),
+             (unshard_sequence(ql.grad, sharding="zigzag"), qr.grad), (sl.grad, sr.grad))
+    return max((a - b).abs().max().item() for a, b in pairs)
+
+
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """One rank: every configuration, then the error and Attend checks; rank 0
     writes the findings (a comparison failure is data, an exception kills the spawn)."""
@@ -163,6 +188,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
             report["failures"][json.dumps(c)] = bad
     report["errors"] = error_checks(rank, world)
     report["attend_error"] = attend_check(rank, world)
+    report["sinks_error"] = sinks_check(rank, world)
     dist.barrier()
     dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
@@ -188,6 +214,7 @@ def test_ring_matches_single_process(world: int, tmp_path: Path) -> None:
     for rep in reports:
         assert rep["errors"] == ["q:S_local", "q"]
         assert rep["attend_error"] < 1e-6
+        assert rep["sinks_error"] < 1e-6
 
 
 # --------------------------------------------------------------------------- one process

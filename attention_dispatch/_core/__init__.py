@@ -24,6 +24,7 @@ from .errors import (AttentionDispatchError, AttentionInputError, AttentionTypeE
                      BackendRegistrationError, BackendRuntimeError, BackendUnavailable,
                      PluginWarning, UnknownBackendError)
 from .eventlog import Event, clear_events, events
+from .masks import apply_sinks
 from .paged import explain_paged_options, gather_dense, paged_call
 from .ranking import register_ranking, ranked
 from .reference import ATOL, atol, reference_attention, within_rule
@@ -41,11 +42,11 @@ __all__ = [
     "AttentionTypeError", "Backend", "BackendArg", "BackendRegistrationError",
     "BackendRuntimeError", "BackendUnavailable", "BackendVerdict", "CallOptions", "CallSpec",
     "Capabilities", "Decision", "Event", "FallbackWarning", "PluginWarning", "REGISTRY",
-    "TuneResult", "UnknownBackendError", "WrongResultError", "atol", "attention", "autotune",
-    "call", "candidates", "clear_all", "clear_cache", "clear_events", "eligible", "events",
-    "explain", "explain_options", "explain_paged_options", "explain_spec", "gather_dense",
-    "get_backend", "isolated_cache", "list_backends", "normalize", "paged_call", "ranked",
-    "reasons", "reference_attention",
+    "TuneResult", "UnknownBackendError", "WrongResultError", "apply_sinks", "atol",
+    "attention", "autotune", "call", "candidates", "clear_all", "clear_cache", "clear_events",
+    "eligible", "events", "explain", "explain_options", "explain_paged_options",
+    "explain_spec", "gather_dense", "get_backend", "isolated_cache", "list_backends",
+    "normalize", "paged_call", "ranked", "reasons", "reference_attention",
     "register_backend", "register_cache", "register_ranking", "registered", "resolve",
     "selection_of", "time_interleaved", "tune_call", "unregister_backend", "use_backend",
     "validate", "varlen_call", "verify", "within_rule",

@@ -71,6 +71,8 @@ class Decision:
             head += f" window={s.window} softcap={s.softcap} alibi={s.alibi} varlen={s.varlen}"
         if s.paged:
             head += f" paged block_size={s.block_size}"
+        if s.sinks:
+            head += " sinks=True"
         chosen = f"chosen: {self.backend or 'none'}"
         if self.tuned:
             chosen += (" (tuned: the stored tuning decision for this shape bucket; "

@@ -27,7 +27,7 @@ from .decide import Plan, decide, explain_spec, tuned
 from .decision import Decision
 from .errors import BackendRuntimeError, BackendUnavailable
 from .layout import MemoryPlan, apply_memory, plan_memory
-from .masks import alive_rows, zero_empty_rows
+from .masks import alive_rows, sink_lse, zero_empty_rows
 from .registry import REGISTRY
 from .selfcheck import check_call
 from .select import AUTO, BackendArg, _context, env_selection, resolve
@@ -64,7 +64,8 @@ def call_key(selection: tuple[str, ...], q: Any, k: Any, v: Any, o: CallOptions)
     """The decision cache key (TypeError / AttributeError for arguments that
     are not tensors or not hashable: ``validate`` then says what is wrong)."""
     grad = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                or (o.mask is not None and o.mask.requires_grad))
+                                or (o.mask is not None and o.mask.requires_grad)
+                                or (o.sinks is not None and o.sinks.requires_grad))
     return (selection, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(),
             q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, grad, options_key(o))
 
@@ -215,7 +216,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
               dropout_p: float = 0.0, scale: Optional[float] = None, layout: str = "bhsd",
               backend: BackendArg = "auto", return_lse: bool = False,
               window: Optional[tuple[int, int]] = None, softcap: Optional[float] = None,
-              alibi_slopes: Optional[Tensor] = None
+              alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None
               ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Scaled dot-product attention on the best backend that accepts the call.
 
@@ -241,8 +242,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
             combines with causal.  See docs/structured.md.
         softcap: c > 0: scores -> c * tanh(scores / c) before masks and biases.
         alibi_slopes: (Hq,) or (B, Hq) float32: adds -slope * |i + Sk - Sq - j|.
+        sinks: (Hq,) float32 or q's dtype, may need a gradient: attention
+            sinks, one logit per query head, a virtual key with a zero value
+            in every row's softmax (out = sum_j e^s_j v_j / (e^sinks[h] +
+            sum_j e^s_j)); lse then includes it.  With dropout, the real keys'
+            probabilities are dropped out (the sink's mass is just removed).
 
-    Rows with no key they may attend give 0 (lse -inf, zero gradients).
+    Rows with no key they may attend give 0 (lse -inf, or sinks[h] with sinks;
+    zero gradients).
 
     Equivalent math (float64 reference)::
 
@@ -251,13 +258,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
         s = s.masked_fill(~(bool_mask & key_padding & causal_bottom_right & window), -inf)
         out = dropout(softmax(s, -1)) @ v        # rows of all -inf -> 0
         lse = logsumexp(s, -1)
+        # with sinks: a column s_sink[h] appended to s for the softmax and the
+        # lse, dropped before @ v:  out *= sigmoid(lse - s_sink); lse = logaddexp(lse, s_sink)
 
     Raises:
         AttentionInputError / AttentionTypeError: bad input, before any kernel.
         BackendUnavailable: the selection names no backend that accepts the call.
     """
-    o = CallOptions(mask, key_padding_mask, alibi_slopes, causal, dropout_p, scale, layout,
-                    return_lse, window, softcap)
+    o = CallOptions(mask, key_padding_mask, alibi_slopes, sinks, causal, dropout_p, scale,
+                    layout, return_lse, window, softcap)
     if _compiling():  # torch.compile: decided at trace time, nothing left per call
         plan = getattr(_compile, _compile.plan_name(_decide_constant(
             _compile.constant_key(q, k, v, o, backend))))
@@ -282,7 +291,8 @@ def _verified(plan: Plan, key: Optional[tuple], q: Tensor, k: Tensor, v: Tensor,
     views = [q, k, v, out] if o.layout == "bhsd" else [t.transpose(1, 2) for t in (q, k, v, out)]
     math, _ = REGISTRY.load("math")
     why = _verify.check(ran.backend, math, ran.spec, views[0], views[1], views[2],  # type: ignore[arg-type]
-                        o.mask, o.key_padding_mask, ran.scale, o.alibi_slopes, views[3])
+                        o.mask, o.key_padding_mask, ran.scale, o.alibi_slopes, views[3],
+                        o.sinks)
     if why is None:
         return res
     _events.emit(_events.VERIFY, ran.backend.name, why, ran.spec, level=logging.WARNING)
@@ -308,7 +318,8 @@ def _forward(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions
         from .packing import dense_via_varlen
 
         return dense_via_varlen(plan.backend, q, k, v, kpm, spec=plan.spec,
-                                dropout_p=plan.dropout_p, scale=plan.scale)
+                                dropout_p=plan.dropout_p, scale=plan.scale,
+                                **keyword_tensors(o))
     return plan.backend.forward(q, k, v, spec=plan.spec, mask=mask, key_padding_mask=kpm,
                                 dropout_p=plan.dropout_p, scale=plan.scale,
                                 **keyword_tensors(o))
@@ -335,6 +346,8 @@ def _run(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions,
     if o.layout == "bshd":
         out = out.transpose(1, 2)
     if o.return_lse:
+        if o.sinks is not None:  # rows fixed to -inf above hold their sink's logit
+            lse = sink_lse(lse, o.sinks.detach()[:, None])  # type: ignore[arg-type]
         return out, lse.detach()  # type: ignore[union-attr]  # no kernel differentiates it
     return out
 
@@ -344,14 +357,14 @@ def explain(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
             dropout_p: float = 0.0, scale: Optional[float] = None, layout: str = "bhsd",
             backend: BackendArg = "auto", return_lse: bool = False,
             window: Optional[tuple[int, int]] = None, softcap: Optional[float] = None,
-            alibi_slopes: Optional[Tensor] = None) -> Decision:
+            alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None) -> Decision:
     """Which backend :func:`attention` would run for these arguments, and, for
     every registered backend, whether it accepts the call or the exact reasons
     why not, and (``Decision.copies``) which tensors the chosen backend gets
     as copies (memory layout, key-padding slots zeroed) and why.  Nothing
     runs; the decision cache is not touched."""
-    o = CallOptions(mask, key_padding_mask, alibi_slopes, causal, dropout_p, scale, layout,
-                    return_lse, window, softcap)
+    o = CallOptions(mask, key_padding_mask, alibi_slopes, sinks, causal, dropout_p, scale,
+                    layout, return_lse, window, softcap)
     return explain_options(backend, q, k, v, o)
 
 

@@ -4,7 +4,7 @@ attend, GQA expansion."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -167,6 +167,36 @@ def _may_read_back(t: Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor,
+                to_out: Callable[[Tensor], Tensor] = lambda x: x.unsqueeze(-1)
+                ) -> tuple[Tensor, Tensor]:
+    """Attention sinks applied to a sink-free result: ``out`` scaled by the mass
+    the real keys keep, ``lse`` with the sink's term (differentiable in all three).
+
+    ``lse``: the natural-log LSE without the sink (-inf for rows with no key);
+    ``sinks``: the per-head logits, shaped to broadcast against ``lse`` (e.g.
+    (1, H, 1) for (B, H, S)); ``to_out`` lines an lse-shaped tensor up with
+    ``out`` (default: a trailing axis, for out (B, H, S, Dv)).  Returns out in
+    its dtype and lse in float32 (float64 for float64 outputs).
+
+    Equivalent math::
+
+        alpha = sigmoid(lse - s)            # e^lse / (e^lse + e^s); 0 for rows with no key
+        out' = alpha * out;  lse' = logaddexp(lse, s)
+    """
+    acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+    lse = lse.to(acc)
+    s = torch.broadcast_to(sinks.to(acc), lse.shape)
+    alpha = torch.sigmoid(lse - s)
+    return (out.to(acc) * to_out(alpha)).to(out.dtype), torch.logaddexp(lse, s)
+
+
+def sink_lse(lse: Tensor, sinks: Tensor) -> Tensor:
+    """``lse`` of a call with sinks after an empty-row fix: rows set to -inf
+    (no key) get their sink's logit instead.  ``sinks`` broadcasts against ``lse``."""
+    return torch.where(torch.isneginf(lse), sinks.to(lse.dtype).expand_as(lse), lse)
 
 
 def expand_kv(t: Tensor, heads_q: int) -> Tensor:

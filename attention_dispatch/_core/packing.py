@@ -202,7 +202,7 @@ def varlen_alive(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, total_q: int, causa
 
 
 def dense_via_varlen(backend: Backend, q: Tensor, k: Tensor, v: Tensor, kpm: Tensor, *,
-                     spec: CallSpec, dropout_p: float, scale: float
+                     spec: CallSpec, dropout_p: float, scale: float, **keywords: Tensor
                      ) -> tuple[Tensor, Optional[Tensor]]:
     """A dense key-padding call on a varlen backend without key padding: the
     real keys packed, every batch row's Sq queries one sequence.
@@ -210,7 +210,8 @@ def dense_via_varlen(backend: Backend, q: Tensor, k: Tensor, v: Tensor, kpm: Ten
     Shapes: q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D|Dv) bhsd views, kpm (B, Sk)
     -> out (B, Hq, Sq, Dv), lse (B, Hq, Sq) or None.  Exact only when nothing
     depends on key positions (``_capabilities.key_padding_as_varlen``).
-    One host synchronisation (the packed key count).
+    One host synchronisation (the packed key count).  ``keywords``: the call's
+    other tensor options (``sinks=``), passed on to ``forward_varlen``.
     """
     B, Hq, Sq, _ = q.shape
     kp, vp = k.transpose(1, 2)[kpm], v.transpose(1, 2)[kpm]          # (Tk, Hkv, D)
@@ -224,7 +225,7 @@ def dense_via_varlen(backend: Backend, q: Tensor, k: Tensor, v: Tensor, kpm: Ten
     out, lse = backend.forward_varlen(qp, kp, vp, spec=vspec, cu_seqlens_q=cu_q,
                                       cu_seqlens_k=cu_k, max_seqlen_q=Sq,
                                       max_seqlen_k=spec.seq_k, dropout_p=dropout_p,
-                                      scale=scale)
+                                      scale=scale, **keywords)
     out = out.reshape(B, Sq, Hq, -1).transpose(1, 2)
     if lse is not None:
         lse = lse.reshape(Hq, B, Sq).transpose(0, 1)

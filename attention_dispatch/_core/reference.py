@@ -28,6 +28,7 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tenso
                         window: Optional[tuple[int, int]] = None,
                         softcap: Optional[float] = None,
                         alibi_slopes: Optional[Tensor] = None,
+                        sinks: Optional[Tensor] = None,
                         precision: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
     """Float64 attention written plainly from the contract, (B, H, S, D) layout.
 
@@ -40,6 +41,11 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tenso
     c * tanh(s / c) (before anything is added or masked); ``alibi_slopes``
     ((Hq,) or (B, Hq)) adds -slope * |i + Sk - Sq - j|; ``window`` (left,
     right) keeps i + Sk - Sq - left <= j <= i + Sk - Sq + right (-1 = open).
+
+    ``sinks`` (Hq,): one more column in every row's softmax, holding sinks[h]
+    (after every mask; -inf = no sink), whose value is zero: it takes its share
+    of the probability mass and of the lse.  A row with no key then gives out
+    0 and lse sinks[h].
     """
     dt = precision
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
@@ -74,6 +80,11 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tenso
         allowed = allowed & (j >= i + (Sk - Sq) - window[0])
     if window is not None and window[1] >= 0:
         allowed = allowed & (j <= i + (Sk - Sq) + window[1])
+    if sinks is not None:  # the sink column: a virtual key, value 0
+        col = sinks.to(device=q.device, dtype=dt).reshape(1, Hq, 1, 1).expand(B, Hq, Sq, 1)
+        s = torch.cat([s.expand(B, Hq, Sq, Sk), col], -1)
+        allowed = torch.cat([allowed, col > float("-inf")], -1)
+        v = torch.cat([v, v.new_zeros(B, Hq, 1, v.shape[-1])], 2)
     row_ok = allowed.any(-1, keepdim=True)
     s = torch.where(allowed, s, torch.full_like(s, float("-inf")))
     s_safe = torch.where(row_ok, s, torch.zeros_like(s))

@@ -22,7 +22,7 @@ def small_call(spec: CallSpec, max_seq: int = 64, seed: int = 0
                ) -> tuple[tuple[Tensor, Tensor, Tensor], CallOptions]:
     """float64 CPU inputs (bhsd) standing for ``spec``: its dtype-independent
     features (head dims, GQA ratio, mask kind, key padding, causal, window,
-    softcap, ALiBi) with at most 2 batches, 4 query heads and ``max_seq``
+    softcap, ALiBi, sinks) with at most 2 batches, 4 query heads and ``max_seq``
     positions; no dropout, no gradients."""
     g = torch.Generator().manual_seed(seed)
     ratio = spec.heads_q // spec.heads_kv
@@ -41,7 +41,8 @@ def small_call(spec: CallSpec, max_seq: int = 64, seed: int = 0
         mask = randn(b, 1, sq, sk)
     kpm = (torch.rand(b, sk, generator=g) > 0.3) if spec.key_padding else None
     slopes = torch.rand(hq, generator=g) if spec.alibi else None
-    opts = CallOptions(mask, kpm, slopes, causal=spec.causal, window=spec.window,
+    sinks = torch.randn(hq, generator=g) if spec.sinks else None
+    opts = CallOptions(mask, kpm, slopes, sinks, causal=spec.causal, window=spec.window,
                        softcap=spec.softcap)
     return qkv, opts
 
@@ -53,14 +54,15 @@ def check_call(call: Call, name: str, spec: CallSpec, max_seq: int = 64) -> Opti
     (q, k, v), o = small_call(spec, max_seq)
     ref, _ = reference_attention(q, k, v, mask=o.mask, key_padding_mask=o.key_padding_mask,
                                  causal=o.causal, window=o.window, softcap=o.softcap,
-                                 alibi_slopes=o.alibi_slopes)
+                                 alibi_slopes=o.alibi_slopes, sinks=o.sinks)
     dev, dt = spec.device, spec.dtype
     q, k, v = (t.to(dev, dt) for t in (q, k, v))
     mask = o.mask if o.mask is None or o.mask.dtype == torch.bool else o.mask.to(dt)
     o = o._replace(mask=None if mask is None else mask.to(dev),
                    key_padding_mask=None if o.key_padding_mask is None
                    else o.key_padding_mask.to(dev),
-                   alibi_slopes=None if o.alibi_slopes is None else o.alibi_slopes.to(dev))
+                   alibi_slopes=None if o.alibi_slopes is None else o.alibi_slopes.to(dev),
+                   sinks=None if o.sinks is None else o.sinks.to(dev))
     with torch.no_grad():
         got = call((name,), q, k, v, o).double().cpu()
         base = call(("math",), q, k, v, o).double().cpu()

@@ -33,6 +33,9 @@ class CallSpec:
     ((-1, -1) is normalised to None); ``softcap`` the tanh cap of the scores
     (None = off; 0 is normalised to None); ``alibi`` whether ALiBi slopes were
     given (the tensor itself reaches ``Backend.forward`` as ``alibi_slopes=``).
+    ``sinks``: attention sinks were given (one logit per query head, a virtual
+    key with a zero value in every row's softmax; ``Backend.forward`` gets the
+    (Hq,) tensor as ``sinks=``).
     ``varlen``: a packed variable-length call (:func:`attention_varlen`); then
     ``batch`` is the number of sequences and ``seq_q``/``seq_k`` are
     ``max_seqlen_q``/``max_seqlen_k``; the causal offset is per sequence.
@@ -66,6 +69,7 @@ class CallSpec:
     varlen: bool = False
     paged: bool = False
     block_size: int = 0  # the KV cache's block size (paged calls), else 0
+    sinks: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -114,6 +118,7 @@ class CallOptions(NamedTuple):
     mask: Optional[torch.Tensor] = None
     key_padding_mask: Optional[torch.Tensor] = None
     alibi_slopes: Optional[torch.Tensor] = None
+    sinks: Optional[torch.Tensor] = None
     causal: bool = False
     dropout_p: float = 0.0
     scale: Optional[float] = None
@@ -124,7 +129,7 @@ class CallOptions(NamedTuple):
 
 
 #: CallOptions' first fields are tensors (or None).
-TENSOR_OPTIONS = 3
+TENSOR_OPTIONS = 4
 #: Tensor options passed to ``Backend.forward`` as keywords when given.
 KEYWORD_TENSORS = CallOptions._fields[2:TENSOR_OPTIONS]
 
@@ -154,6 +159,9 @@ EXTRA_FEATURES: dict[str, tuple[Callable[["CallSpec"], bool], str]] = {
     "paged": (lambda s: s.paged,
               "paged KV cache call; allowed: dense K/V (attention_paged gathers the used "
               "blocks to a dense batch for this kernel)"),
+    "sinks": (lambda spec: spec.sinks,
+              "sinks given (one extra softmax logit per query head); this kernel has no "
+              "attention sinks"),
 }
 
 
@@ -337,6 +345,31 @@ def check_alibi(slopes: Any, batch: int, heads_q: int, device: torch.device) -> 
     return True
 
 
+def check_sinks(sinks: Any, heads_q: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Check ``sinks``: (Hq,) float32 or q's dtype, on q's device (it may need a
+    gradient).  True when given."""
+    if sinks is None:
+        return False
+    expected = f"a float torch.Tensor of shape (Hq,) = ({heads_q},), or None"
+    if not isinstance(sinks, torch.Tensor):
+        raise AttentionTypeError("sinks", expected, type(sinks).__name__)
+    if sinks.dtype not in (torch.float32, dtype):
+        raise AttentionTypeError("sinks", f"dtype torch.float32 or q's dtype ({dtype})",
+                                 str(sinks.dtype), "use sinks.float()")
+    if tuple(sinks.shape) != (heads_q,):
+        raise AttentionInputError("sinks", f"shape (Hq,) = ({heads_q},): one logit per "
+                                  "query head", _shape(sinks))
+    if sinks.device != device:
+        raise AttentionInputError("sinks", f"device {device} (as q)", str(sinks.device))
+    return True
+
+
+def sinks_grad(o: CallOptions) -> bool:
+    """Whether the call's sinks need a gradient (grad mode on)."""
+    return (isinstance(o.sinks, torch.Tensor) and o.sinks.requires_grad
+            and torch.is_grad_enabled())
+
+
 def validate(q: Any, k: Any, v: Any, options: Optional[CallOptions] = None,
              **kwargs: Any) -> CallSpec:
     """Check every argument of an attention call and describe it.
@@ -359,20 +392,22 @@ def validate(q: Any, k: Any, v: Any, options: Optional[CallOptions] = None,
     kpm = _check_kpm(o.key_padding_mask, B, Sk, q.device)
     mask_grad = o.mask is not None and o.mask.requires_grad
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                        or mask_grad)
+                                        or mask_grad) or sinks_grad(o)
     return CallSpec(
         device_type=q.device.type, device_index=q.device.index, dtype=q.dtype,
         batch=B, heads_q=Hq, heads_kv=Hkv, seq_q=Sq, seq_k=Sk, head_dim=D,
         head_dim_v=v.shape[-1], layout=o.layout, mask_kind=mask_kind, key_padding=kpm,
         requires_grad=grad, mask_grad=grad and mask_grad,
-        **structured_fields(o, B, Hq, q.device),
+        **structured_fields(o, B, Hq, q.device, q.dtype),
     )
 
 
-def structured_fields(o: CallOptions, batch: int, heads_q: int, device: torch.device
-                      ) -> dict[str, Any]:
+def structured_fields(o: CallOptions, batch: int, heads_q: int, device: torch.device,
+                      dtype: torch.dtype) -> dict[str, Any]:
     """The :class:`CallSpec` fields of the options every entry point shares
-    (dense and packed calls), checked: causal, dropout, lse, window, softcap, ALiBi."""
+    (dense and packed calls), checked: causal, dropout, lse, window, softcap,
+    ALiBi, sinks."""
     return dict(causal=o.causal, dropout=o.dropout_p > 0, return_lse=o.return_lse,
                 window=check_window(o.window), softcap=check_softcap(o.softcap),
-                alibi=check_alibi(o.alibi_slopes, batch, heads_q, device))
+                alibi=check_alibi(o.alibi_slopes, batch, heads_q, device),
+                sinks=check_sinks(o.sinks, heads_q, dtype, device))

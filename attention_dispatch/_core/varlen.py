@@ -34,8 +34,9 @@ from .errors import AttentionInputError, AttentionTypeError, BackendUnavailable
 from .layout import StrideRequirements
 from .packing import pad_varlen, unpad_varlen, varlen_alive
 from .registry import REGISTRY
+from .masks import sink_lse
 from .spec import (FLOAT_DTYPES, CallOptions, CallSpec, _check_scalars, keyword_tensors,
-                   structured_fields)
+                   sinks_grad, structured_fields)
 
 Tensor = torch.Tensor
 
@@ -114,12 +115,13 @@ def validate_varlen(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any
         _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q)
         _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)
     batch, hq = cu_seqlens_q.shape[0] - 1, q.shape[1]
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    grad = (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            or sinks_grad(o))
     return CallSpec(
         device_type=q.device.type, device_index=q.device.index, dtype=q.dtype, batch=batch,
         heads_q=hq, heads_kv=k.shape[1], seq_q=max_seqlen_q, seq_k=max_seqlen_k,
         head_dim=q.shape[-1], head_dim_v=v.shape[-1], layout="bshd", requires_grad=grad,
-        varlen=True, **structured_fields(o, batch, hq, q.device))
+        varlen=True, **structured_fields(o, batch, hq, q.device, q.dtype))
 
 
 # ------------------------------------------------------------ the decision
@@ -204,6 +206,8 @@ def varlen_call(selection: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor,
         plan = _plan(key, spec, selection, o.scale)
     out, lse = _run(plan, q, k, v, cu_seqlens_q, cu_seqlens_k, o)
     if o.return_lse:
+        if o.sinks is not None:  # rows with no key: their sink's logit
+            lse = sink_lse(lse, o.sinks.detach()[:, None])  # type: ignore[arg-type]
         return out, lse.detach()  # type: ignore[union-attr]
     return out
 

@@ -167,9 +167,11 @@ def _sample_mask(spec: CallSpec, mask: Optional[Tensor], heads: Tensor, rows: Te
 
 def check(backend: Backend, math: Backend, spec: CallSpec, q: Tensor, k: Tensor, v: Tensor,
           mask: Optional[Tensor], kpm: Optional[Tensor], scale: float,
-          alibi_slopes: Optional[Tensor], out: Tensor) -> Optional[str]:
+          alibi_slopes: Optional[Tensor], out: Tensor, sinks: Optional[Tensor] = None
+          ) -> Optional[str]:
     """Why ``out`` (bhsd) breaks the accuracy rule on the sample, or None.
-    q, k, v: the call's bhsd views; ``math`` gives the yardstick."""
+    q, k, v: the call's bhsd views; ``math`` gives the yardstick; ``sinks``
+    (Hq,) the call's attention sinks."""
     heads, kv, rows = _sample(spec)
     dev = q.device
     acc = torch.float64 if dev.type == "cpu" else torch.float32
@@ -183,11 +185,12 @@ def check(backend: Backend, math: Backend, spec: CallSpec, q: Tensor, k: Tensor,
             slopes = alibi_slopes.reshape(-1, spec.heads_q)[:1].index_select(1, h)
         m = _sample_mask(spec, mask, h, r, slopes, acc)
         kp = None if kpm is None else kpm[:1]
+        sk = {} if sinks is None else {"sinks": sinks.index_select(0, h)}
         ref, _ = reference_attention(qs, ks, vs, mask=m, key_padding_mask=kp, scale=scale,
-                                     softcap=spec.softcap, precision=acc)
+                                     softcap=spec.softcap, precision=acc, **sk)
         small = _sample_spec(spec, len(heads), len(kv), len(rows), m, kp is not None)
         base, _ = math.forward(qs, ks, vs, spec=small, mask=m, key_padding_mask=kp,
-                               dropout_p=0.0, scale=scale)
+                               dropout_p=0.0, scale=scale, **sk)
         err = (got.to(acc) - ref).abs().max().item()
         err_math = (base.to(acc) - ref).abs().max().item()
         top = ref.abs().max().item()

@@ -248,6 +248,9 @@ def _fa4_call_reasons(spec: CallSpec, cc: CC) -> list[str]:
     d, dv = spec.head_dim, spec.head_dim_v
     if spec.dropout:
         out.append("dropout_p > 0; FA4 has no dropout")
+    if spec.sinks and spec.requires_grad and cc[0] not in (9, 10, 11):
+        out.append(f"gradients with sinks on sm{cc[0]}{cc[1]}; FA4's learnable_sink backward "
+                   "needs sm90/sm100/sm110")
     if cc[0] == 9 and not (8 <= min(d, dv) and max(d, dv) <= 256):
         out.append(f"head dims (D={d}, Dv={dv}) on sm90; FA4 allowed: 8..256")
     elif cc[0] != 9 and not ((8 <= min(d, dv) and max(d, dv) <= 128)
@@ -258,12 +261,15 @@ def _fa4_call_reasons(spec: CallSpec, cc: CC) -> list[str]:
 
 
 def _structured_reasons(label: str, spec: CallSpec) -> list[str]:
-    """FA3/FA2: window and softcap are taken on the FA4 path only."""
+    """FA3/FA2: window, softcap and sinks are taken on the FA4 path only."""
     out = []
     if spec.window is not None:
         out.append(f"window={spec.window}; the {label} path takes no window (FA4 does)")
     if spec.softcap is not None:
         out.append(f"softcap={spec.softcap}; the {label} path takes no softcap (FA4 does)")
+    if spec.sinks:
+        out.append(f"sinks given; the {label} path has no attention sinks (FA4 does: "
+                   "learnable_sink)")
     return out
 
 
@@ -360,9 +366,12 @@ def _fa3_lse_kwargs(fn: Any, need_lse: bool) -> dict[str, Any]:
     return {"return_attn_probs": True} if need_lse and "return_attn_probs" in _params(fn) else {}
 
 
-def fa4_structured(window: Optional[tuple[int, int]], softcap: Optional[float]
-                   ) -> dict[str, Any]:
-    """FA4 keyword arguments for the contract's window and softcap.
+def fa4_structured(window: Optional[tuple[int, int]], softcap: Optional[float],
+                   sinks: Optional[Tensor] = None) -> dict[str, Any]:
+    """FA4 keyword arguments for the contract's window, softcap and sinks.
+
+    Sinks are FA4's ``learnable_sink`` ((Hq,) natural-log logits, not scaled;
+    its lse includes them, and its backward returns their gradient on sm90+).
 
     The contract's -1 (unbounded side) is FA4's None; FA4 aligns the window
     bottom-right (j - (i + Sk - Sq) in [-left, right]) as the contract does,
@@ -373,6 +382,8 @@ def fa4_structured(window: Optional[tuple[int, int]], softcap: Optional[float]
         kw["window_size"] = tuple(None if w < 0 else w for w in window)
     if softcap is not None:
         kw["softcap"] = softcap
+    if sinks is not None:
+        kw["learnable_sink"] = sinks
     return kw
 
 

@@ -19,6 +19,8 @@ Translation of the contract:
   reshaped back to (B, Sq, H, Dv).  Causal with key padding (Sq > 1) is refused:
   varlen kernels align causal to each row's real key count, the contract to the
   padded Sk.
+* sinks: FA4 only (``learnable_sink``; its lse includes them; gradients on
+  sm90/sm100/sm110).
 * window / softcap: FA4 only (``window_size`` with -1 as None, ``softcap``),
   both bottom-right and capped by causal as in the contract.  A window with
   key padding is refused (the kernel would align it to each row's real key
@@ -122,7 +124,8 @@ class FlashAttnBackend(Backend):
         window=True,   # FA4 path; see call reasons
         softcap=True,  # FA4 path
         varlen=True,   # forward_varlen: packed sequences, cu_seqlens on both sides
-        extras=frozenset({"paged"}),  # FA4 page_table + seqused_k (sm90/sm100/sm110)
+        # FA4 page_table + seqused_k (sm90/sm100/sm110); FA4 learnable_sink
+        extras=frozenset({"paged", "sinks"}),
     )
 
     def __init__(self) -> None:
@@ -227,9 +230,11 @@ class FlashAttnBackend(Backend):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
                 mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
-                dropout_p: float, scale: float) -> AttentionResult:
-        """q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) bhsd views ->
-        (out (B, Hq, Sq, Dv) view of the kernel's bshd output, lse (B, Hq, Sq) or None)."""
+                dropout_p: float, scale: float, sinks: Optional[Tensor] = None
+                ) -> AttentionResult:
+        """q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) bhsd views, sinks
+        (Hq,) or None -> (out (B, Hq, Sq, Dv) view of the kernel's bshd output,
+        lse (B, Hq, Sq) or None)."""
         choice, why = self._choose(spec)
         if choice is None:
             raise RuntimeError("flash-attn cannot run this call: " + "; ".join(why))
@@ -239,13 +244,15 @@ class FlashAttnBackend(Backend):
             # FA4 compiles a kernel on the first call of a signature, and the CuTe
             # DSL then warns; filtered around that call only (see _flash_api)
             with api_mod.quiet_fa4_compile():
-                out, lse = _call(api, mod, spec, qs, ks, vs, key_padding_mask, dropout_p, scale)
+                out, lse = _call(api, mod, spec, qs, ks, vs, key_padding_mask, dropout_p, scale,
+                                 sinks)
             with self._lock:
                 if len(self._fa4_seen) >= _MAX_CHOICES:
                     self._fa4_seen.clear()
                 self._fa4_seen.add(spec)
         else:
-            out, lse = _call(api, mod, spec, qs, ks, vs, key_padding_mask, dropout_p, scale)
+            out, lse = _call(api, mod, spec, qs, ks, vs, key_padding_mask, dropout_p, scale,
+                             sinks)
         if spec.return_lse:
             lse = lse_to_bhs(lse, spec.batch, spec.heads_q, spec.seq_q)  # type: ignore[arg-type]
         return out.transpose(1, 2), (lse if spec.return_lse else None)
@@ -288,12 +295,12 @@ def _packed(api: FlashApi, mod: ModuleType, spec: CallSpec, q: Tensor, k: Tensor
 
 
 def _call(api: FlashApi, mod: ModuleType, spec: CallSpec, q: Tensor, k: Tensor, v: Tensor,
-          kpm: Optional[Tensor], dropout_p: float, scale: float
-          ) -> tuple[Tensor, Optional[Tensor]]:
+          kpm: Optional[Tensor], dropout_p: float, scale: float,
+          sinks: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """The kernel call on bshd views: dense, FA4 seqused_k, or FA3/FA2 varlen."""
     kw = dict(causal=spec.causal and spec.seq_q > 1, scale=scale, need_lse=spec.return_lse)
-    if spec.window is not None or spec.softcap is not None:
-        kw["fa4_kw"] = api_mod.fa4_structured(spec.window, spec.softcap)
+    if spec.window is not None or spec.softcap is not None or sinks is not None:
+        kw["fa4_kw"] = api_mod.fa4_structured(spec.window, spec.softcap, sinks)
     if kpm is None:
         return api_mod.call_dense(api, mod, q, k, v, dropout_p=dropout_p, **kw)
     if api is FA4:

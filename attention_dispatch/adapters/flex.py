@@ -29,8 +29,8 @@ On the CPU (inductor's C++ flex kernel; the first compile of a signature
 takes seconds, ~15 s on a laptop) it is inference-only and returns no LSE:
 calls that need gradients or ``return_lse`` are refused there, and so are
 calls with fewer than ``FlexBackend.min_cpu_scores`` (64 * 64) scores, which
-finish before a compile would.  On CUDA
-(triton): gradients and LSE.  No dropout, no dense masks (use another
+finish before a compile would.  On CUDA (triton): gradients, LSE, and sinks
+through the LSE.  No dropout, no dense masks (use another
 backend for those).
 
 Equivalent math::
@@ -40,6 +40,7 @@ Equivalent math::
     s = s - slope[h] * |i + Sk - Sq - j|          # score_mod, if ALiBi
     s[~(key_padding & causal_bottom_right & window & same_document)] = -inf  # block_mask
     out = softmax(s) @ v;  lse = logsumexp(s)     # rows without keys: 0 / -inf
+    out *= sigmoid(lse - sinks[h]); lse = logaddexp(lse, sinks[h])  # sinks (CUDA)
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ import torch
 from .._core.backend import AttentionResult, Backend
 from .._core.capabilities import Capabilities
 from .._core.layout import CUDA_ALIGNED, StrideRequirements
-from .._core.masks import expand_kv
+from .._core.masks import apply_sinks, expand_kv
 from .._core.spec import CallSpec
+from ._flex_mods import _Docs, dense_mask_mod, make_score_mod
 from .paged_flex import forward_paged, paged_reasons
 
 Tensor = torch.Tensor
@@ -142,99 +144,6 @@ def clear_caches() -> None:
 
 
 # ------------------------------------------------------------ mask and score
-
-
-def _window_ok(d: Tensor, window: Optional[tuple[int, int]], causal: bool) -> Optional[Tensor]:
-    """d = j - (i + Sk - Sq) (per document for varlen): the causal/window test."""
-    keep: Optional[Tensor] = None
-    left, right = window if window is not None else (-1, -1)
-    for ok, test in ((left >= 0, lambda: d >= -left), (right >= 0, lambda: d <= right),
-                     (causal, lambda: d <= 0)):
-        if ok:
-            keep = test() if keep is None else keep & test()
-    return keep
-
-
-def dense_mask_mod(seq_q: int, seq_k: int, causal: bool, window: Optional[tuple[int, int]],
-                   kpm: Optional[Tensor], padded_k: Optional[int] = None
-                   ) -> Optional[Callable[..., Tensor]]:
-    """mask_mod for a dense call (None when nothing is masked).
-
-    ``padded_k`` (> seq_k): K/V were padded to that length; keys at
-    ``kv_idx >= seq_k`` are masked out, and causal/window keep the offset of
-    the real lengths (``kpm``, if given, has ``padded_k`` columns then)."""
-    limit = seq_k if padded_k is not None and padded_k > seq_k else None
-    if not causal and window is None and kpm is None and limit is None:
-        return None
-    off = seq_k - seq_q
-
-    def mask_mod(b: Tensor, h: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
-        keep = _window_ok(kv - (qi + off), window, causal)
-        if kpm is not None:
-            keep = kpm[b, kv] if keep is None else keep & kpm[b, kv]
-        if limit is not None:
-            keep = kv < limit if keep is None else keep & (kv < limit)
-        return keep if keep is not None else kv >= 0
-
-    return mask_mod
-
-
-def make_score_mod(softcap: Optional[float], slopes: Optional[Tensor],
-                   distance: Callable[[Tensor, Tensor, Tensor], Tensor],
-                   row: Callable[[Tensor, Tensor], Tensor]) -> Optional[Callable[..., Tensor]]:
-    """score_mod: softcap, then ALiBi.  ``distance(b, qi, kv)`` is
-    i + Sk - Sq - j (per document for varlen); ``row(b, qi)`` indexes (B, Hq)
-    slopes (the document index for varlen)."""
-    if softcap is None and slopes is None:
-        return None
-
-    def score_mod(score: Tensor, b: Tensor, h: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
-        if softcap is not None:
-            score = torch.tanh(score / softcap) * softcap
-        if slopes is not None:
-            slope = slopes[h] if slopes.dim() == 1 else slopes[row(b, qi), h]
-            score = score - slope * distance(b, qi, kv).abs()
-        return score
-
-    return score_mod
-
-
-class _Docs:
-    """Per-token document tables of a packed call, padded to ``total_q`` /
-    ``total_k`` slots (padding tokens: document -1 / -2, never equal)."""
-
-    def __init__(self, cu_q: Tensor, cu_k: Tensor, total_q: int, total_k: int) -> None:
-        from .._core.packing import seqlens, token_positions
-
-        dev = cu_q.device
-        tq, tk = int(cu_q[-1]), int(cu_k[-1])
-        dq, pq = token_positions(cu_q, tq)
-        dk, pk = token_positions(cu_k, tk)
-        lq, lk = seqlens(cu_q).long(), seqlens(cu_k).long()
-        self.doc_q = torch.full((total_q,), -1, dtype=torch.long, device=dev)
-        self.doc_k = torch.full((total_k,), -2, dtype=torch.long, device=dev)
-        self.centre = torch.zeros(total_q, dtype=torch.long, device=dev)  # i + Lk - Lq
-        self.pos_k = torch.zeros(total_k, dtype=torch.long, device=dev)
-        self.doc_q[:tq], self.doc_k[:tk] = dq, dk
-        self.centre[:tq] = pq + lk[dq] - lq[dq]
-        self.pos_k[:tk] = pk
-
-    def mask_mod(self, causal: bool, window: Optional[tuple[int, int]]
-                 ) -> Callable[..., Tensor]:
-        doc_q, doc_k, centre, pos_k = self.doc_q, self.doc_k, self.centre, self.pos_k
-
-        def mask_mod(b: Tensor, h: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
-            keep = doc_q[qi] == doc_k[kv]
-            extra = _window_ok(pos_k[kv] - centre[qi], window, causal)
-            return keep if extra is None else keep & extra
-
-        return mask_mod
-
-    def distance(self, b: Tensor, qi: Tensor, kv: Tensor) -> Tensor:
-        return self.centre[qi] - self.pos_k[kv]
-
-    def row(self, b: Tensor, qi: Tensor) -> Tensor:
-        return self.doc_q[qi].clamp(min=0)
 
 
 _BLOCK = 128  # flex's default sparse block size (create_block_mask's too)
@@ -386,6 +295,7 @@ class FlexBackend(Backend):
         softcap=True,
         alibi=True,
         varlen=True,
+        extras=frozenset({"sinks"}),  # through the LSE: CUDA only (check)
     )
 
     def stride_requirements(self, spec: CallSpec) -> StrideRequirements:
@@ -434,6 +344,9 @@ class FlexBackend(Backend):
             if spec.return_lse:
                 out.append("return_lse=True on the CPU; compiled flex_attention returns no "
                            "LSE there")
+            if spec.sinks:
+                out.append("sinks on the CPU; flex applies them through its LSE, which "
+                           "compiled flex_attention does not return there")
         elif spec.device_type == "cuda":
             for name, d in (("head_dim", spec.head_dim), ("head_dim_v", spec.head_dim_v)):
                 if not 16 <= d <= 256:
@@ -457,18 +370,19 @@ class FlexBackend(Backend):
     @classmethod
     def _aux(cls, spec: CallSpec) -> Optional[dict]:
         """flex's LSE request, one object for the process (it is guarded on)."""
-        if not spec.return_lse:
+        if not (spec.return_lse or spec.sinks):
             return None
         if cls._lse_request is None:
-            request = getattr(_flex(), "AuxRequest", None)
-            cls._lse_request = {"return_aux": request(lse=True)} if request else \
-                {"return_lse": True}
+            req = getattr(_flex(), "AuxRequest", None)
+            cls._lse_request = {"return_aux": req(lse=True)} if req else {"return_lse": True}
         return cls._lse_request
 
     def _run(self, key: tuple, q: Tensor, k: Tensor, v: Tensor, spec: CallSpec,
-             score_mod: Any, block_mask: Any, scale: float,
+             score_mod: Any, block_mask: Any, scale: float, sinks: Optional[Tensor] = None,
              native_gqa: bool = False) -> AttentionResult:
-        if native_gqa:  # flex's enable_gqa: K/V (a whole paged cache) not expanded
+        """One compiled flex call; ``sinks`` (Hq,) applied through its (differentiable)
+        LSE; ``native_gqa``: flex's enable_gqa (K/V, e.g. a whole paged cache, not expanded)."""
+        if native_gqa:
             gqa = q.shape[1] != k.shape[1]
         else:
             k, v, gqa = _gqa(q, k, v)
@@ -478,14 +392,16 @@ class FlexBackend(Backend):
         res = fn(q, k, v, score_mod, block_mask, scale, gqa, aux)
         if aux is None:
             return res, None
-        out, extra = res
-        lse = extra.lse if hasattr(extra, "lse") else extra
-        return out, lse.float()
+        out, lse = res[0], (res[1].lse if hasattr(res[1], "lse") else res[1]).float()
+        if sinks is not None and out.requires_grad and not lse.requires_grad:  # never silently
+            raise RuntimeError("flex returned an LSE without a gradient; sinks need one")
+        out, lse = (out, lse) if sinks is None else apply_sinks(out, lse, sinks.view(1, -1, 1))
+        return out, (lse.float() if spec.return_lse else None)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
                 mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
-                dropout_p: float, scale: float,
-                alibi_slopes: Optional[Tensor] = None) -> AttentionResult:
+                dropout_p: float, scale: float, alibi_slopes: Optional[Tensor] = None,
+                sinks: Optional[Tensor] = None) -> AttentionResult:
         """Dense call: one flex call; on the CPU with small head dims the keys
         are padded to a multiple of 16 and masked (``cpu_key_length``)."""
         Sq, Sk = q.shape[2], k.shape[2]
@@ -498,12 +414,13 @@ class FlexBackend(Backend):
         key = ("dense", q.device, q.dtype, spec.causal, spec.window, kpm is not None,
                spec.softcap, None if alibi_slopes is None else alibi_slopes.dim(),
                spec.requires_grad, Sk)
-        return self._run(key, q, k, v, spec, sm, bm, scale)
+        return self._run(key, q, k, v, spec, sm, bm, scale, sinks)
 
     def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
                        cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                        max_seqlen_k: int, dropout_p: float, scale: float,
-                       alibi_slopes: Optional[Tensor] = None) -> AttentionResult:
+                       alibi_slopes: Optional[Tensor] = None,
+                       sinks: Optional[Tensor] = None) -> AttentionResult:
         """Packed call as one (1, H, T, D) flex call with a document mask."""
         tq, tk = q.shape[0], k.shape[0]
         pq, pk = _bucket(tq), _bucket(tk)
@@ -522,7 +439,7 @@ class FlexBackend(Backend):
         sm = make_score_mod(spec.softcap, alibi_slopes, docs.distance, docs.row)
         key = ("varlen", q.device, q.dtype, spec.causal, spec.window, spec.softcap,
                None if alibi_slopes is None else alibi_slopes.shape, spec.requires_grad)
-        out, lse = self._run(key, qp, kp, vp, spec, sm, bm, scale)
+        out, lse = self._run(key, qp, kp, vp, spec, sm, bm, scale, sinks)
         out = out[0, :, :tq].transpose(0, 1)
         return out, (lse[0, :, :tq] if lse is not None else None)
 

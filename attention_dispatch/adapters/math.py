@@ -8,6 +8,8 @@ Equivalent math::
     s[~keep] = -inf                          # bool mask & key padding & causal & window
     p = softmax(s) (0 for rows with no allowed key); p = dropout(p, dropout_p)
     out = p @ v;  lse = logsumexp(s, -1)     # -inf for rows with no allowed key
+    # sinks: softmax and lse over [s, sinks[h]] (one more column), p without it;
+    # dropout then acts on the real keys' probabilities only
 
 Packed variable-length calls (``forward_varlen``) loop over the sequences and
 run the dense path on each (one host synchronisation to read the lengths).
@@ -62,7 +64,7 @@ class MathBackend(Backend):
         softcap=True,
         alibi=True,
         varlen=True,
-        extras=frozenset({"paged"}),
+        extras=frozenset({"paged", "sinks"}),
     )
 
     def describe(self) -> str:
@@ -70,8 +72,8 @@ class MathBackend(Backend):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
                 mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
-                dropout_p: float, scale: float,
-                alibi_slopes: Optional[Tensor] = None) -> AttentionResult:
+                dropout_p: float, scale: float, alibi_slopes: Optional[Tensor] = None,
+                sinks: Optional[Tensor] = None) -> AttentionResult:
         k = expand_kv(k, spec.heads_q)
         v = expand_kv(v, spec.heads_q)
         # scores and softmax in float32 for half inputs; p is rounded to the
@@ -81,7 +83,12 @@ class MathBackend(Backend):
         bias = additive_bias(spec, mask, key_padding_mask, acc, alibi_slopes=alibi_slopes)
         if bias is not None:
             s = s + bias
-        p, lse = safe_softmax(s)
+        if sinks is not None:  # the sink column joins the softmax, then leaves
+            col = sinks.to(acc).view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+            p, lse = safe_softmax(torch.cat([s, col], -1))
+            p = p[..., :-1]
+        else:
+            p, lse = safe_softmax(s)
         if dropout_p > 0:
             p = torch.nn.functional.dropout(p, dropout_p, training=True)
         out = torch.matmul(p.to(q.dtype), v)
@@ -90,7 +97,8 @@ class MathBackend(Backend):
     def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
                        cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                        max_seqlen_k: int, dropout_p: float, scale: float,
-                       alibi_slopes: Optional[Tensor] = None) -> AttentionResult:
+                       alibi_slopes: Optional[Tensor] = None,
+                       sinks: Optional[Tensor] = None) -> AttentionResult:
         """Packed call: q (Tq, Hq, D), k (Tk, Hkv, D), v (Tk, Hkv, Dv) ->
         out (Tq, Hq, Dv), lse (Hq, Tq) float32 or None; one dense call per sequence."""
         cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -110,8 +118,10 @@ class MathBackend(Backend):
                 ob = qb.new_zeros(qb.shape[:-1] + (v.shape[-1],)) + 0.0 * qb.sum()
                 lb = torch.full(qb.shape[:-1], float("-inf"), device=q.device)
             else:
+                extra = {} if sinks is None else {"sinks": sinks}
                 ob, lb = self.forward(qb, kb, vb, spec=sb, mask=None, key_padding_mask=None,
-                                      dropout_p=dropout_p, scale=scale, alibi_slopes=slopes)
+                                      dropout_p=dropout_p, scale=scale, alibi_slopes=slopes,
+                                      **extra)
             outs.append(ob[0].transpose(0, 1))
             lses.append(lb[0] if lb is not None else None)
         if not outs:

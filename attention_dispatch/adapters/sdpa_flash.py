@@ -6,6 +6,8 @@
   taken on the CPU as part of that additive mask: it is *materialised*
   ((B|1, Hq|1, Sq, Sk) in the input dtype), so they cost O(Sq * Sk) memory
   here, unlike the ``flex`` backend; no softcap (it is not additive).
+  Attention sinks: the kernel's LSE corrected and its backward run against the
+  corrected output (exact; ``_sinks``).
 * CUDA: ``aten._scaled_dot_product_flash_attention`` (FA2 vendored in torch,
   sm80+) - no mask of any kind, causal is bottom-right natively, dropout,
   float16/bfloat16, head dim a multiple of 8 up to 256, GQA by expanding K/V.
@@ -24,6 +26,7 @@ from .._core.backend import AttentionResult, Backend
 from .._core.capabilities import Capabilities
 from .._core.layout import CUDA_ALIGNED, StrideRequirements
 from .._core.spec import CallSpec
+from ._sinks import sinks_via_lse
 from ._torch_common import half_only_on_cuda, top_left_causal_flag, torch_bias, with_gqa
 
 Tensor = torch.Tensor
@@ -40,6 +43,7 @@ class SdpaFlashBackend(Backend):
         dropout=True,
         window=True,  # CPU only (materialised bias); check() refuses it on CUDA
         alibi=True,   # CPU only, likewise
+        extras=frozenset({"sinks"}),  # CPU only (through the LSE, _sinks), likewise
     )
 
     def describe(self) -> str:
@@ -79,14 +83,17 @@ class SdpaFlashBackend(Backend):
         if spec.window is not None or spec.alibi:
             out.append(f"window={spec.window}, alibi={spec.alibi} on CUDA; allowed: neither "
                        "(torch's CUDA flash kernel takes no bias; use flex or flash-attn)")
+        if spec.sinks:
+            out.append("sinks on CUDA; this backend applies them on the CPU only (use "
+                       "flash-attn or flex)")
         if spec.head_dim > 256 or spec.head_dim % 8:
             out.append(f"head_dim={spec.head_dim} on CUDA; allowed: multiples of 8 up to 256")
         return out
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
                 mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
-                dropout_p: float, scale: float,
-                alibi_slopes: Optional[Tensor] = None) -> AttentionResult:
+                dropout_p: float, scale: float, alibi_slopes: Optional[Tensor] = None,
+                sinks: Optional[Tensor] = None) -> AttentionResult:
         if spec.device_type != "cpu":
             return with_gqa(_cuda_kernel, q, k, v, spec, dropout_p=dropout_p, scale=scale)
         if key_padding_mask is not None:
@@ -97,9 +104,30 @@ class SdpaFlashBackend(Backend):
         # equals bottom-right, whatever other masks come with it
         is_causal, in_bias = top_left_causal_flag(spec, other_masks=False)
         bias = torch_bias(spec, mask, key_padding_mask, q.dtype, in_bias, alibi_slopes)
+        if sinks is not None:
+            out, lse = _cpu_with_sinks(q, k, v, sinks, is_causal, bias, scale)
+            return out, (lse.float() if spec.return_lse else None)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale)
         return out, (lse.float() if spec.return_lse else None)
+
+
+def _cpu_with_sinks(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor, is_causal: bool,
+                    bias: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+    """The CPU kernel with attention sinks: its LSE corrected, its own backward
+    run against the corrected output and LSE (exact; see ``_sinks``)."""
+    aten = torch.ops.aten
+
+    def fwd(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale)
+
+    def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
+            ) -> tuple[Tensor, Tensor, Tensor]:
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, is_causal, attn_mask=bias, scale=scale)
+
+    return sinks_via_lse(q, k, v, sinks, fwd, bwd)
 
 
 def _drop_padded_tail(k: Tensor, v: Tensor, mask: Optional[Tensor], kpm: Tensor,

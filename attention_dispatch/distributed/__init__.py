@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from .._core import AttentionInputError, AttentionTypeError, resolve, validate
 from .ring import (BACKWARD_IMPLS, LAYOUTS, SHARDINGS, RingConfig, accum_dtype, backward_block,
-    block_kind, concat_shards, forward_block, seq_dim, shard_sequence)
+    block_kind, concat_shards, forward_block, seq_dim, shard_sequence, sink_forward, sink_grad)
 from .ring_bwd import fused_reason
 
 Tensor = torch.Tensor
@@ -47,12 +47,12 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _config(q: Any, k: Any, v: Any, *, causal: Any, scale: Any, layout: Any, sharding: Any,
             backend: Any, dropout_p: Any, return_lse: Any, backward_impl: Any,
-            grad_dtype: Any) -> RingConfig:
+            grad_dtype: Any, sinks: Any = None) -> RingConfig:
     """Check everything that needs no communication; the step configuration."""
     if layout not in LAYOUTS:
         raise AttentionInputError("layout", "'bhsd' or 'bshd'", repr(layout))
     validate(q, k, v, causal=causal, dropout_p=dropout_p, scale=scale, layout=layout,
-             return_lse=return_lse)
+             return_lse=return_lse, sinks=sinks)
     if dropout_p != 0:
         raise AttentionInputError(
             "dropout_p", "0.0 (ring attention applies no dropout)", repr(dropout_p),
@@ -217,20 +217,28 @@ class _RingAttention(torch.autograd.Function):
     """out, lse = ring attention of the local shard; lse is not differentiable."""
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, ring: _P2PRing,
-                cfg: RingConfig) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor],
+                ring: _P2PRing, cfg: RingConfig) -> tuple[Tensor, Tensor]:
         k, v = k.contiguous(), v.contiguous()
         out, lse = _ring_forward(q, k, v, ring, cfg)
-        ctx.save_for_backward(q, k, v, out, lse)
+        if sinks is not None:  # once, on the merged result
+            out, lse = sink_forward(out, lse, sinks, cfg.layout)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.ring, ctx.cfg = ring, cfg
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor, _dlse: Optional[Tensor]) -> tuple:
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(q, k, v, out, lse, dout.contiguous(), ctx.ring, ctx.cfg)
-        return dq, dk, dv, None, None
+        # with sinks, the blocks' backward against the sink-applied out and lse is
+        # exact for q, k, v (P' = exp(s - lse') is the sink-aware probability)
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        dout = dout.contiguous()
+        dq, dk, dv = _ring_backward(q, k, v, out, lse, dout, ctx.ring, ctx.cfg)
+        dsink = None
+        if sinks is not None and ctx.needs_input_grad[3]:
+            dsink = sink_grad(out, dout, lse, sinks, ctx.cfg.layout)
+        return dq, dk, dv, dsink, None, None
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[Any] = None,
@@ -238,7 +246,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[Any] = No
                    sharding: str = "contiguous", backend: Any = "auto",
                    dropout_p: float = 0.0, return_lse: bool = False,
                    backward_impl: str = "auto", grad_dtype: Optional[torch.dtype] = None,
-                   check_shards: bool = True) -> Union[Tensor, tuple[Tensor, Tensor]]:
+                   check_shards: bool = True, sinks: Optional[Tensor] = None
+                   ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention over a sequence sharded across the ranks of ``group``.
 
     Shapes (this rank's shard, S_local = S / N): q (B, Hq, S_local, D),
@@ -262,10 +271,14 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[Any] = No
             that travel the ring; default float32 (float64 for float64 inputs).
         check_shards: one small all_gather per call checking that every rank
             passes the same shapes and options.
+        sinks: (Hq,) attention sinks (as in :func:`attention`), the same on
+            every rank; applied once, to the merged result.  Their gradient on
+            each rank covers that rank's query rows: sum it over the group
+            (as data parallelism does for any replicated parameter).
 
     Equivalent math (q_full etc.: the unsharded sequence)::
 
-        out_full = attention(q_full, k_full, v_full, causal=causal, scale=scale)
+        out_full = attention(q_full, k_full, v_full, causal=causal, scale=scale, sinks=sinks)
         out = shard_sequence(out_full, rank, N, sharding, seq_dim)
 
     Raises:
@@ -275,11 +288,11 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: Optional[Any] = No
     """
     cfg = _config(q, k, v, causal=causal, scale=scale, layout=layout, sharding=sharding,
                   backend=backend, dropout_p=dropout_p, return_lse=return_lse,
-                  backward_impl=backward_impl, grad_dtype=grad_dtype)
+                  backward_impl=backward_impl, grad_dtype=grad_dtype, sinks=sinks)
     group = _check_group(group, q)
     if check_shards:
         _check_shards_agree(group, q, k, v, cfg)
-    out, lse = _RingAttention.apply(q, k, v, _P2PRing(group), cfg)
+    out, lse = _RingAttention.apply(q, k, v, sinks, _P2PRing(group), cfg)
     return (out, lse) if return_lse else out
 
 
@@ -345,8 +358,8 @@ class _SimulatedRing(torch.autograd.Function):
     """simulate_ring's autograd: full-sequence tensors in, full-sequence out."""
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, world: int,
-                cfg: RingConfig) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor],
+                world: int, cfg: RingConfig) -> tuple[Tensor, Tensor]:
         d = seq_dim(cfg.layout)
 
         def shards(t: Tensor, dim: int = d) -> list[Tensor]:
@@ -355,27 +368,32 @@ class _SimulatedRing(torch.autograd.Function):
 
         outs, lses = _sim_forward(shards(q), shards(k), shards(v), cfg)
         out, lse = concat_shards(outs, cfg.sharding, d), concat_shards(lses, cfg.sharding, 2)
-        ctx.save_for_backward(q, k, v, out, lse)
+        if sinks is not None:
+            out, lse = sink_forward(out, lse, sinks, cfg.layout)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.world, ctx.cfg, ctx.shards = world, cfg, shards
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor, _dlse: Optional[Tensor]) -> tuple:
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         cfg, shards = ctx.cfg, ctx.shards
         grads = _sim_backward(shards(q), shards(k), shards(v), shards(out), shards(lse, 2),
                               shards(dout.contiguous()), cfg)
         d = seq_dim(cfg.layout)
         dq, dk, dv = (concat_shards(g, cfg.sharding, d) for g in grads)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        dsink = None
+        if sinks is not None and ctx.needs_input_grad[3]:
+            dsink = sink_grad(out, dout, lse, sinks, cfg.layout)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsink, None, None
 
 
 def simulate_ring(q: Tensor, k: Tensor, v: Tensor, world: int, *, causal: bool = False,
                   sharding: str = "contiguous", scale: Optional[float] = None,
                   layout: str = "bhsd", backend: Any = "auto", return_lse: bool = False,
-                  backward_impl: str = "auto", grad_dtype: Optional[torch.dtype] = None
-                  ) -> Union[Tensor, tuple[Tensor, Tensor]]:
+                  backward_impl: str = "auto", grad_dtype: Optional[torch.dtype] = None,
+                  sinks: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Ring attention over ``world`` simulated ranks in this process.
 
     Shards the FULL-sequence q (B, Hq, S, D), k, v (B, Hkv, S, D[v]) (or bshd)
@@ -383,7 +401,8 @@ def simulate_ring(q: Tensor, k: Tensor, v: Tensor, world: int, *, causal: bool =
     the code :func:`ring_attention` runs (block attention on the local backend
     + exact merge forward; block backward with travelling dK/dV accumulators),
     and returns the full-sequence out (and lse (B, Hq, S) float32 with
-    ``return_lse``); differentiable w.r.t. q, k and v.  No process group.
+    ``return_lse``); differentiable w.r.t. q, k, v (and ``sinks``, (Hq,),
+    applied once to the merged result).  No process group.
 
     Equivalent math::
 
@@ -403,6 +422,6 @@ def simulate_ring(q: Tensor, k: Tensor, v: Tensor, world: int, *, causal: bool =
                                       f"({world} ranks, sharding {sharding!r})", str(s))
     cfg = _config(q, k, v, causal=causal, scale=scale, layout=layout, sharding=sharding,
                   backend=backend, dropout_p=0.0, return_lse=return_lse,
-                  backward_impl=backward_impl, grad_dtype=grad_dtype)
-    out, lse = _SimulatedRing.apply(q, k, v, world, cfg)
+                  backward_impl=backward_impl, grad_dtype=grad_dtype, sinks=sinks)
+    out, lse = _SimulatedRing.apply(q, k, v, sinks, world, cfg)
     return (out, lse) if return_lse else out

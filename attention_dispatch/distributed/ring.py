@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .._core import AttentionInputError, AttentionTypeError, attention
+from .._core import AttentionInputError, AttentionTypeError, apply_sinks, attention
 from ..structured.merge import merge_attention
 from .ring_bwd import block_grads
 
@@ -238,3 +238,33 @@ def backward_block(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, l
     block_grads(view(q, qr), view(k, kr), view(v, kr), view(out, qr), view(dout, qr),
                 lse[:, :, qr], causal=kind == CAUSAL, scale=cfg.scale,
                 impl=cfg.backward_impl, into=(view(dq, qr), view(dk, kr), view(dv, kr)))
+
+
+def _lse_to_out(layout: str) -> Any:
+    """Lines an lse-shaped (B, H, S) tensor up with an output in ``layout``."""
+    if layout == "bhsd":
+        return lambda x: x.unsqueeze(-1)
+    return lambda x: x.transpose(1, 2).unsqueeze(-1)
+
+
+def sink_forward(out: Tensor, lse: Tensor, sinks: Tensor, layout: str
+                 ) -> tuple[Tensor, Tensor]:
+    """Attention sinks (Hq,) applied once, to the merged (out, lse) of every block:
+    out * sigmoid(lse - s), logaddexp(lse, s) (lse (B, Hq, S) float32)."""
+    o, l = apply_sinks(out, lse, sinks.detach().view(1, -1, 1), _lse_to_out(layout))
+    return o, l.float()
+
+
+def sink_grad(out: Tensor, dout: Tensor, lse: Tensor, sinks: Tensor, layout: str) -> Tensor:
+    """d loss / d sinks for this rank's query rows, given the sink-applied out
+    and lse (the block backward, run with those, is then exact for q, k, v).
+
+    Equivalent math::
+
+        dsink[h] = -sum_{b,i} exp(s[h] - lse'[b,h,i]) * rowsum(dout * out')[b,h,i]
+    """
+    delta = (dout.float() * out.float()).sum(-1)
+    if layout == "bshd":
+        delta = delta.transpose(1, 2)
+    p_sink = torch.exp(sinks.detach().float().view(1, -1, 1) - lse.float())
+    return (-(p_sink * delta).sum((0, 2))).to(sinks.dtype)

@@ -239,8 +239,7 @@ def _refuse(kwargs: dict[str, Any]) -> None:
         raise ad.AttentionInputError(
             "output_attentions", "False (attention_dispatch computes no attention weights)",
             "True", "load the model with attn_implementation='eager' to get the weights")
-    for name, what in (("position_bias", "T5-style position bias"),
-                       ("s_aux", "attention sinks")):
+    for name, what in (("position_bias", "T5-style position bias"),):
         if kwargs.get(name) is not None:
             raise ad.AttentionInputError(
                 name, f"None ({what} are not part of the attention contract)", "a tensor",
@@ -263,15 +262,21 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
 
         k, v = key[:, :, :m.keep], value[:, :, :m.keep]          # all keys if keep is None
         out = attention(query, k, v, key_padding_mask=m.key_padding_mask, causal=m.causal,
-                        window=m.window, softcap=softcap, scale=scaling, dropout_p=dropout)
+                        window=m.window, softcap=softcap, scale=scaling, dropout_p=dropout,
+                        sinks=s_aux)
         return out.transpose(1, 2).contiguous(), None
 
+    Attention sinks (``s_aux``, gpt-oss: one logit per query head) are passed
+    as ``sinks=``.
+
     Raises:
-        AttentionInputError: ``output_attentions=True``, ``position_bias`` or
-            attention sinks (``s_aux``), or a mask of another kind.
+        AttentionInputError: ``output_attentions=True``, ``position_bias``, or a
+            mask of another kind.
     """
     _refuse(kwargs)
     kw: dict[str, Any] = {"dropout_p": float(dropout), "scale": scaling, "softcap": softcap}
+    if kwargs.get("s_aux") is not None:
+        kw["sinks"] = kwargs["s_aux"]
     if isinstance(attention_mask, DispatchMask) and attention_mask.packed is not None:
         return _packed_forward(query, key, value, attention_mask, attention_mask.packed, kw), None
     if isinstance(attention_mask, DispatchMask):

@@ -9,11 +9,11 @@ attention (each device holds one key block) and of KV-cache splits.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from .._core import AttentionInputError, AttentionTypeError
+from .._core import AttentionInputError, AttentionTypeError, apply_sinks
 
 
 Tensor = torch.Tensor
@@ -68,8 +68,8 @@ def _check(outs: Sequence[Tensor], lses: Sequence[Tensor], layout: str) -> None:
                                       f"{o.device} / lse on {s.device}")
 
 
-def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor], *, layout: str = "bhsd"
-                    ) -> tuple[Tensor, Tensor]:
+def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor], *, layout: str = "bhsd",
+                    sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Merge attention results computed over disjoint sets of keys.
 
     Shapes: every ``outs[n]`` is (B, H, S, Dv) with ``lses[n]`` (B, H, S)
@@ -83,7 +83,11 @@ def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor], *, layout: s
     that no partial saw gives out 0 and lse -inf, without NaN.  The partials
     must use the same queries, scale and softcap, and disjoint keys.
 
-    Gradients flow to ``outs`` and ``lses``.  :func:`attention` returns its lse
+    ``sinks`` (H,): attention sinks, applied once to the merged result (the
+    partials must be computed without them): the union's softmax gains one
+    virtual key per head with logit sinks[h] and a zero value.
+
+    Gradients flow to ``outs``, ``lses`` and ``sinks``.  :func:`attention` returns its lse
     detached, so gradients of a merged output with respect to q and k miss the
     term that flows through the weights: use the merge for inference, or pass
     lses that carry gradients.
@@ -92,12 +96,15 @@ def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor], *, layout: s
 
         lse = logsumexp(stack(lses), 0)                     # -inf if all are -inf
         out = sum(exp(lse_n - lse) * out_n for n)           # 0 where lse is -inf
+        if sinks is not None:
+            out = out * sigmoid(lse - sinks[h]);  lse = logaddexp(lse, sinks[h])
 
     Raises:
         AttentionInputError / AttentionTypeError: mismatched shapes, dtypes,
             devices or counts, or an unknown layout.
     """
     _check(outs, lses, layout)
+    _check_sinks(sinks, outs[0], layout)
     acc = torch.float64 if outs[0].dtype == torch.float64 else torch.float32
     lse_all = torch.stack([s.to(acc) for s in lses])                 # (n, ...)
     top = lse_all.amax(0)
@@ -112,5 +119,29 @@ def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor], *, layout: s
     for o, w in zip(outs, weights):
         part = o.to(acc) * _lse_view(w / safe_total, layout)
         out = part if out is None else out + part
-    assert out is not None
+    if out is None:
+        raise AttentionInputError("outs", "at least one output", "none")
+    if sinks is not None:
+        out, lse = apply_sinks(out, lse, _sinks_view(sinks, layout),
+                               lambda x: _lse_view(x, layout))
     return out.to(outs[0].dtype), lse.float()
+
+
+def _sinks_view(sinks: Tensor, layout: str) -> Tensor:
+    """(H,) sinks broadcasting against the lse: (1, H, 1), or (H, 1) for "thd"."""
+    return sinks.view(-1, 1) if layout == "thd" else sinks.view(1, -1, 1)
+
+
+def _check_sinks(sinks: Optional[Tensor], out: Tensor, layout: str) -> None:
+    if sinks is None:
+        return
+    heads = out.shape[1] if layout in ("bhsd", "thd") else out.shape[2]
+    if not isinstance(sinks, Tensor) or not sinks.dtype.is_floating_point:
+        raise AttentionTypeError("sinks", f"a float torch.Tensor of shape (H,) = ({heads},)",
+                                 type(sinks).__name__ if not isinstance(sinks, Tensor)
+                                 else str(sinks.dtype))
+    if tuple(sinks.shape) != (heads,):
+        raise AttentionInputError("sinks", f"shape (H,) = ({heads},): one logit per head",
+                                  str(tuple(sinks.shape)))
+    if sinks.device != out.device:
+        raise AttentionInputError("sinks", f"device {out.device} (as outs)", str(sinks.device))
