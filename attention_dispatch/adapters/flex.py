@@ -286,7 +286,6 @@ class FlexBackend(Backend):
         key_padding=True,
         causal=True,
         dropout=False,
-        extras=frozenset({"paged"}),  # forward_paged: block-table mask (see paged_flex)
         lse=True,        # CUDA only: check() refuses it on the CPU
         gqa=True,
         backward=True,   # CUDA only, likewise
@@ -295,7 +294,9 @@ class FlexBackend(Backend):
         softcap=True,
         alibi=True,
         varlen=True,
-        extras=frozenset({"sinks"}),  # through the LSE: CUDA only (check)
+        # forward_paged: a block-table mask (see paged_flex); sinks through the
+        # LSE, CUDA only (check)
+        extras=frozenset({"paged", "sinks"}),
     )
 
     def stride_requirements(self, spec: CallSpec) -> StrideRequirements:
