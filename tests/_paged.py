@@ -83,7 +83,8 @@ def row_keys(case: PagedCase, b: int) -> tuple[Tensor, Tensor]:
 
 def paged_reference(case: PagedCase, *, causal: bool = True, scale: Optional[float] = None,
                     window: Optional[tuple[int, int]] = None,
-                    softcap: Optional[float] = None) -> tuple[Tensor, Tensor]:
+                    softcap: Optional[float] = None, sinks: Optional[Tensor] = None
+                    ) -> tuple[Tensor, Tensor]:
     """float64 (out (B, Sq, Hq, Dv), lse (B, Hq, Sq)) on the CPU."""
     outs, lses = [], []
     scale = 1.0 / math.sqrt(case.q.shape[-1]) if scale is None else scale
@@ -92,7 +93,8 @@ def paged_reference(case: PagedCase, *, causal: bool = True, scale: Optional[flo
         q = case.q[b].double().cpu()
         o, lse = reference_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                      v.transpose(0, 1)[None], causal=causal, scale=scale,
-                                     window=window, softcap=softcap)
+                                     window=window, softcap=softcap,
+                                     sinks=None if sinks is None else sinks.double().cpu())
         outs.append(o[0].transpose(0, 1))
         lses.append(lse[0])
     return torch.stack(outs), torch.stack(lses)

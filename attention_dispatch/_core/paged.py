@@ -16,9 +16,9 @@ padding mask, and the dense dispatcher runs it on that backend.  Right
 alignment keeps causal and window exact: dense key j' = j + M - L_b gives
 j' <= i + M - Sq  <=>  j <= i + L_b - Sq, the per-row bottom-right offset.
 
-A later per-call tensor option (sinks, say) travels in ``CallOptions``: the
-native route passes it to ``forward_paged`` as a keyword (``keyword_tensors``),
-the gathered route hands the options to the dense call unchanged.
+Tensor options (``sinks``) travel in ``CallOptions``: the native route passes
+them to ``forward_paged`` as keywords (``keyword_tensors``), the gathered route
+hands the options to the dense call unchanged.
 """
 
 from __future__ import annotations
@@ -142,9 +142,11 @@ def validate_paged(q: Any, k_cache: Any, v_cache: Any, block_table: Any, cache_s
     if o.mask is not None or o.key_padding_mask is not None or o.alibi_slopes is not None:
         raise AttentionInputError("mask", "no mask, key padding or ALiBi for a paged call",
                                   "a tensor")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
-        raise AttentionInputError("q", "tensors that need no gradient (attention_paged is "
-                                  "forward-only)", "q, k_cache or v_cache requires grad",
+    grads = [n for n, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
+                            ("sinks", o.sinks)) if t is not None and t.requires_grad]
+    if torch.is_grad_enabled() and grads:
+        raise AttentionInputError(grads[0], "tensors that need no gradient (attention_paged "
+                                  "is forward-only)", f"{', '.join(grads)} requires grad",
                                   "call it under torch.no_grad() or pass detached tensors")
     B, Sq, Hq, D = q.shape
     nb, bs, hkv, _ = k_cache.shape
@@ -154,7 +156,7 @@ def validate_paged(q: Any, k_cache: Any, v_cache: Any, block_table: Any, cache_s
         device_type=q.device.type, device_index=q.device.index, dtype=q.dtype, batch=B,
         heads_q=Hq, heads_kv=hkv, seq_q=Sq, seq_k=block_table.shape[1] * bs, head_dim=D,
         head_dim_v=v_cache.shape[-1], layout="bshd", paged=True, block_size=bs,
-        **structured_fields(o, B, Hq, q.device))
+        **structured_fields(o, B, Hq, q.device, q.dtype))
 
 
 # ------------------------------------------------------------ gathering

@@ -212,14 +212,14 @@ class FlashAttnBackend(Backend):
         return " + ".join(parts) if parts else "flash-attn (not installed)"
 
     def forward_paged(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, *, spec: CallSpec,
-                      block_table: Tensor, cache_seqlens: Tensor, scale: float
-                      ) -> AttentionResult:
+                      block_table: Tensor, cache_seqlens: Tensor, scale: float,
+                      sinks: Optional[Tensor] = None) -> AttentionResult:
         """FA4 over a paged cache: q (B, Sq, Hq, D) -> out (B, Sq, Hq, Dv),
         lse (B, Hq, Sq) or None (see the module docstring)."""
         choice, why = self._choose(spec)
         if choice is None:
             raise RuntimeError("flash-attn cannot run this paged call: " + "; ".join(why))
-        args = (choice[1], spec, q, k_cache, v_cache, block_table, cache_seqlens, scale)
+        args = (choice[1], spec, q, k_cache, v_cache, block_table, cache_seqlens, scale, sinks)
         if spec in self._fa4_seen:
             return _paged(*args)
         with api_mod.quiet_fa4_compile():
@@ -259,16 +259,17 @@ class FlashAttnBackend(Backend):
 
     def forward_varlen(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
                        cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
-                       max_seqlen_k: int, dropout_p: float, scale: float) -> AttentionResult:
+                       max_seqlen_k: int, dropout_p: float, scale: float,
+                       sinks: Optional[Tensor] = None) -> AttentionResult:
         """Packed sequences: q (Tq, Hq, D), k/v (Tk, Hkv, D|Dv), cu_seqlens (B + 1,)
-        int32 -> out (Tq, Hq, Dv), lse (Hq, Tq) float32 or None."""
+        int32, sinks (Hq,) or None (FA4) -> out (Tq, Hq, Dv), lse (Hq, Tq) float32 or None."""
         choice, why = self._choose(spec)
         if choice is None:
             raise RuntimeError("flash-attn cannot run this call: " + "; ".join(why))
         api, mod = choice
         with (api_mod.quiet_fa4_compile() if api is FA4 else contextlib.nullcontext()):
             out, lse = _packed(api, mod, spec, q, k, v, cu_seqlens_q, cu_seqlens_k,
-                               max_seqlen_q, max_seqlen_k, dropout_p, scale)
+                               max_seqlen_q, max_seqlen_k, dropout_p, scale, sinks)
         if not spec.return_lse:
             return out, None
         if lse is None or lse.dim() != 2:  # older FA2: (B, Hq, max_q), padded per sequence
@@ -278,13 +279,12 @@ class FlashAttnBackend(Backend):
 
 def _packed(api: FlashApi, mod: ModuleType, spec: CallSpec, q: Tensor, k: Tensor, v: Tensor,
             cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, dropout_p: float,
-            scale: float) -> tuple[Tensor, Optional[Tensor]]:
+            scale: float, sinks: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """A packed varlen call: q (Tq, Hq, D), k/v (Tk, Hkv, D|Dv) -> out (Tq, Hq, Dv),
     lse (Hq, Tq) or None.  Causal, window and softcap are bottom-right per
     sequence in every API, as in the contract."""
     if api is FA4:
-        kw = api_mod.fa4_structured(spec.window, spec.softcap) \
-            if spec.window is not None or spec.softcap is not None else {}
+        kw = api_mod.fa4_structured(spec.window, spec.softcap, sinks)
         return api_mod._split(mod.flash_attn_varlen_func(
             q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
             max_seqlen_k=max_k, softmax_scale=scale, causal=spec.causal,
@@ -327,12 +327,12 @@ def _varlen(api: FlashApi, mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, kpm
 
 
 def _paged(mod: ModuleType, spec: CallSpec, q: Tensor, k_cache: Tensor, v_cache: Tensor,
-           block_table: Tensor, cache_seqlens: Tensor, scale: float
-           ) -> tuple[Tensor, Optional[Tensor]]:
+           block_table: Tensor, cache_seqlens: Tensor, scale: float,
+           sinks: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """FA4's paged call (the core copied inputs whose memory breaks CUDA_ALIGNED)."""
     kw = dict(causal=spec.causal and spec.seq_q > 1, scale=scale, need_lse=spec.return_lse)
-    if spec.window is not None or spec.softcap is not None:
-        kw["fa4_kw"] = api_mod.fa4_structured(spec.window, spec.softcap)
+    if spec.window is not None or spec.softcap is not None or sinks is not None:
+        kw["fa4_kw"] = api_mod.fa4_structured(spec.window, spec.softcap, sinks)
     out, lse = api_mod.call_paged(mod, q, k_cache, v_cache, block_table,
                                   cache_seqlens, **kw)
     if spec.return_lse:

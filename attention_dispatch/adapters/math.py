@@ -132,13 +132,13 @@ class MathBackend(Backend):
         return out, (torch.cat(lses, -1).float() if spec.return_lse else None)
 
     def forward_paged(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, *, spec: CallSpec,
-                      block_table: Tensor, cache_seqlens: Tensor, scale: float
-                      ) -> AttentionResult:
+                      block_table: Tensor, cache_seqlens: Tensor, scale: float,
+                      sinks: Optional[Tensor] = None) -> AttentionResult:
         """Paged call: q (B, Sq, Hq, D) -> out (B, Sq, Hq, Dv), lse (B, Hq, Sq) or
         None; the used blocks gathered right-aligned, then the dense path
         (bottom-right causal on the padded length = per row on the real one)."""
         kd, vd, kpm = gather_dense(k_cache, v_cache, block_table, cache_seqlens)
         out, lse = self.forward(q.transpose(1, 2), kd.transpose(1, 2), vd.transpose(1, 2),
                                 spec=dense_spec(spec), mask=None, key_padding_mask=kpm,
-                                dropout_p=0.0, scale=scale)
+                                dropout_p=0.0, scale=scale, sinks=sinks)
         return out.transpose(1, 2), lse

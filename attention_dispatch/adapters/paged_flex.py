@@ -120,7 +120,8 @@ def _softcap_mod(softcap: Optional[float]) -> Optional[Callable[..., Tensor]]:
 
 
 def forward_paged(self: Any, q: Tensor, k_cache: Tensor, v_cache: Tensor, *, spec: CallSpec,
-                  block_table: Tensor, cache_seqlens: Tensor, scale: float) -> AttentionResult:
+                  block_table: Tensor, cache_seqlens: Tensor, scale: float,
+                  sinks: Optional[Tensor] = None) -> AttentionResult:
     """``FlexBackend.forward_paged``: one flex call over the flat cache
     (1, Hkv, num_blocks * bs, D) (a view when the cache's first two axes
     merge) with the block-table BlockMask and flex's native GQA (the cache
@@ -134,5 +135,5 @@ def forward_paged(self: Any, q: Tensor, k_cache: Tensor, v_cache: Tensor, *, spe
     key = ("paged", q.device, q.dtype, spec.causal, spec.window, spec.softcap, bs,
            tuple(block_table.shape))
     out, lse = self._run(key, q.transpose(1, 2), kf, vf, spec, _softcap_mod(spec.softcap),
-                         bm, scale, native_gqa=True)
+                         bm, scale, sinks, native_gqa=True)
     return out.transpose(1, 2), lse

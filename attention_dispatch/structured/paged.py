@@ -22,19 +22,19 @@ __all__ = ["attention_paged", "explain_paged", "gather_dense"]
 
 
 def _options(causal: bool, scale: Optional[float], window: Optional[tuple[int, int]],
-             softcap: Optional[float], return_lse: bool) -> CallOptions:
-    # the place of a later tensor option (e.g. sinks=): a CallOptions field set
-    # here; the native route passes it to forward_paged as a keyword, the
-    # gathered route to the dense call
-    return CallOptions(causal=causal, scale=scale, layout="bshd", return_lse=return_lse,
-                       window=window, softcap=softcap)
+             softcap: Optional[float], sinks: Optional[Tensor], return_lse: bool
+             ) -> CallOptions:
+    # tensor options (sinks) reach forward_paged as keywords on the native route
+    # and the dense call unchanged on the gathered route
+    return CallOptions(sinks=sinks, causal=causal, scale=scale, layout="bshd",
+                       return_lse=return_lse, window=window, softcap=softcap)
 
 
 def attention_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, block_table: Tensor,
                     cache_seqlens: Tensor, causal: bool = True, scale: Optional[float] = None,
                     window: Optional[tuple[int, int]] = None, softcap: Optional[float] = None,
-                    return_lse: bool = False, backend: BackendArg = "auto"
-                    ) -> Union[Tensor, tuple[Tensor, Tensor]]:
+                    sinks: Optional[Tensor] = None, return_lse: bool = False,
+                    backend: BackendArg = "auto") -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention of new queries over a paged KV cache (forward only).
 
     Shapes: q (B, Sq, Hq, D); k_cache (num_blocks, block_size, Hkv, D);
@@ -50,8 +50,9 @@ def attention_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, block_table:
     garbage there changes nothing).  ``causal`` (default True) is bottom-right
     per row: query i sits at position i + L - Sq and sees key j iff
     j <= i + L - Sq.  ``window`` (left, right) keeps
-    i + L - Sq - left <= j <= i + L - Sq + right (-1 = open); ``softcap`` and
-    ``scale`` mean what they mean in :func:`attention`.  No call needs
+    i + L - Sq - left <= j <= i + L - Sq + right (-1 = open); ``softcap``,
+    ``scale`` and ``sinks`` ((Hq,) logits; with ``return_lse`` the lse includes
+    them) mean what they mean in :func:`attention`.  No call needs
     gradients (a tensor that requires grad is an error); nothing is appended
     to the cache.
 
@@ -80,18 +81,19 @@ def attention_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, block_table:
             or a tensor that requires grad, before any kernel.
         BackendUnavailable: no backend of the selection takes the call.
     """
-    o = _options(causal, scale, window, softcap, return_lse)
+    o = _options(causal, scale, window, softcap, sinks, return_lse)
     return paged_call(selection_of(backend), q, k_cache, v_cache, block_table, cache_seqlens, o)
 
 
 def explain_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, block_table: Tensor,
                   cache_seqlens: Tensor, causal: bool = True, scale: Optional[float] = None,
                   window: Optional[tuple[int, int]] = None, softcap: Optional[float] = None,
-                  return_lse: bool = False, backend: BackendArg = "auto") -> Decision:
+                  sinks: Optional[Tensor] = None, return_lse: bool = False,
+                  backend: BackendArg = "auto") -> Decision:
     """Which backend and route :func:`attention_paged` would use for these
     arguments, and for every registered backend its reasons against both
     routes ("native: ..." for ``forward_paged``, "gathered: ..." for the dense
     route); an accepting verdict's ``note`` names its route.  Validates the
     arguments; runs no kernel (no numeric canary)."""
-    o = _options(causal, scale, window, softcap, return_lse)
+    o = _options(causal, scale, window, softcap, sinks, return_lse)
     return explain_paged_options(backend, q, k_cache, v_cache, block_table, cache_seqlens, o)
