@@ -9,6 +9,7 @@
 #   bash bench/gpu_run.sh layouts            # memory layouts, poisoned padding, verify mode: tests
 #   bash bench/gpu_run.sh layout-bench       # a transposed K: time and memory vs contiguous and torch
 #   bash bench/gpu_run.sh hf-llama           # transformers Llama: attention_dispatch vs sdpa
+#   bash bench/gpu_run.sh policies           # deterministic=True: bitwise-equal backward passes
 # Logs and results go to $OUT (default ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -76,6 +77,11 @@ for stage in "$@"; do
       step hf-llama
       ATTENTION_DISPATCH_CACHE_DIR=$(mktemp -d) python3 bench/hf_llama_bench.py \
         --out "$OUT/hf-llama.json" 2>&1 | tail -20 | tee -a "$LOG" ;;
+    policies)
+      env_on
+      step policies
+      python3 -m pytest tests/gpu/test_policies_gpu.py -m gpu -q -p no:cacheprovider -rfEs \
+        2>&1 | tail -30 | tee "$OUT/gpu-policies.txt" | tee -a "$LOG" ;;
     *) echo "unknown stage $stage" | tee -a "$LOG"; exit 2 ;;
   esac
 done
