@@ -25,7 +25,7 @@ from .errors import (AttentionDispatchError, AttentionInputError, AttentionTypeE
                      PluginWarning, UnknownBackendError)
 from .eventlog import Event, clear_events, events
 from .errors import MemoryWarning
-from .policy import effective as effective_policy, use_policy
+from .policy import effective as effective_policy, parse_bytes, use_policy
 from .ranking import register_ranking, ranked
 from .reference import ATOL, atol, reference_attention, within_rule
 from .registry import REGISTRY, get_backend, list_backends, register_backend, unregister_backend
@@ -47,6 +47,6 @@ __all__ = [
     "explain", "explain_options", "explain_spec", "get_backend", "isolated_cache",
     "list_backends", "normalize", "ranked", "reasons", "reference_attention",
     "register_backend", "register_cache", "register_ranking", "registered", "resolve",
-    "selection_of", "time_interleaved", "use_policy", "effective_policy", "tune_call", "unregister_backend", "use_backend",
+    "selection_of", "time_interleaved", "use_policy", "effective_policy", "parse_bytes", "tune_call", "unregister_backend", "use_backend",
     "validate", "varlen_call", "verify", "within_rule",
 ]

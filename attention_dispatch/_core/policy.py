@@ -65,7 +65,12 @@ _NONE = Policy()
 _context: contextvars.ContextVar[Optional[Policy]] = contextvars.ContextVar(
     "attention_dispatch_policy", default=None)
 _env: dict[str, Policy] = {}
-_torch_deterministic = torch.are_deterministic_algorithms_enabled
+#: torch's flag, read per call (the C function: torch.are_deterministic_algorithms_enabled
+#: wraps it); a call that sets ``deterministic`` itself does not read it
+_torch_deterministic = getattr(torch._C, "_get_deterministic_algorithms",
+                               torch.are_deterministic_algorithms_enabled)
+_context_get = _context.get
+_env_get = _env.get
 
 
 def _parse_bool(raw: str) -> Optional[bool]:
@@ -118,21 +123,21 @@ def context_policy() -> Policy:
 def effective(deterministic: Any, max_extra_bytes: Any) -> tuple[Any, Any]:
     """The policies a call runs under: its arguments, else use_policy, else the
     environment; ``deterministic`` finally from torch's deterministic mode.
-    Values are not checked here (``validate`` does, on a cache miss)."""
-    ctx = _context.get()
-    if ctx is not None:
+    Values are not checked here (``validate`` does, on a cache miss).  On the hot
+    path of every call: a context-variable read, a dict read and torch's flag."""
+    env = _env_get("p") or env_policy()
+    ctx = _context_get()
+    if ctx is not None:  # inside use_policy: its values first, the environment's next
         if deterministic is None:
-            deterministic = ctx.deterministic
+            deterministic = ctx[0]
         if max_extra_bytes is None:
-            max_extra_bytes = ctx.max_extra_bytes
-    if deterministic is None or max_extra_bytes is None:
-        env = _env.get("p") or env_policy()
-        if deterministic is None:
-            deterministic = env.deterministic
-        if max_extra_bytes is None:
-            max_extra_bytes = env.max_extra_bytes
+            max_extra_bytes = ctx[1]
     if deterministic is None:
-        deterministic = _torch_deterministic()
+        deterministic = env[0]
+        if deterministic is None:
+            deterministic = _torch_deterministic()
+    if max_extra_bytes is None:
+        max_extra_bytes = env[1]
     return deterministic, max_extra_bytes
 
 
