@@ -13,11 +13,13 @@ from ._core import BackendRegistrationError
 from ._core import BackendRuntimeError
 from ._core import BackendUnavailable
 from ._core import BackendVerdict
+from ._core import Buffer
 from ._core import CallSpec
 from ._core import Capabilities
 from ._core import Decision
 from ._core import Event
 from ._core import FallbackWarning
+from ._core import MemoryWarning
 from ._core import PluginWarning
 from ._core import UnknownBackendError
 from ._core import WrongResultError
@@ -34,6 +36,7 @@ from ._core import register_backend
 from ._core import register_ranking
 from ._core import unregister_backend
 from ._core import use_backend
+from ._core import use_policy
 from ._core import verify
 from .structured.merge import merge_attention
 from .structured.paged import attention_paged
@@ -65,11 +68,13 @@ __all__ = [
     "BackendRuntimeError",
     "BackendUnavailable",
     "BackendVerdict",
+    "Buffer",
     "CallSpec",
     "Capabilities",
     "Decision",
     "Event",
     "FallbackWarning",
+    "MemoryWarning",
     "PluginWarning",
     "UnknownBackendError",
     "WrongResultError",
@@ -93,5 +98,6 @@ __all__ = [
     "scaled_dot_product_attention",
     "unregister_backend",
     "use_backend",
+    "use_policy",
     "verify",
 ]

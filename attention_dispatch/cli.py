@@ -4,7 +4,8 @@
     attention-dispatch explain --shape B,H,S,D [--kv-heads N] [--seq-k SK] [--dtype DT]
                                [--causal] [--mask bool|float|padding] [--device cpu|cuda]
                                [--dropout P] [--lse] [--grad] [--layout bhsd|bshd]
-                               [--backend NAME[,NAME...]]
+                               [--backend NAME[,NAME...]] [--deterministic]
+                               [--max-extra-bytes N]
     attention-dispatch bench [--quick] [--device cuda] [--shapes ...] [--out DIR]
                              [--max-seconds S] [--resume]
     attention-dispatch rank results.json
@@ -28,7 +29,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._core import AttentionDispatchError, CallSpec, explain_spec, normalize, resolve
+from ._core import (AttentionDispatchError, CallSpec, explain_spec, normalize, parse_bytes,
+                    resolve)
 from ._cli import info as _info
 from ._cli.args import (CommandError, Parser, default_device, default_dtype, device_arg,
     float_arg, int_arg, shape_arg)
@@ -69,7 +71,9 @@ def cmd_explain(a: argparse.Namespace) -> int:
                     seq_k=a.seq_k if a.seq_k is not None else s, head_dim=d,
                     head_dim_v=a.head_dim_v or d, layout=a.layout, mask_kind=mask_kind,
                     key_padding=a.mask == "padding", causal=a.causal, dropout=a.dropout > 0,
-                    return_lse=a.lse, requires_grad=a.grad)
+                    return_lse=a.lse, requires_grad=a.grad, deterministic=a.deterministic,
+                    max_extra_bytes=None if a.max_extra_bytes is None else
+                    parse_bytes(a.max_extra_bytes, "--max-extra-bytes"))
     selection = normalize("--backend", a.backend) if a.backend else resolve("auto")[0]
     print(fit_decision(str(explain_spec(spec, selection, "--backend" if a.backend else
                                         "default")), _info.output_width()))
@@ -117,6 +121,11 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
                    default=0.0, metavar="P", help="dropout probability (default 0)")
     e.add_argument("--lse", action="store_true", help="the call asks for the log-sum-exp")
     e.add_argument("--grad", action="store_true", help="the call needs gradients")
+    e.add_argument("--deterministic", action="store_true",
+                   help="policy: deterministic kernels only (see docs/selection.md)")
+    e.add_argument("--max-extra-bytes", default=None, metavar="N",
+                   help="policy: refuse paths allocating more than N extra bytes "
+                        "(e.g. 2GiB)")
     e.add_argument("--layout", choices=["bhsd", "bshd"], default="bhsd",
                    help="tensor layout (default: bhsd)")
     e.add_argument("--backend", default=None, metavar="NAME[,NAME...]",

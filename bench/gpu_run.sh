@@ -11,6 +11,7 @@
 #   bash bench/gpu_run.sh hf-llama           # transformers Llama: attention_dispatch vs sdpa
 #   bash bench/gpu_run.sh paged              # paged KV cache: GPU tests (FA4, flex), paged vs dense decode
 #   bash bench/gpu_run.sh sinks              # attention sinks: GPU tests (FA4, flex), 16k speed
+#   bash bench/gpu_run.sh policies           # deterministic=True: bitwise-equal backward passes
 # Logs and results go to $OUT (default ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -95,6 +96,11 @@ for stage in "$@"; do
         | tail -25 | tee "$OUT/gpu-sinks-tests.txt" | tee -a "$LOG"
       step sinks-bench; python3 bench/sinks_bench.py --out "$OUT/sinks-h200.json" 2>&1 \
         | tail -10 | tee -a "$LOG" ;;
+    policies)
+      env_on
+      step policies
+      python3 -m pytest tests/gpu/test_policies_gpu.py -m gpu -q -p no:cacheprovider -rfEs \
+        2>&1 | tail -30 | tee "$OUT/gpu-policies.txt" | tee -a "$LOG" ;;
     *) echo "unknown stage $stage" | tee -a "$LOG"; exit 2 ;;
   esac
 done

@@ -2,7 +2,8 @@
 
 * every test starts and ends with an empty decision cache, without the
   ATTENTION_DISPATCH_BACKEND / ATTENTION_DISPATCH_PLUGINS /
-  ATTENTION_DISPATCH_AUTOTUNE variables and with the default autotune mode;
+  ATTENTION_DISPATCH_AUTOTUNE / ATTENTION_DISPATCH_DETERMINISTIC /
+  ATTENTION_DISPATCH_MAX_EXTRA_BYTES variables and with the default autotune mode;
 * the autotune cache of the whole session is a temporary folder (see the
   conftest.py at the repository root);
 * tests marked ``gpu`` (the marker is registered in pyproject.toml) are
@@ -23,7 +24,8 @@ import attention_dispatch as ad
 from attention_dispatch.testing import reference_attention
 
 ENV_VARS = ("ATTENTION_DISPATCH_BACKEND", "ATTENTION_DISPATCH_PLUGINS",
-            "ATTENTION_DISPATCH_AUTOTUNE")
+            "ATTENTION_DISPATCH_AUTOTUNE", "ATTENTION_DISPATCH_DETERMINISTIC",
+            "ATTENTION_DISPATCH_MAX_EXTRA_BYTES")
 _CUDA_ONLY = pytest.StashKey[int]()
 
 

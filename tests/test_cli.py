@@ -50,6 +50,19 @@ def test_explain_dropout_refusal(capsys: pytest.CaptureFixture[str]) -> None:
     assert re.search(r"sdpa-flash\s+refused\s+dropout_p > 0", out)
 
 
+def test_explain_policies(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "--shape", "1,2,16,32", "--dropout", "0.1",
+                 "--max-extra-bytes", "1KiB"]) == 0
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "chosen: none" in flat and "math refused max_extra_bytes=1024 (1 KiB)" in flat
+    assert main(["explain", "--shape", "1,2,16,32", "--dropout", "0.1", "--deterministic",
+                 "--grad"]) == 0
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "chosen: math" in flat and "deterministic=True" in flat
+    assert main(["explain", "--shape", "1,2,16,32", "--max-extra-bytes", "lots"]) == 2
+    assert "--max-extra-bytes" in capsys.readouterr().err
+
+
 def test_explain_forced_backend_and_unknown_name(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["explain", "--shape", "1,2,16,32", "--backend", "math"]) == 0
     assert "chosen: math" in capsys.readouterr().out

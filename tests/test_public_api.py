@@ -23,11 +23,13 @@ PUBLIC = [
     "BackendRuntimeError",
     "BackendUnavailable",
     "BackendVerdict",
+    "Buffer",
     "CallSpec",
     "Capabilities",
     "Decision",
     "Event",
     "FallbackWarning",
+    "MemoryWarning",
     "PluginWarning",
     "UnknownBackendError",
     "WrongResultError",
@@ -51,6 +53,7 @@ PUBLIC = [
     "scaled_dot_product_attention",
     "unregister_backend",
     "use_backend",
+    "use_policy",
     "verify",
 ]
 

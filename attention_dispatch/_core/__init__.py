@@ -9,7 +9,7 @@ registry.  See docs/architecture.md.
 Modules, bottom to top: errors, caches, eventlog, layout, spec (``CallSpec``,
 ``CallOptions``, validation), capabilities, backend, registry, select,
 ranking, decision, masks, packing, reference, timing, reliability, verification,
-quarantine, autotuning, selfcheck, compile, decide, dispatch, varlen, paged,
+quarantine, autotuning, selfcheck, compile, policy, decide, dispatch, varlen, paged,
 tuning.
 """
 
@@ -17,6 +17,7 @@ from .autotuning import autotune, isolated_cache
 from .backend import AttentionResult, Backend
 from .caches import clear_all, register_cache, registered
 from .capabilities import Capabilities
+from .layout import Buffer
 from .decide import candidates, eligible, explain_spec, reasons
 from .decision import BackendVerdict, Decision
 from .dispatch import attention, call, clear_cache, explain, explain_options
@@ -26,6 +27,8 @@ from .errors import (AttentionDispatchError, AttentionInputError, AttentionTypeE
 from .eventlog import Event, clear_events, events
 from .masks import apply_sinks
 from .paged import explain_paged_options, gather_dense, paged_call
+from .errors import MemoryWarning
+from .policy import effective as effective_policy, parse_bytes, use_policy
 from .ranking import register_ranking, ranked
 from .reference import ATOL, atol, reference_attention, within_rule
 from .registry import REGISTRY, get_backend, list_backends, register_backend, unregister_backend
@@ -40,14 +43,14 @@ from .verification import WrongResultError, verify
 __all__ = [
     "ATOL", "AUTO", "AttentionDispatchError", "AttentionInputError", "AttentionResult",
     "AttentionTypeError", "Backend", "BackendArg", "BackendRegistrationError",
-    "BackendRuntimeError", "BackendUnavailable", "BackendVerdict", "CallOptions", "CallSpec",
-    "Capabilities", "Decision", "Event", "FallbackWarning", "PluginWarning", "REGISTRY",
-    "TuneResult", "UnknownBackendError", "WrongResultError", "apply_sinks", "atol",
-    "attention", "autotune", "call", "candidates", "clear_all", "clear_cache", "clear_events",
-    "eligible", "events", "explain", "explain_options", "explain_paged_options",
-    "explain_spec", "gather_dense", "get_backend", "isolated_cache", "list_backends",
-    "normalize", "paged_call", "ranked", "reasons", "reference_attention",
+    "BackendRuntimeError", "BackendUnavailable", "BackendVerdict", "Buffer", "CallOptions",
+    "CallSpec", "Capabilities", "Decision", "Event", "FallbackWarning", "MemoryWarning",
+    "PluginWarning", "REGISTRY", "TuneResult", "UnknownBackendError", "WrongResultError",
+    "apply_sinks", "atol", "attention", "autotune", "call", "candidates", "clear_all",
+    "clear_cache", "clear_events", "eligible", "events", "explain", "explain_options",
+    "explain_paged_options", "explain_spec", "gather_dense", "get_backend", "isolated_cache",
+    "list_backends", "normalize", "paged_call", "ranked", "reasons", "reference_attention",
     "register_backend", "register_cache", "register_ranking", "registered", "resolve",
-    "selection_of", "time_interleaved", "tune_call", "unregister_backend", "use_backend",
+    "selection_of", "time_interleaved", "use_policy", "effective_policy", "parse_bytes", "tune_call", "unregister_backend", "use_backend",
     "validate", "varlen_call", "verify", "within_rule",
 ]

@@ -7,7 +7,7 @@ from typing import ClassVar, Mapping, Optional
 import torch
 
 from .capabilities import Capabilities, capability_reasons, device_reasons
-from .layout import StrideRequirements
+from .layout import Buffer, StrideRequirements
 from .spec import CallSpec
 
 AttentionResult = tuple[torch.Tensor, Optional[torch.Tensor]]
@@ -83,6 +83,32 @@ class Backend:
     def supports(self, spec: CallSpec) -> list[str]:
         """Every reason this backend refuses the call ``spec``; [] if it accepts."""
         return capability_reasons(self.capabilities, spec) + self.check(spec)
+
+    def determinism(self, spec: CallSpec) -> tuple[bool, bool]:
+        """(forward, backward) deterministic for the call ``spec``: bitwise
+        identical results for identical inputs on one device.  Default: the
+        ``deterministic_forward``/``deterministic_backward`` capabilities on
+        ``spec``'s device (:meth:`capabilities_on`)."""
+        caps = self.capabilities_on(spec.device)
+        return caps.deterministic_forward, caps.deterministic_backward
+
+    def nondeterminism_note(self, spec: CallSpec, backward: bool) -> str:
+        """Why the forward (``backward``: the backward) is not deterministic, in
+        parentheses, for the refusal under ``deterministic=True`` (override to
+        name the cause, e.g. atomics)."""
+        return "(not declared deterministic)"
+
+    def buffers(self, spec: CallSpec) -> tuple[Buffer, ...]:
+        """The extra memory this backend allocates for ``spec`` beyond q, k, v
+        and the output: score matrices, materialised masks or biases, K/V copies
+        (an estimate; the dispatcher adds the copies of its memory plan).
+        Read by ``max_extra_bytes``, explain() and the large-buffer warning.
+        Default: nothing (a plugin that materialises something says so here)."""
+        return ()
+
+    def extra_bytes(self, spec: CallSpec) -> int:
+        """The sum of :meth:`buffers` (bytes)."""
+        return sum(b.nbytes for b in self.buffers(spec))
 
     def version(self) -> Optional[str]:
         """Version of the underlying package, or None."""

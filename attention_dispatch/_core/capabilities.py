@@ -63,6 +63,13 @@ class Capabilities:
         alibi: ALiBi slopes (``spec.alibi``; ``forward`` gets ``alibi_slopes=``).
         extras: names of the later per-call features (``spec.EXTRA_FEATURES``)
             the kernel implements; a call using any other one is refused.
+        deterministic_forward / deterministic_backward: the forward (the
+            backward) gives bitwise identical results for identical inputs on
+            one device (no atomics, no split reductions whose order varies).
+            Read by the ``deterministic=True`` policy (see docs/selection.md)
+            through :meth:`Backend.determinism`; a backend whose answer depends
+            on the device narrows it in ``capabilities_on``.  Default False:
+            a kernel is not assumed deterministic until it says so.
         varlen: packed variable-length calls natively (``forward_varlen``);
             without it :func:`attention_varlen` pads to a dense batch.  A
             backend with ``varlen`` but without ``key_padding`` also takes dense
@@ -98,6 +105,8 @@ class Capabilities:
     alibi: bool = False
     varlen: bool = False
     extras: frozenset[str] = frozenset()
+    deterministic_forward: bool = False
+    deterministic_backward: bool = False
 
     def features(self) -> list[str]:
         """The supported features by name ("causal", ..., "bool-mask")."""

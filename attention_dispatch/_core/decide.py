@@ -15,14 +15,18 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 
 from . import autotuning as _autotune, eventlog as _events, quarantine as _quarantine
-from . import reliability as _reliability
+from . import policy as _policy, reliability as _reliability
 from .backend import Backend
 from .decision import ACCEPTED, CHOSEN, REFUSED, SKIPPED, BackendVerdict, Decision
 from .errors import BackendUnavailable
-from .layout import MemoryPlan
+from .layout import MemoryPlan, describe_bytes
 from .ranking import ranked
 from .registry import REGISTRY
 from .spec import CallSpec
+
+#: ``copies(backend)``: the bytes the memory plan copies for that backend, for
+#: these tensors (known at a real call, not for a bare CallSpec)
+Copies = Optional[Callable[[Backend], int]]
 
 
 class Plan(NamedTuple):
@@ -54,10 +58,12 @@ def candidates(selection: tuple[str, ...], device: torch.device,
     return out
 
 
-def reasons(name: str, spec: CallSpec, forced: bool, canary: bool = True) -> list[str]:
+def reasons(name: str, spec: CallSpec, forced: bool, canary: bool = True,
+            copies: Copies = None) -> list[str]:
     """Why backend ``name`` cannot take ``spec`` (empty: it can).  Probe,
-    per-call check, demotion memory and quarantine (not for a forced selection:
-    it runs and raises its own error), then (once) the numeric canary."""
+    per-call check, the policies (deterministic, max_extra_bytes; forced
+    selections too), demotion memory and quarantine (not for a forced
+    selection: it runs and raises its own error), then (once) the numeric canary."""
     why = REGISTRY.probe(name, spec.device)
     if why:
         return why
@@ -68,6 +74,12 @@ def reasons(name: str, spec: CallSpec, forced: bool, canary: bool = True) -> lis
         return [f"supports() raised {type(exc).__name__}: {exc}"]
     if why:
         return why
+    try:
+        why = _policy.reasons(inst, spec, copies)  # type: ignore[arg-type]
+    except Exception as exc:
+        return [f"policy check raised {type(exc).__name__}: {exc}"]
+    if why:
+        return why
     one = None if forced else (_reliability.demotion_reason(name, spec)
                                or _quarantine.reason(inst, spec))  # type: ignore[arg-type]
     if one is None and canary and spec.device.type != "meta":
@@ -75,10 +87,21 @@ def reasons(name: str, spec: CallSpec, forced: bool, canary: bool = True) -> lis
     return [one] if one else []
 
 
-def verdicts(spec: CallSpec, selection: tuple[str, ...], everyone: bool
-             ) -> tuple[Optional[str], list[BackendVerdict]]:
+def _extra(inst: Optional[Backend], spec: CallSpec, copies: Copies) -> Optional[int]:
+    """The estimated extra bytes of an accepting backend (None: unknown)."""
+    if inst is None:
+        return None
+    try:
+        return _policy.extra_bytes(inst, spec, copies)
+    except Exception:  # a plugin's estimate never breaks a decision
+        return None
+
+
+def verdicts(spec: CallSpec, selection: tuple[str, ...], everyone: bool,
+             copies: Copies = None) -> tuple[Optional[str], list[BackendVerdict]]:
     """(the chosen backend or None, a verdict per candidate; with ``everyone``
-    also for the registered backends outside the selection)."""
+    also for the registered backends outside the selection).  Accepting
+    backends carry their estimated extra memory."""
     cands = candidates(selection, spec.device, spec)
     chosen: Optional[str] = None
     out = []
@@ -90,7 +113,7 @@ def verdicts(spec: CallSpec, selection: tuple[str, ...], everyone: bool
         # of explain()'s list only reports earlier results (a canary of a
         # compiled backend costs a compilation)
         why = reasons(name, spec, "auto" not in selection,
-                      canary=chosen is None and rank is not None)
+                      canary=chosen is None and rank is not None, copies=copies)
         status = REFUSED if why else ACCEPTED
         if rank is None and not why:
             status = SKIPPED
@@ -99,7 +122,8 @@ def verdicts(spec: CallSpec, selection: tuple[str, ...], everyone: bool
             chosen, status = name, CHOSEN
         inst, _ = REGISTRY.load(name)
         note = inst.version_note() if inst is not None else None
-        out.append(BackendVerdict(name, status, tuple(why), rank, note))
+        extra = _extra(inst, spec, copies) if status != REFUSED else None  # type: ignore
+        out.append(BackendVerdict(name, status, tuple(why), rank, note, extra))
     return chosen, out
 
 
@@ -110,13 +134,14 @@ def eligible(spec: CallSpec, selection: tuple[str, ...]) -> list[str]:
 
 
 def decide(spec: CallSpec, selection: tuple[str, ...], scale: Optional[float],
-           dropout_p: float) -> Plan:
-    """The plan of the first candidate that accepts ``spec``.
+           dropout_p: float, copies: Copies = None) -> Plan:
+    """The plan of the first candidate that accepts ``spec`` (``copies``: the
+    memory plan's bytes per backend, for ``max_extra_bytes``).
 
     Raises:
         BackendUnavailable: none does (with every candidate's reasons).
     """
-    chosen, vs = verdicts(spec, selection, everyone=False)
+    chosen, vs = verdicts(spec, selection, everyone=False, copies=copies)
     if chosen is None:
         raise BackendUnavailable(selection, {v.name: list(v.reasons) for v in vs})
     _events.emit(_events.DECISION, chosen, f"selection {','.join(selection)}", spec)
@@ -164,19 +189,38 @@ def tuned(plan: Plan, selection: tuple[str, ...],
 
 
 def explain_spec(spec: CallSpec, selection: tuple[str, ...] = ("auto",),
-                 source: str = "argument") -> Decision:
+                 source: str = "argument", copies: Copies = None) -> Decision:
     """:func:`~attention_dispatch.explain` for a :class:`CallSpec` (no tensors
     needed).  When a tuning decision is stored for the call's bucket (and
     autotune is not "off"), it names the tuned backend: ``tuned`` is True,
-    ``ranked`` is the ranking's own choice and ``source`` ends in "+tuned"."""
-    chosen, vs = verdicts(spec, selection, everyone=True)
+    ``ranked`` is the ranking's own choice and ``source`` ends in "+tuned".
+    ``extra_bytes``/``buffers`` estimate the chosen path's extra memory
+    (``copies``: the memory plan's bytes per backend, when tensors are known)."""
+    chosen, vs = verdicts(spec, selection, everyone=True, copies=copies)
     best = None
     if "auto" in selection and chosen is not None and _autotune.mode() != _autotune.OFF:
         ok = [v.name for v in vs if v.rank is not None and not v.reasons]
         best = _autotune.cached_choice(spec, ok)
     if best is None:
-        return Decision(chosen, selection, source, spec, tuple(vs))
+        return _with_memory(Decision(chosen, selection, source, spec, tuple(vs)), copies)
     status = {chosen: ACCEPTED, best: CHOSEN}
     vs = [dataclasses.replace(v, status=status.get(v.name, v.status)) for v in vs]
-    return Decision(best, selection, source + "+tuned", spec, tuple(vs), tuned=True,
-                    ranked=chosen)
+    return _with_memory(Decision(best, selection, source + "+tuned", spec, tuple(vs),
+                                 tuned=True, ranked=chosen), copies)
+
+
+def _with_memory(d: Decision, copies: Copies) -> Decision:
+    """``d`` with the chosen path's extra-memory estimate, item by item."""
+    if d.backend is None:
+        return d
+    inst, _ = REGISTRY.load(d.backend)
+    if inst is None:
+        return d
+    try:
+        bufs = _policy.buffers(inst, d.spec, copies)
+    except Exception:
+        return d
+    return dataclasses.replace(d, extra_bytes=sum(b.nbytes for b in bufs),
+                               buffers=tuple(f"{b.what}: {describe_bytes(b.nbytes)}"
+                                             + (" (O(Sq*Sk))" if b.quadratic else "")
+                                             for b in bufs))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .layout import describe_bytes as _bytes
 from .spec import CallSpec
 
 ACCEPTED = "accepted"
@@ -22,6 +23,8 @@ class BackendVerdict:
     reasons: tuple[str, ...] = ()
     rank: Optional[int] = None  # position in the candidate order, None if not a candidate
     note: Optional[str] = None  # e.g. an untested package version
+    #: estimated extra memory of this path (bytes; None when it refuses the call)
+    extra_bytes: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,10 @@ class Decision:
         tuned: True when ``backend`` is a stored tuning decision (``attention-
             dispatch tune`` or autotune) for the call's bucket.
         ranked: with ``tuned``, the backend the ranking alone would pick.
+        extra_bytes: the chosen path's estimated extra memory in bytes
+            (``Backend.buffers`` plus the memory plan's copies when explain()
+            had the tensors); None when no backend takes the call.
+        buffers: the same, item by item, in words.
     """
 
     backend: Optional[str]
@@ -52,6 +59,8 @@ class Decision:
     tuned: bool = False
     ranked: Optional[str] = None
     copies: tuple[str, ...] = ()
+    extra_bytes: Optional[int] = None
+    buffers: tuple[str, ...] = ()
 
     def reasons(self, name: str) -> tuple[str, ...]:
         """Why ``name`` did not run the call (empty if it could)."""
@@ -73,17 +82,23 @@ class Decision:
             head += f" paged block_size={s.block_size}"
         if s.sinks:
             head += " sinks=True"
+        if s.deterministic or s.max_extra_bytes is not None:
+            head += f" policy: deterministic={s.deterministic} max_extra_bytes={s.max_extra_bytes}"
         chosen = f"chosen: {self.backend or 'none'}"
         if self.tuned:
             chosen += (" (tuned: the stored tuning decision for this shape bucket; "
                        f"the ranking alone picks {self.ranked})")
         lines = [head, f"selection: {','.join(self.selection)} (from {self.source})", chosen]
         lines += [f"  {c}" for c in self.copies]
+        if self.extra_bytes is not None:
+            lines.append(f"extra memory: ~{_bytes(self.extra_bytes)}"
+                         + (" (" + "; ".join(self.buffers) + ")" if self.buffers else ""))
         lines.append("")
         width = max([len(v.name) for v in self.verdicts] + [7])
         lines.append(f"{'rank':>4}  {'backend':<{width}}  {'status':<9}  reasons")
         for v in self.verdicts:
             rank = "-" if v.rank is None else str(v.rank + 1)
-            why = "; ".join(v.reasons + ((f"note: {v.note}",) if v.note else ()))
+            extra = (f"extra ~{_bytes(v.extra_bytes)}",) if v.extra_bytes else ()
+            why = "; ".join(v.reasons + extra + ((f"note: {v.note}",) if v.note else ()))
             lines.append(f"{rank:>4}  {v.name:<{width}}  {v.status:<9}  {why}".rstrip())
         return "\n".join(lines)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from . import autotuning as _autotune, compile as _compile, eventlog as _events
-from . import quarantine as _quarantine
+from . import policy as _policy, quarantine as _quarantine
 from . import reliability as _reliability, verification as _verify
 from .backend import Backend
 from .caches import clear_all, register_cache
@@ -111,13 +111,22 @@ def timer(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions
     return _autotune.timer_for(spec, run, lambda name: check_call(call, name, spec))
 
 
+def copies_for(spec: CallSpec, q: Tensor, k: Tensor, v: Tensor, o: CallOptions
+               ) -> Callable[[Backend], int]:
+    """``copies(backend)``: the bytes its memory plan copies for these tensors."""
+    qb, kb, vb = _bhsd(o, q, k, v)
+    return lambda inst: _memory_for(inst, spec, qb, kb, vb, o.mask).nbytes
+
+
 def plan_call(key: Optional[tuple], selection: tuple[str, ...], q: Any, k: Any, v: Any,
               o: CallOptions) -> Plan:
     """Cache miss: validate, decide, remember (under ``key``, unless None)."""
     _events.configure_from_env()
     spec = validate(q, k, v, o)
-    plan = decide(spec, selection, o.scale, o.dropout_p)
+    copies = copies_for(spec, q, k, v, o) if spec.max_extra_bytes is not None else None
+    plan = decide(spec, selection, o.scale, o.dropout_p, copies)
     plan = _bind(tuned(plan, selection, timer(plan, q, k, v, o)), q, k, v, o)
+    _policy.warn_if_large(plan.backend, spec, selection)
     if key is not None:
         with _lock:
             if len(_plans) >= _MAX_ENTRIES:
@@ -168,12 +177,16 @@ def _plan_at_trace(backend: BackendArg, q: Tensor, k: Tensor, v: Tensor, o: Call
                    device: torch.device) -> Plan:
     """The plan for a traced call, from meta tensors standing for the real ones."""
     selection, _ = resolve(backend)
+    o = o._replace(**dict(zip(_POLICY_FIELDS, _policy.effective(o.deterministic,
+                                                                 o.max_extra_bytes))))
     spec = validate(q, k, v, o)
     spec = dataclasses.replace(spec, device_type=device.type, device_index=device.index)
     return tuned(decide(spec, selection, o.scale, o.dropout_p), selection, None)
 
 
+_POLICY_FIELDS = ("deterministic", "max_extra_bytes")
 _decide_constant = _compile.make_decider(_plan_at_trace)
+_effective = _policy.effective
 _compiling = torch.compiler.is_compiling
 _verify_budget = _verify.budget
 
@@ -216,7 +229,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
               dropout_p: float = 0.0, scale: Optional[float] = None, layout: str = "bhsd",
               backend: BackendArg = "auto", return_lse: bool = False,
               window: Optional[tuple[int, int]] = None, softcap: Optional[float] = None,
-              alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None
+              alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
+              deterministic: Optional[bool] = None, max_extra_bytes: Optional[int] = None
               ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Scaled dot-product attention on the best backend that accepts the call.
 
@@ -247,6 +261,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
             in every row's softmax (out = sum_j e^s_j v_j / (e^sinks[h] +
             sum_j e^s_j)); lse then includes it.  With dropout, the real keys'
             probabilities are dropped out (the sink's mass is just removed).
+        deterministic: True: only backends whose forward (and, with gradients,
+            backward) is deterministic; False: no constraint; None: defer to
+            :func:`use_policy`, ATTENTION_DISPATCH_DETERMINISTIC, then torch's
+            deterministic mode.  See docs/selection.md "Policies".
+        max_extra_bytes: refuse paths whose estimated extra memory (score
+            matrices, materialised masks, copies) exceeds this many bytes;
+            None: defer to use_policy, then ATTENTION_DISPATCH_MAX_EXTRA_BYTES.
 
     Rows with no key they may attend give 0 (lse -inf, or sinks[h] with sinks;
     zero gradients).
@@ -265,12 +286,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
         AttentionInputError / AttentionTypeError: bad input, before any kernel.
         BackendUnavailable: the selection names no backend that accepts the call.
     """
-    o = CallOptions(mask, key_padding_mask, alibi_slopes, sinks, causal, dropout_p, scale,
-                    layout, return_lse, window, softcap)
     if _compiling():  # torch.compile: decided at trace time, nothing left per call
+        o = CallOptions(mask, key_padding_mask, alibi_slopes, sinks, causal, dropout_p, scale,
+                        layout, return_lse, window, softcap, deterministic, max_extra_bytes)
         plan = getattr(_compile, _compile.plan_name(_decide_constant(
             _compile.constant_key(q, k, v, o, backend))))
         return _run(plan, q, k, v, o)
+    deterministic, max_extra_bytes = _effective(deterministic, max_extra_bytes)
+    o = CallOptions(mask, key_padding_mask, alibi_slopes, sinks, causal, dropout_p, scale,
+                    layout, return_lse, window, softcap, deterministic, max_extra_bytes)
     if backend == "auto":
         selection = _context.get() or env_selection() or AUTO
     else:
@@ -357,23 +381,28 @@ def explain(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
             dropout_p: float = 0.0, scale: Optional[float] = None, layout: str = "bhsd",
             backend: BackendArg = "auto", return_lse: bool = False,
             window: Optional[tuple[int, int]] = None, softcap: Optional[float] = None,
-            alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None) -> Decision:
+            alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
+            deterministic: Optional[bool] = None, max_extra_bytes: Optional[int] = None
+            ) -> Decision:
     """Which backend :func:`attention` would run for these arguments, and, for
     every registered backend, whether it accepts the call or the exact reasons
     why not, and (``Decision.copies``) which tensors the chosen backend gets
-    as copies (memory layout, key-padding slots zeroed) and why.  Nothing
-    runs; the decision cache is not touched."""
+    as copies (memory layout, key-padding slots zeroed) and why, and
+    (``Decision.extra_bytes``/``buffers``) the extra memory the chosen path
+    allocates.  The policies (``deterministic``, ``max_extra_bytes``) resolve as
+    in :func:`attention`.  Nothing runs; the decision cache is not touched."""
+    deterministic, max_extra_bytes = _effective(deterministic, max_extra_bytes)
     o = CallOptions(mask, key_padding_mask, alibi_slopes, sinks, causal, dropout_p, scale,
-                    layout, return_lse, window, softcap)
+                    layout, return_lse, window, softcap, deterministic, max_extra_bytes)
     return explain_options(backend, q, k, v, o)
 
 
 def explain_options(backend: BackendArg, q: Tensor, k: Tensor, v: Tensor, o: CallOptions
                     ) -> Decision:
-    """:func:`explain` for a :class:`CallOptions`."""
+    """:func:`explain` for a :class:`CallOptions` (its policies already effective)."""
     selection, source = resolve(backend)
     spec = validate(q, k, v, o)
-    decision = explain_spec(spec, selection, source)
+    decision = explain_spec(spec, selection, source, copies_for(spec, q, k, v, o))
     if decision.backend is None:
         return decision
     inst, _ = REGISTRY.load(decision.backend)

@@ -97,6 +97,13 @@ class PluginWarning(UserWarning):
     """A plugin backend failed to import or register; it was skipped."""
 
 
+class MemoryWarning(UserWarning):
+    """The path auto chose materialises an O(Sq * Sk) buffer of 1 GiB or more
+    (score matrix, expanded mask or bias).  Once per call signature and
+    process; set ``max_extra_bytes`` (``ad.use_policy``) to refuse such paths
+    instead, or filter this class to silence it."""
+
+
 def join_names(names: Iterable[str]) -> str:
     """Render names as a comma separated list of repr()s."""
     return ", ".join(repr(n) for n in names)

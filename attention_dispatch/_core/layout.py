@@ -109,6 +109,26 @@ def mask_violation(mask: Tensor, req: StrideRequirements) -> Optional[str]:
     return None
 
 
+class Buffer(NamedTuple):
+    """One allocation a path makes beyond its inputs and output (an estimate,
+    see ``Backend.buffers``): what it is, its bytes, and whether it grows as
+    Sq * Sk (score matrix, materialised mask or bias)."""
+
+    what: str
+    nbytes: int
+    quadratic: bool = False
+
+
+def describe_bytes(n: int) -> str:
+    """1536 -> "1.5 KiB"; for reasons and explain()."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.3g} {unit}" if unit != "B" else f"{n} B"
+        size /= 1024
+    return f"{n} B"
+
+
 def nbytes(t: Tensor) -> int:
     """Bytes a dense copy of ``t`` takes."""
     return t.numel() * t.element_size()
@@ -130,7 +150,9 @@ class MemoryPlan(NamedTuple):
     ``copies``: q, k, v copied into ``native`` order (their strides break
     ``req``); ``clean``: the K/V slots excluded by key padding are zeroed;
     ``mask``: 0 as given, 1 broadcast axes cut to length 1, 2 that and a
-    contiguous copy of what is left; ``notes``: the same, in words (explain()).
+    contiguous copy of what is left; ``notes``: the same, in words (explain());
+    ``nbytes``: the bytes these copies allocate (the masked copy of K and V
+    counted when there is no copy of them already).
     """
 
     copies: tuple[bool, bool, bool]
@@ -139,6 +161,7 @@ class MemoryPlan(NamedTuple):
     clean: bool
     mask: int
     notes: tuple[str, ...]
+    nbytes: int = 0
 
     @property
     def idle(self) -> bool:
@@ -154,15 +177,18 @@ def plan_memory(req: StrideRequirements, native: str, clean: bool, q: Tensor, k:
     when there is one, else in one masked copy)."""
     notes = []
     copies = []
+    total = 0
     for name, t in zip("qkv", (q, k, v)):
         why = req.violation(t)
         copies.append(why is not None)
         if why is not None:
+            total += nbytes(t)
             notes.append(f"copy of {name} ({nbytes(t) / 2**20:.3g} MiB, into {native} order): "
                          f"{why}")
     if clean:
         notes.append("K and V slots excluded by key_padding_mask zeroed "
                      + ("in their copies" if copies[1] and copies[2] else "(one masked copy)"))
+        total += sum(nbytes(t) for t, c in ((k, copies[1]), (v, copies[2])) if not c)
     mask_step = 0
     if mask is not None:
         small = compact_broadcast(mask)
@@ -171,9 +197,10 @@ def plan_memory(req: StrideRequirements, native: str, clean: bool, q: Tensor, k:
         why = mask_violation(small, req)
         if why is not None:
             mask_step = 2
+            total += nbytes(small)
             notes.append(f"copy of the mask ({nbytes(small) / 2**20:.3g} MiB): {why}")
     return MemoryPlan((copies[0], copies[1], copies[2]), native, req, clean, mask_step,
-                      tuple(notes))
+                      tuple(notes), total)
 
 
 def apply_memory(mp: MemoryPlan, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],

@@ -43,6 +43,12 @@ class CallSpec:
     is the block table's capacity (max_blocks * block_size), ``block_size``
     the cache's block size, and each row's length, causal offset and window
     come from ``cache_seqlens`` (per row, bottom-right).
+
+    Policies (see docs/selection.md, resolved before validation):
+    ``deterministic`` only backends whose forward (and, with
+    ``requires_grad``, backward) is deterministic may run the call;
+    ``max_extra_bytes`` the most extra memory the chosen path may allocate
+    (None = no limit).
     """
 
     device_type: str
@@ -70,6 +76,8 @@ class CallSpec:
     paged: bool = False
     block_size: int = 0  # the KV cache's block size (paged calls), else 0
     sinks: bool = False
+    deterministic: bool = False
+    max_extra_bytes: Optional[int] = None
 
     @property
     def device(self) -> torch.device:
@@ -107,7 +115,11 @@ class CallOptions(NamedTuple):
 
     Tensor options come first (the cache key holds their shape, strides,
     dtype, device and ``requires_grad``; see :data:`TENSOR_OPTIONS`), then the
-    scalar options (the key holds their value and type).  Tensors beyond
+    scalar options (the key holds their value and type).  The policies
+    (``deterministic``, ``max_extra_bytes``) are scalars too: the public
+    functions store the effective values (argument > ``use_policy`` >
+    environment, see :mod:`.policy`), so a call under another policy is
+    decided again.  Tensors beyond
     ``mask`` and ``key_padding_mask`` reach ``Backend.forward`` as keywords of
     the same name, only when given.  Adding an option: a field here, its check
     in :func:`validate` / :func:`structured_fields` (and a :class:`CallSpec`
@@ -126,6 +138,8 @@ class CallOptions(NamedTuple):
     return_lse: bool = False
     window: Optional[tuple[int, int]] = None
     softcap: Optional[float] = None
+    deterministic: Optional[bool] = None
+    max_extra_bytes: Optional[int] = None
 
 
 #: CallOptions' first fields are tensors (or None).
@@ -402,12 +416,32 @@ def validate(q: Any, k: Any, v: Any, options: Optional[CallOptions] = None,
     )
 
 
+def check_deterministic(value: Any, argument: str = "deterministic") -> Optional[bool]:
+    """``deterministic``: True, False or None (None = no constraint given)."""
+    if value is not None and not isinstance(value, bool):
+        raise AttentionTypeError(argument, "True, False or None", repr(value))
+    return value
+
+
+def check_max_extra_bytes(value: Any, argument: str = "max_extra_bytes") -> Optional[int]:
+    """``max_extra_bytes``: an int >= 0 (bytes) or None (no limit)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AttentionTypeError(argument, "an int >= 0 (bytes) or None", repr(value))
+    if value < 0:
+        raise AttentionInputError(argument, "an int >= 0 (bytes) or None", repr(value))
+    return value
+
+
 def structured_fields(o: CallOptions, batch: int, heads_q: int, device: torch.device,
                       dtype: torch.dtype) -> dict[str, Any]:
     """The :class:`CallSpec` fields of the options every entry point shares
     (dense and packed calls), checked: causal, dropout, lse, window, softcap,
-    ALiBi, sinks."""
+    ALiBi, sinks, and the policies (``deterministic``, ``max_extra_bytes``)."""
     return dict(causal=o.causal, dropout=o.dropout_p > 0, return_lse=o.return_lse,
                 window=check_window(o.window), softcap=check_softcap(o.softcap),
                 alibi=check_alibi(o.alibi_slopes, batch, heads_q, device),
-                sinks=check_sinks(o.sinks, heads_q, dtype, device))
+                sinks=check_sinks(o.sinks, heads_q, dtype, device),
+                deterministic=bool(check_deterministic(o.deterministic)),
+                max_extra_bytes=check_max_extra_bytes(o.max_extra_bytes))

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 import torch
 
-from . import eventlog as _events
+from . import eventlog as _events, policy as _policy
 from .backend import Backend
 from .caches import register_cache
 from .decide import candidates, reasons
@@ -180,6 +180,7 @@ def _plan(key: Optional[tuple], spec: CallSpec, selection: tuple[str, ...],
         raise BackendUnavailable(selection, refused)
     route = "packed (forward_varlen)" if native else "padded to a dense batch"
     _events.emit(_events.DECISION, inst.name, f"selection {','.join(selection)}; {route}", spec)
+    _policy.warn_if_large(inst, spec if native else _dense_spec(spec), selection)
     eff = float(scale) if scale is not None else 1.0 / math.sqrt(spec.head_dim)
     plan = _VarlenPlan(inst, native, spec, eff)
     if key is not None:

@@ -336,6 +336,22 @@ def call_paged(mod: ModuleType, q: Tensor, k_cache: Tensor, v_cache: Tensor,
     return _split(fn(q, k_cache, v_cache, seqused_k=cache_seqlens, page_table=block_table,
                      softmax_scale=scale, causal=causal, return_lse=need_lse,
                      **extra, **(fa4_kw or {})))
+def deterministic_reasons(api: FlashApi, mod: ModuleType, spec: CallSpec, cc: CC
+                          ) -> list[str]:
+    """Why ``api`` cannot give ``spec`` a deterministic backward (only asked
+    under deterministic=True with gradients): its functions take no
+    ``deterministic=`` (older releases), or FA4 on a device other than sm100/sm110
+    (its backward asserts ``deterministic is False`` there)."""
+    if not (spec.deterministic and spec.requires_grad):
+        return []
+    names = ("flash_attn_func", "flash_attn_varlen_func")
+    if any("deterministic" not in _params(getattr(mod, n, None)) for n in names):
+        return ["deterministic=True with gradients; this release's functions take no "
+                "deterministic= (its backward accumulates dQ with atomics)"]
+    if api is FA4 and cc[0] not in (10, 11):
+        return [f"deterministic=True with gradients on sm{cc[0]}{cc[1]}; FA4's deterministic "
+                "backward runs on sm100/sm110 only"]
+    return []
 
 
 #: The CuTe DSL's multi-line UserWarning when FA4 compiles a kernel whose
@@ -387,28 +403,36 @@ def fa4_structured(window: Optional[tuple[int, int]], softcap: Optional[float],
     return kw
 
 
+def _det(deterministic: bool) -> dict[str, Any]:
+    """``deterministic=True`` only when asked (older releases lack the keyword)."""
+    return {"deterministic": True} if deterministic else {}
+
+
 def call_dense(api: FlashApi, mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, *,
                causal: bool, dropout_p: float, scale: float, need_lse: bool,
-               fa4_kw: Optional[dict[str, Any]] = None) -> tuple[Tensor, Optional[Tensor]]:
+               fa4_kw: Optional[dict[str, Any]] = None, deterministic: bool = False
+               ) -> tuple[Tensor, Optional[Tensor]]:
     """Run ``api`` on bshd q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv).
 
     ``fa4_kw``: window / softcap arguments (FA4 only; see :func:`fa4_structured`).
+    ``deterministic``: the kernel's deterministic backward.
     Returns out (B, Sq, Hq, Dv) and the kernel's lse (B, Hq, Sq) or None.
     """
     fn = mod.flash_attn_func
     if api is FA4:
         return _split(fn(q, k, v, softmax_scale=scale, causal=causal, return_lse=need_lse,
-                         **(fa4_kw or {})))
+                         **(fa4_kw or {}), **_det(deterministic)))
     if api is FA3:
         return _split(fn(q, k, v, softmax_scale=scale, causal=causal,
-                         **_fa3_lse_kwargs(fn, need_lse)))
+                         **_fa3_lse_kwargs(fn, need_lse), **_det(deterministic)))
     return _split(fn(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=causal,
-                     return_attn_probs=need_lse))
+                     return_attn_probs=need_lse, **_det(deterministic)))
 
 
 def call_seqused(mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, *,
                  causal: bool, scale: float, need_lse: bool,
-                 fa4_kw: Optional[dict[str, Any]] = None) -> tuple[Tensor, Optional[Tensor]]:
+                 fa4_kw: Optional[dict[str, Any]] = None, deterministic: bool = False
+                 ) -> tuple[Tensor, Optional[Tensor]]:
     """FA4 with key lengths: bshd q, k/v whose first ``lengths[b]`` keys are real.
 
     ``fa4_kw``: softcap only (a window would be aligned to each row's real key
@@ -417,12 +441,12 @@ def call_seqused(mod: ModuleType, q: Tensor, k: Tensor, v: Tensor, lengths: Tens
     """
     return _split(mod.flash_attn_varlen_func(q, k, v, seqused_k=lengths, softmax_scale=scale,
                                              causal=causal, return_lse=need_lse,
-                                             **(fa4_kw or {})))
+                                             **(fa4_kw or {}), **_det(deterministic)))
 
 
 def call_varlen(api: FlashApi, mod: ModuleType, q: Tensor, k: Tensor, v: Tensor,
                 cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, *, causal: bool,
-                dropout_p: float, scale: float, need_lse: bool
+                dropout_p: float, scale: float, need_lse: bool, deterministic: bool = False
                 ) -> tuple[Tensor, Optional[Tensor]]:
     """FA3/FA2 varlen: packed q (total_q, Hq, D), k/v (total_k, Hkv, D|Dv).
 
@@ -431,6 +455,7 @@ def call_varlen(api: FlashApi, mod: ModuleType, q: Tensor, k: Tensor, v: Tensor,
     fn = mod.flash_attn_varlen_func
     if api is FA3:
         return _split(fn(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal,
-                         **_fa3_lse_kwargs(fn, need_lse)))
+                         **_fa3_lse_kwargs(fn, need_lse), **_det(deterministic)))
     return _split(fn(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout_p,
-                     softmax_scale=scale, causal=causal, return_attn_probs=need_lse))
+                     softmax_scale=scale, causal=causal, return_attn_probs=need_lse,
+                     **_det(deterministic)))

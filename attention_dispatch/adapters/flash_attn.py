@@ -59,8 +59,9 @@ import torch
 
 from .._core.backend import AttentionResult, Backend
 from .._core.capabilities import Capabilities
-from .._core.layout import CUDA_ALIGNED
+from .._core.layout import CUDA_ALIGNED, Buffer
 from .._core.spec import CallSpec
+from . import _estimates as est
 from . import _flash_api as api_mod
 from ._flash_api import APIS, FA4, FlashApi
 from .._core.packing import (CAUSAL_PADDING_REASON, causal_differs_with_padding, cu_seqlens,
@@ -126,6 +127,12 @@ class FlashAttnBackend(Backend):
         varlen=True,   # forward_varlen: packed sequences, cu_seqlens on both sides
         # FA4 page_table + seqused_k (sm90/sm100/sm110); FA4 learnable_sink
         extras=frozenset({"paged", "sinks"}),
+        # forward: no atomics (split-KV partials are combined in a fixed order).
+        # Backward: every API takes ``deterministic=`` (dQ accumulated in a fixed
+        # order); the adapter passes it under deterministic=True, and the APIs
+        # that cannot honour it refuse (FA4: sm100/sm110 only; see _flash_api)
+        deterministic_forward=True,
+        deterministic_backward=True,
     )
 
     def __init__(self) -> None:
@@ -174,7 +181,8 @@ class FlashAttnBackend(Backend):
         else:
             res = (None, [])
             for api, mod in st.usable:
-                why = api_mod.call_reasons(api, spec, st.cc)  # type: ignore[arg-type]
+                why = (api_mod.call_reasons(api, spec, st.cc)  # type: ignore[arg-type]
+                       + api_mod.deterministic_reasons(api, mod, spec, st.cc))  # type: ignore
                 if spec.paged and api is FA4:
                     why += api_mod.paged_reasons(mod, spec, st.cc)  # type: ignore[arg-type]
                 if not why:
@@ -190,6 +198,14 @@ class FlashAttnBackend(Backend):
     def check(self, spec: CallSpec) -> list[str]:
         """Reasons no usable flash-attn API takes ``spec`` (one per API, prefixed)."""
         return list(self._choose(spec)[1])
+
+    def buffers(self, spec: CallSpec) -> tuple[Buffer, ...]:
+        """Key padding: K/V gathered to the front (FA4, when the real keys are
+        not each row's first) or unpadded (FA3/FA2): at most one copy of K/V."""
+        if not spec.key_padding:
+            return ()
+        return (est.kv_copy(spec, spec.heads_kv, "K/V gathered/unpadded for key padding "
+                            "(at most)"),)
 
     def chosen_api(self, spec: CallSpec) -> Optional[str]:
         """Label of the API that runs ``spec`` (e.g. "FA4, flash_attn.cute"), or None."""
@@ -299,6 +315,8 @@ def _call(api: FlashApi, mod: ModuleType, spec: CallSpec, q: Tensor, k: Tensor, 
           sinks: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """The kernel call on bshd views: dense, FA4 seqused_k, or FA3/FA2 varlen."""
     kw = dict(causal=spec.causal and spec.seq_q > 1, scale=scale, need_lse=spec.return_lse)
+    if spec.deterministic and spec.requires_grad:
+        kw["deterministic"] = True
     if spec.window is not None or spec.softcap is not None or sinks is not None:
         kw["fa4_kw"] = api_mod.fa4_structured(spec.window, spec.softcap, sinks)
     if kpm is None:

@@ -59,9 +59,10 @@ import torch
 
 from .._core.backend import AttentionResult, Backend
 from .._core.capabilities import Capabilities
-from .._core.layout import CUDA_ALIGNED, StrideRequirements
+from .._core.layout import CUDA_ALIGNED, Buffer, StrideRequirements
 from .._core.masks import apply_sinks, expand_kv
 from .._core.spec import CallSpec
+from . import _estimates as est
 from ._flex_mods import _Docs, dense_mask_mod, make_score_mod
 from .paged_flex import forward_paged, paged_reasons
 
@@ -297,12 +298,20 @@ class FlexBackend(Backend):
         # forward_paged: a block-table mask (see paged_flex); sinks through the
         # LSE, CUDA only (check)
         extras=frozenset({"paged", "sinks"}),
+        # no atomics for q/k/v (the backward computes dQ and dK/dV in separate programs)
+        deterministic_forward=True, deterministic_backward=True,
     )
 
     def stride_requirements(self, spec: CallSpec) -> StrideRequirements:
         """CPU: a unit last stride; CUDA: the aligned rule of the fused kernels
         (the triton kernel loads rows with aligned vector loads)."""
         return CUDA_ALIGNED if spec.device_type == "cuda" else self.capabilities.strides
+
+    def buffers(self, spec: CallSpec) -> tuple[Buffer, ...]:
+        """K/V expanded for GQA or padded to 16 keys (block masks not counted)."""
+        pad = cpu_key_length(spec.device, spec.head_dim, spec.seq_k) != spec.seq_k
+        padded = est.kv_copy(spec, spec.heads_kv, "K/V padded to 16 keys")
+        return est.listed(*est.gqa_expansion(spec), padded if pad and not spec.varlen else None)
 
     def describe(self) -> str:
         return (f"torch {torch.__version__} flex_attention (compiled per signature; on the "

@@ -30,7 +30,9 @@ from .._core.capabilities import Capabilities
 from .._core.layout import ANY_STRIDES
 from .._core.masks import additive_bias, expand_kv, softcap_scores
 from .._core.paged import dense_spec, gather_dense
+from .._core.layout import Buffer
 from .._core.spec import CallSpec
+from . import _estimates as est
 
 Tensor = torch.Tensor
 
@@ -65,10 +67,22 @@ class MathBackend(Backend):
         alibi=True,
         varlen=True,
         extras=frozenset({"paged", "sinks"}),
+        # matmul, softmax and elementwise ops: no atomics in either direction
+        # (on CUDA, cuBLAS needs CUBLAS_WORKSPACE_CONFIG=:4096:8 for bitwise
+        # reproducibility across streams; torch's deterministic mode says so)
+        deterministic_forward=True,
+        deterministic_backward=True,
     )
 
     def describe(self) -> str:
         return f"torch {torch.__version__} (matmul + softmax)"
+
+    def buffers(self, spec: CallSpec) -> tuple[Buffer, ...]:
+        """The score matrix (B*Hq*Sq*Sk*(2a + e[a != e]) bytes, see
+        ``_estimates``), the bias of masks, causal, window and ALiBi, and K/V
+        expanded for GQA."""
+        return est.listed(est.scores(spec), est.bias(spec, causal_in_bias=spec.causal),
+                          *est.gqa_expansion(spec))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
                 mask: Optional[Tensor], key_padding_mask: Optional[Tensor],

@@ -19,6 +19,7 @@ Equivalent math: see :mod:`attention_dispatch.adapters.math`.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Optional
 
@@ -29,7 +30,9 @@ from .._core.backend import AttentionResult, Backend
 from .._core.capabilities import Capabilities
 from .._core.layout import ANY_STRIDES
 from .._core.masks import expand_kv
+from .._core.layout import Buffer
 from .._core.spec import CallSpec
+from . import _estimates as est
 from ._torch_common import top_left_causal_flag, torch_bias
 
 Tensor = torch.Tensor
@@ -55,6 +58,11 @@ class SdpaBackend(Backend):
         lse=False,
         window=True,  # materialised into the bias
         alibi=True,   # likewise
+        # forward kernels: no atomics.  Backward: CPU (torch's CPU flash kernel)
+        # deterministic; elsewhere torch may pick flash / memory-efficient /
+        # cuDNN, whose backward is not (see capabilities_on)
+        deterministic_forward=True,
+        deterministic_backward=True,
     )
 
     def __init__(self) -> None:
@@ -62,6 +70,25 @@ class SdpaBackend(Backend):
 
     def describe(self) -> str:
         return f"torch {torch.__version__} scaled_dot_product_attention (torch's choice)"
+
+    def capabilities_on(self, device: torch.device) -> Capabilities:
+        """Off the CPU torch may choose a kernel whose backward accumulates with
+        atomics: not deterministic there."""
+        if device.type == "cpu":
+            return self.capabilities
+        return dataclasses.replace(self.capabilities, deterministic_backward=False)
+
+    def nondeterminism_note(self, spec: CallSpec, backward: bool) -> str:
+        return ("(torch may choose its flash, memory-efficient or cuDNN kernel, whose "
+                "backward accumulates with atomics)")
+
+    def buffers(self, spec: CallSpec) -> tuple[Buffer, ...]:
+        """The additive bias of masks, non-square causal, window and ALiBi; K/V
+        expanded for GQA where torch has no ``enable_gqa``."""
+        other = spec.mask_kind != "none" or spec.key_padding or spec.alibi
+        _, in_bias = top_left_causal_flag(spec, other_masks=other)
+        return est.listed(est.bias(spec, in_bias),
+                          *(est.gqa_expansion(spec) if not self._gqa else []))
 
     def check(self, spec: CallSpec) -> list[str]:
         out = []

@@ -18,9 +18,10 @@ import torch
 
 from .._core.backend import AttentionResult, Backend
 from .._core.capabilities import Capabilities
-from .._core.layout import CUDA_ALIGNED
+from .._core.layout import CUDA_ALIGNED, Buffer
 from .._core.spec import CallSpec
-from ._torch_common import aligned_bias, top_left_causal_flag, torch_bias, with_gqa
+from . import _estimates as est
+from ._torch_common import _folded_spec, aligned_bias, top_left_causal_flag, torch_bias, with_gqa
 
 Tensor = torch.Tensor
 
@@ -36,11 +37,25 @@ class SdpaCudnnBackend(Backend):
         head_dim_multiple=8,
         different_v_head_dim=False,
         min_compute_capability=(8, 0),
+        # forward: deterministic; backward: torch's documentation warns that
+        # with cuDNN "this operator may select a nondeterministic algorithm"
+        deterministic_forward=True,
+        deterministic_backward=False,
     )
 
     def describe(self) -> str:
         cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
         return f"torch {torch.__version__} cuDNN {cudnn}"
+
+    def nondeterminism_note(self, spec: CallSpec, backward: bool) -> str:
+        return "(torch documents cuDNN attention's backward as possibly non-deterministic)"
+
+    def buffers(self, spec: CallSpec) -> tuple[Buffer, ...]:
+        """The additive bias (built, then copied onto 8-aligned rows) and K/V
+        expanded for GQA unless folded."""
+        _, in_bias = top_left_causal_flag(spec, spec.mask_kind != "none" or spec.key_padding)
+        gqa = est.gqa_expansion(spec) if _folded_spec(spec) is None else []
+        return est.listed(est.bias(spec, in_bias, copies=2), *gqa)
 
     def probe(self, device: torch.device) -> list[str]:
         out = super().probe(device)

@@ -25,9 +25,12 @@ import torch
 from .._core.backend import AttentionResult, Backend
 from .._core.capabilities import Capabilities
 from .._core.layout import CUDA_ALIGNED, StrideRequirements
+from .._core.layout import Buffer
 from .._core.spec import CallSpec
+from . import _estimates as est
 from ._sinks import sinks_via_lse
-from ._torch_common import half_only_on_cuda, top_left_causal_flag, torch_bias, with_gqa
+from ._torch_common import (_folded_spec, half_only_on_cuda, top_left_causal_flag, torch_bias,
+                            with_gqa)
 
 Tensor = torch.Tensor
 
@@ -44,6 +47,14 @@ class SdpaFlashBackend(Backend):
         window=True,  # CPU only (materialised bias); check() refuses it on CUDA
         alibi=True,   # CPU only, likewise
         extras=frozenset({"sinks"}),  # CPU only (through the LSE, _sinks), likewise
+        # forward: no atomics (FA2's split-KV partial results are combined by a
+        # separate kernel in a fixed order).  Backward: the CPU kernel reduces in
+        # a fixed order; CUDA's FA2 backward accumulates dQ with atomics (torch
+        # makes it deterministic only under torch.use_deterministic_algorithms(
+        # True) at backward time, which a decision cannot rely on): see
+        # capabilities_on
+        deterministic_forward=True,
+        deterministic_backward=True,
     )
 
     def describe(self) -> str:
@@ -62,7 +73,19 @@ class SdpaFlashBackend(Backend):
         return dataclasses.replace(self.capabilities, dtypes=frozenset({torch.float16,
                                                                         torch.bfloat16}),
                                    max_head_dim=256, mask_kinds=frozenset(), key_padding=False,
-                                   window=False, alibi=False)
+                                   window=False, alibi=False, deterministic_backward=False)
+
+    def nondeterminism_note(self, spec: CallSpec, backward: bool) -> str:
+        return ("(torch's CUDA flash backward accumulates dQ with atomics; deterministic "
+                "only under torch.use_deterministic_algorithms(True) at backward time)")
+
+    def buffers(self, spec: CallSpec) -> tuple[Buffer, ...]:
+        """CPU: the additive bias of masks, key padding, non-square causal, window
+        and ALiBi (materialised).  CUDA: K/V expanded for GQA unless folded."""
+        if spec.device_type == "cpu":
+            _, in_bias = top_left_causal_flag(spec, other_masks=False)
+            return est.listed(est.bias(spec, in_bias))
+        return tuple(est.gqa_expansion(spec)) if _folded_spec(spec) is None else ()
 
     def check(self, spec: CallSpec) -> list[str]:
         if spec.device_type == "cpu":

@@ -19,9 +19,10 @@ import torch
 
 from .._core.backend import AttentionResult, Backend
 from .._core.capabilities import Capabilities
-from .._core.layout import CUDA_ALIGNED
+from .._core.layout import CUDA_ALIGNED, Buffer
 from .._core.spec import CallSpec
-from ._torch_common import aligned_bias, torch_bias, with_gqa
+from . import _estimates as est
+from ._torch_common import _folded_spec, aligned_bias, torch_bias, with_gqa
 
 Tensor = torch.Tensor
 
@@ -38,10 +39,25 @@ class SdpaMemEfficientBackend(Backend):
         max_head_dim=512,
         head_dim_multiple=8,
         min_compute_capability=(5, 0),
+        # forward: no atomics; backward: dQ (and, split over keys, dK/dV) are
+        # accumulated with atomics
+        deterministic_forward=True,
+        deterministic_backward=False,
     )
 
     def describe(self) -> str:
         return f"torch {torch.__version__} memory-efficient kernel"
+
+    def nondeterminism_note(self, spec: CallSpec, backward: bool) -> str:
+        return ("(torch's memory-efficient backward accumulates gradients with atomics; "
+                "deterministic only under torch.use_deterministic_algorithms(True))")
+
+    def buffers(self, spec: CallSpec) -> tuple[Buffer, ...]:
+        """The additive bias (built, then copied onto 16-aligned rows) and K/V
+        expanded for GQA unless folded."""
+        in_bias = spec.causal and spec.seq_q > spec.seq_k
+        gqa = est.gqa_expansion(spec) if _folded_spec(spec) is None else []
+        return est.listed(est.bias(spec, in_bias, copies=2), *gqa)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
                 mask: Optional[Tensor], key_padding_mask: Optional[Tensor],

@@ -41,10 +41,11 @@ import torch
 
 from .._core.backend import AttentionResult, Backend
 from .._core.capabilities import Capabilities, dtype_name
-from .._core.layout import CUDA_ALIGNED
+from .._core.layout import CUDA_ALIGNED, Buffer
 from .._core.masks import expand_kv
 from .._core.spec import CallSpec
 from ._flash_api import cuda_capability, fa4_without_fa2, import_hiding_flash_attn, module_present
+from . import _estimates as est
 from ._torch_common import aligned_bias, torch_bias
 from .._core.packing import (CAUSAL_PADDING_REASON, causal_differs_with_padding, lse_to_bhs,
     prefix_kv)
@@ -349,6 +350,11 @@ class XformersBackend(Backend):
         head_dim_multiple=8,
         min_compute_capability=(5, 0),
         native_layout="bshd",
+        # forward: no atomics.  Backward: the flash BwOp (FA2) is called without
+        # its deterministic flag and the cutlass BwOp (torch's memory-efficient
+        # backward) accumulates with atomics
+        deterministic_forward=True,
+        deterministic_backward=False,
     )
 
     def __init__(self) -> None:
@@ -385,6 +391,22 @@ class XformersBackend(Backend):
         if not installed() and not st.families:
             return [INSTALL_HINT]
         return list(st.reasons)
+
+    def nondeterminism_note(self, spec: CallSpec, backward: bool) -> str:
+        return "(xformers' flash and cutlass backward ops accumulate gradients with atomics)"
+
+    def buffers(self, spec: CallSpec) -> tuple[Buffer, ...]:
+        """Masks/key padding as one bias copied onto 8-aligned rows (cutlass),
+        K/V expanded for GQA (cutlass; flash with gradients), K/V gathered for
+        key padding (flash) - the family is not known here: the larger one."""
+        cutlass = est.listed(est.bias(spec, spec.causal and spec.seq_q > 1, copies=2)
+                             if spec.mask_kind != "none" or spec.key_padding else None,
+                             *est.gqa_expansion(spec))
+        flash = est.listed(*(est.gqa_expansion(spec) if spec.requires_grad else []),
+                           est.kv_copy(spec, spec.heads_kv, "K/V gathered for key padding "
+                                       "(at most)") if spec.key_padding else None)
+        size = lambda bs: sum(b.nbytes for b in bs)  # noqa: E731
+        return cutlass if size(cutlass) >= size(flash) else flash
 
     def _choose(self, spec: CallSpec) -> tuple[Optional[_Family], list[str]]:
         hit = self._choices.get(spec)

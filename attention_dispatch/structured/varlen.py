@@ -14,7 +14,7 @@ from typing import Optional, Union
 
 import torch
 
-from .._core import BackendArg, CallOptions, selection_of, varlen_call
+from .._core import BackendArg, CallOptions, effective_policy, selection_of, varlen_call
 from .._core.packing import (cu_seqlens, pad_varlen, seqlens, token_positions,  # noqa: F401
                              unpad_varlen)
 
@@ -27,7 +27,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                      scale: Optional[float] = None, window: Optional[tuple[int, int]] = None,
                      softcap: Optional[float] = None, alibi_slopes: Optional[Tensor] = None,
                      sinks: Optional[Tensor] = None, backend: BackendArg = "auto",
-                     return_lse: bool = False
+                     return_lse: bool = False, deterministic: Optional[bool] = None,
+                     max_extra_bytes: Optional[int] = None
                      ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention over a packed batch of variable-length sequences.
 
@@ -43,7 +44,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     sequence with Lq queries and Lk keys sees key j iff j <= i + Lk - Lq), and
     so are the window and the ALiBi distance.  ``alibi_slopes`` is (Hq,) or
     (B, Hq) float32.  ``sinks`` (Hq,) are per head, the same for every
-    sequence (lse then includes them).  Validating cu_seqlens reads them on the host (one
+    sequence (lse then includes them).  ``deterministic`` and ``max_extra_bytes``
+    are the policies of :func:`attention` (docs/selection.md "Policies").
+    Validating cu_seqlens reads them on the host (one
     synchronisation per call; skipped while torch.compile traces).
 
     Backends that declare ``capabilities.varlen`` run the packed tensors; any
@@ -59,8 +62,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
         AttentionInputError / AttentionTypeError: bad input, before any kernel.
         BackendUnavailable: no backend of the selection takes the call.
     """
+    det, limit = effective_policy(deterministic, max_extra_bytes)
     o = CallOptions(alibi_slopes=alibi_slopes, sinks=sinks, causal=causal, dropout_p=dropout_p,
                     scale=scale, layout="bshd", return_lse=return_lse, window=window,
-                    softcap=softcap)
+                    softcap=softcap, deterministic=det, max_extra_bytes=limit)
     return varlen_call(selection_of(backend), q, k, v, cu_seqlens_q, cu_seqlens_k,
                        max_seqlen_q, max_seqlen_k, o)

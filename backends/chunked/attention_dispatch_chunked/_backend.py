@@ -80,6 +80,10 @@ class ChunkedBackend(ad.Backend):
         backward=True,
         native_layout="bhsd",
         empty_rows_exact=True,
+        # matmul, softmax and elementwise ops per chunk (recomputed under
+        # checkpointing): no atomics in either direction
+        deterministic_forward=True,
+        deterministic_backward=True,
     )
 
     chunk_size: int = 1024
@@ -99,6 +103,17 @@ class ChunkedBackend(ad.Backend):
         v = self.version()
         head = f"{DISTRIBUTION} {v}" if v else DISTRIBUTION
         return f"{head} (torch {torch.__version__}, {self.chunk_size} query rows per chunk)"
+
+    def buffers(self, spec: ad.CallSpec) -> tuple[ad.Buffer, ...]:
+        """One chunk's scores and probabilities: B * Hq * min(chunk, Sq) * Sk
+        elements, twice in the accumulation dtype (float32 for half inputs)
+        plus once in the input dtype for half inputs.  Bounded by the chunk
+        size, so not counted as O(Sq * Sk)."""
+        rows = min(self.chunk_size, spec.seq_q)
+        e = spec.dtype.itemsize
+        a = 4 if spec.dtype in (torch.float16, torch.bfloat16) else e
+        n = spec.batch * spec.heads_q * rows * spec.seq_k * (2 * a + (e if a != e else 0))
+        return (ad.Buffer(f"scores of one chunk of {rows} query rows", n),)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: ad.CallSpec,
                 mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
