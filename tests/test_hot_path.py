@@ -194,3 +194,22 @@ def test_default_scale_is_the_kernels_default() -> None:
         want = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, scale=1.0 / math.sqrt(d))[0]
         assert torch.equal(torch._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0], want)
+
+
+def test_a_forward_wrapped_on_the_instance_sees_every_call(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    q, k, v = _qkv()
+    name = ad.explain(q, k, v).backend
+    inst = ad.get_backend(name)
+    seen: list[int] = []
+    fwd = inst.forward
+
+    def wrapped(*a: Any, **kw: Any) -> Any:
+        seen.append(1)
+        return fwd(*a, **kw)
+
+    monkeypatch.setattr(inst, "forward", wrapped)
+    ad.clear_cache()
+    for _ in range(3):
+        ad.attention(q, k, v)
+    assert len(seen) == 3

@@ -110,8 +110,10 @@ def _bind(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions) -> Plan:
 def _plain_call(inst: Backend, spec: CallSpec, scale: float, dropout_p: float,
                 q: Tensor, k: Tensor, v: Tensor) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """``out = f(q, k, v)`` for a plan with nothing but the kernel to run and no
-    mask: the backend's own (``Backend.plain_call``) or its ``forward``."""
-    own = inst.plain_call(spec, scale, dropout_p, q, k, v)
+    mask: the backend's own (``Backend.plain_call``) or its ``forward``.  A
+    ``forward`` replaced on the instance (a wrapper that records or profiles
+    calls) is always called: then the backend's own plain call is not used."""
+    own = None if "forward" in vars(inst) else inst.plain_call(spec, scale, dropout_p, q, k, v)
     if own is not None:
         return own
     fwd = inst.forward
