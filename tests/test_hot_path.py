@@ -213,3 +213,25 @@ def test_a_forward_wrapped_on_the_instance_sees_every_call(monkeypatch: pytest.M
     for _ in range(3):
         ad.attention(q, k, v)
     assert len(seen) == 3
+
+
+def test_prefix_kv_gathers_only_up_to_the_longest_row() -> None:
+    from attention_dispatch._core.packing import prefix_kv
+
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(3, 12, 2, 4, generator=g, requires_grad=True)
+    v = torch.randn(3, 12, 2, 4, generator=g)
+    kpm = torch.rand(3, 12, generator=g) < 0.5
+    kpm[:, 5] = True
+    kpm[2] = False  # a row with no key
+    k2, v2, lengths = prefix_kv(k, v, kpm)
+    assert lengths.tolist() == kpm.sum(-1).tolist()
+    assert k2.shape == (3, int(lengths.max()), 2, 4)
+    for b in range(3):
+        n = int(lengths[b])
+        assert torch.equal(k2[b, :n], k[b][kpm[b]]) and torch.equal(v2[b, :n], v[b][kpm[b]])
+    (gk,) = torch.autograd.grad(k2.sum(), k)
+    assert torch.equal(gk, kpm[:, :, None, None].expand_as(k).to(gk.dtype))
+    right = torch.arange(12)[None, :] < torch.tensor([[12], [7], [3]])
+    k3, _, _ = prefix_kv(k, v, right)
+    assert k3.shape == k.shape and k3.data_ptr() == k.data_ptr()  # right padding: no copy
