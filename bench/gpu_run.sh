@@ -9,6 +9,8 @@
 #   bash bench/gpu_run.sh layouts            # memory layouts, poisoned padding, verify mode: tests
 #   bash bench/gpu_run.sh layout-bench       # a transposed K: time and memory vs contiguous and torch
 #   bash bench/gpu_run.sh hf-llama           # transformers Llama: attention_dispatch vs sdpa
+#   bash bench/gpu_run.sh perf               # host cost vs F.sdpa, decode + torch-default bench
+#   bash bench/gpu_run.sh scattered          # scattered key padding: peak memory and time vs torch
 # Logs and results go to $OUT (default ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -76,6 +78,16 @@ for stage in "$@"; do
       step hf-llama
       ATTENTION_DISPATCH_CACHE_DIR=$(mktemp -d) python3 bench/hf_llama_bench.py \
         --out "$OUT/hf-llama.json" 2>&1 | tail -20 | tee -a "$LOG" ;;
+    perf)
+      env_on
+      step overhead; python3 bench/overhead.py --device cuda --repeats 5000 \
+        --json "$OUT/overhead-cuda.json" 2>&1 | tee -a "$LOG"
+      step decode-bench; python3 bench/gpu_bench.py --sections decode,padding \
+        --out "$OUT/gpu-bench-decode.json" 2>&1 | tee -a "$LOG" ;;
+    scattered)
+      env_on
+      step scattered; python3 bench/scattered_padding_bench.py \
+        --out "$OUT/scattered-padding.json" 2>&1 | tail -20 | tee -a "$LOG" ;;
     *) echo "unknown stage $stage" | tee -a "$LOG"; exit 2 ;;
   esac
 done
