@@ -272,7 +272,7 @@ def _assert_complete(out: Path) -> list[dict]:
     per_row = Counter((r["case"], r["backend"]) for r in rows)
     assert set(per_row.values()) == {1}, per_row  # every case and backend exactly once
     assert len({r["case"] for r in rows}) == TINY_CASES
-    assert {r["backend"] for r in rows} == {"math", "auto"}
+    assert {r["backend"] for r in rows} == {"math", "auto", "torch-default"}
     with open(out / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"

@@ -131,7 +131,8 @@ def run_case(case: BenchCase, backends: list[str], device: torch.device, check: 
     _add_torch_default(case, kw, device, meta, rows, fns)
     budget = 1.0 if device.type == "cuda" else 0.6
     for name, ms in time_interleaved(fns, device, budget_s=budget).items():
-        rows[name].update(ms=round(ms, 4), tflops=round(case.flops / (ms * 1e-3) / 1e12, 3))
+        # 4 significant digits: a slow CPU call keeps a TFLOP/s above 0
+        rows[name].update(ms=round(ms, 4), tflops=float(f"{case.flops / (ms * 1e-3) / 1e12:.4g}"))
     timed = [r["ms"] for n, r in rows.items()
              if n not in ("auto", TORCH_DEFAULT) and r["ms"] and r["correct"]]
     auto = rows["auto"]["ms"]
