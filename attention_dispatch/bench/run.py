@@ -51,7 +51,7 @@ def torch_default_call(case: BenchCase, kw: dict[str, Any]) -> Optional[Callable
     padding or bool mask as a (B, 1, Sq, Sk) bool mask, ``enable_gqa`` for
     GQA, bottom-right causal as an explicit bool mask where Sq != Sk; Sq = 1
     causal admits every key).  None where torch has no equivalent."""
-    import torch.nn.functional as F
+    from ..sdpa import TORCH_SDPA  # torch's own function, also under patch_sdpa()
 
     q, k, v = kw["q"], kw["k"], kw["v"]
     sq, sk = case.seq_q, case.seq_k
@@ -66,8 +66,7 @@ def torch_default_call(case: BenchCase, kw: dict[str, Any]) -> Optional[Callable
     extra = {"enable_gqa": True} if case.heads_q != case.heads_kv else {}
 
     def fwd() -> Any:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                              **extra)
+        return TORCH_SDPA(q, k, v, attn_mask=mask, is_causal=is_causal, **extra)
 
     if case.mode == "fwd":
         return fwd
