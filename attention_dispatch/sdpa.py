@@ -6,7 +6,7 @@ runs through :func:`attention_dispatch.attention` (auto selection,
 says which backend such a call runs on.  :func:`patch_sdpa` routes
 ``torch.nn.functional.scaled_dot_product_attention`` through it for code that
 calls torch's function.  No module of this package calls torch's function (the
-adapters call ``torch.ops.aten`` kernels), so a patched process never calls
+adapters call torch's aten kernels directly), so a patched process never calls
 itself; :data:`TORCH_SDPA` is torch's own function, captured at import.
 
 Translation into the contract (docs/integrations.md):

@@ -1,18 +1,28 @@
 """Time every backend side by side on CUDA, through ``ad.attention(..., backend=name)``.
 
-Each row times every forced backend, ``backend="auto"`` (and, where the row
-has one, torch's default ``F.scaled_dot_product_attention`` choice) with CUDA
-events: warm-up, then the median of N repeats.  bfloat16, head dim 128.
+Each row times every forced backend, ``backend="auto"`` and torch's default
+call (the call a user makes without this package: ``F.scaled_dot_product_attention``
+with the equivalent arguments) with CUDA events: warm-up, then the median of N
+repeats in interleaved rounds.  bfloat16, head dim 128.
 
 (a) long: B*S = 16384 tokens (B=1 S=16384, and other B x S splits), H=16,
     causal and non-causal, fwd and fwd+bwd; TFLOP/s = 4*B*H*Sq*Sk*D / t for
-    fwd (half that for causal), 2.5x the fwd FLOPs for fwd+bwd.
+    fwd (half that for causal), 2.5x the fwd FLOPs for fwd+bwd; torch default
+    = F.sdpa(is_causal=causal) (Sq == Sk: top-left is bottom-right).
 (b) key padding: B=4, S=8192, H=16, rows 2 and 3 with half their keys padded;
     torch default = F.sdpa with the equivalent bool attn_mask.
-(c) decode: B=32, Hq=32, Hkv=8, Sq=1, Sk=8192; torch default = F.sdpa(enable_gqa=True).
+(c) decode: B in {1, 8, 32}, Hq=32, Hkv=8, Sq=1, Sk in {4k, 32k, 128k};
+    torch default = F.sdpa(enable_gqa=True).  L2 is flushed before every timed
+    call (a write of 512 MiB), and the row has a bandwidth ceiling measured in
+    the same run: a read-only pass (a sum) over a buffer of the bytes of K+V;
+    ``ceiling`` is its time, ``<name>/ceiling`` the achieved fraction of it
+    (the ceiling's time over the call's).
 
 ``auto/best`` is the fastest forced backend's time over auto's (a throughput
-ratio: 1.0 means auto ran the best kernel; the goal is >= 0.97).  Usage::
+ratio: 1.0 means auto ran the best kernel; the goal is >= 0.97);
+``auto/torch`` is torch's default call's time over auto's (> 1: auto is faster).
+Runs with a temporary autotune cache: stored choices never change a figure.
+Usage::
 
     python bench/gpu_bench.py --out bench-results.json
 """
@@ -73,8 +83,26 @@ def runner(name: str, q: Tensor, k: Tensor, v: Tensor, kw: dict, bwd: bool
     return lambda: torch.autograd.grad(fwd(), (q, k, v), grad)
 
 
+_FLUSH: list[Tensor] = []
+
+
+def flush_l2() -> None:
+    """Evict the L2 cache: write a 512 MiB buffer (outside the timed events)."""
+    if not _FLUSH:
+        _FLUSH.append(torch.empty(512 << 20, dtype=torch.uint8, device="cuda"))
+    _FLUSH[0].zero_()
+
+
+def time_one(fn: Callable[[], Any], flush: bool) -> float:
+    """Milliseconds of one call (CUDA events), after an L2 flush when ``flush``."""
+    if flush:
+        flush_l2()
+    return time_ms(fn, 0, 1)
+
+
 def measure(names: list[str], q: Tensor, k: Tensor, v: Tensor, kw: dict, bwd: bool,
-            args: argparse.Namespace, torch_default: Optional[Callable[[], Any]] = None
+            args: argparse.Namespace, torch_default: Optional[Callable[[], Any]] = None,
+            extra: Optional[dict[str, Callable[[], Any]]] = None, flush: bool = False
             ) -> dict[str, Any]:
     """{backend: ms or "refused: ..." / "error: ..."}, plus auto's choice and torch's
     default.  Every runnable entry is warmed up, then all are timed in interleaved
@@ -92,21 +120,47 @@ def measure(names: list[str], q: Tensor, k: Tensor, v: Tensor, kw: dict, bwd: bo
         except Exception as exc:  # one broken backend must not stop the run
             res[name] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     if torch_default is not None:
-        fns["torch-default"] = torch_default
+        try:
+            for _ in range(args.warmup):
+                torch_default()
+            fns["torch-default"] = torch_default
+        except Exception as exc:  # e.g. out of memory for a dense mask
+            res["torch-default"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    fns.update(extra or {})
     samples: dict[str, list[float]] = {n: [] for n in fns}
     order = list(fns)
     rng = random.Random(0)
     for _ in range(args.repeats):  # a fresh random order per round: no entry always
         rng.shuffle(order)         # follows the same (e.g. a power-hungry) kernel
         for n in order:
-            samples[n].append(time_ms(fns[n], 0, 1))
+            samples[n].append(time_one(fns[n], flush))
     res.update({n: statistics.median(t) for n, t in samples.items()})
     torch.cuda.empty_cache()
     res["auto_choice"] = ad.explain(q, k, v, **kw).backend
     best = [res[n] for n in names if isinstance(res.get(n), float)]
     if best and isinstance(res.get("auto"), float):
         res["auto/best"] = min(best) / res["auto"]  # throughput ratio: 1.0 = auto is the best
+    if isinstance(res.get("torch-default"), float) and isinstance(res.get("auto"), float):
+        res["auto/torch"] = res["torch-default"] / res["auto"]  # > 1: auto is faster
     return res
+
+
+def bhsd(t: Tensor, layout: str) -> Tensor:
+    return t.transpose(1, 2) if layout == "bshd" else t
+
+
+def sdpa_runner(q: Tensor, k: Tensor, v: Tensor, layout: str, bwd: bool, **kw: Any
+                ) -> Callable[[], Any]:
+    """torch's default call on the same tensors (and its backward when ``bwd``)."""
+    qb, kb, vb = (bhsd(t, layout) for t in (q, k, v))
+
+    def fwd() -> Tensor:
+        return F.scaled_dot_product_attention(qb, kb, vb, **kw)
+
+    if not bwd:
+        return fwd
+    grad = torch.randn_like(fwd())
+    return lambda: torch.autograd.grad(fwd(), (q, k, v), grad)
 
 
 def torch_choice(q: Tensor, k: Tensor, v: Tensor, **kw: Any) -> str:
@@ -126,10 +180,13 @@ def long_rows(args: argparse.Namespace, names: list[str]) -> list[dict[str, Any]
         for causal in (False, True):
             for bwd in (False, True):
                 q, k, v = make(b, 16, 16, s, s, 128, args.layout, bwd)
-                res = measure(names, q, k, v, dict(causal=causal, layout=args.layout), bwd, args)
+                res = measure(names, q, k, v, dict(causal=causal, layout=args.layout), bwd, args,
+                              sdpa_runner(q, k, v, args.layout, bwd, is_causal=causal))
+                res["torch_choice"] = torch_choice(*(bhsd(t, args.layout) for t in (q, k, v)),
+                                                   is_causal=causal)
                 flops = 4 * b * 16 * s * s * 128 * (0.5 if causal else 1.0) * (2.5 if bwd else 1.0)
                 res["tflops"] = {n: flops / (t * 1e-3) / 1e12 for n, t in res.items()
-                                 if isinstance(t, float) and n != "auto/best"}
+                                 if isinstance(t, float) and "/" not in n}
                 rows.append(dict(section="long", B=b, S=s, H=16, D=128, causal=causal,
                                  pass_="fwd+bwd" if bwd else "fwd", **res))
                 del q, k, v
@@ -143,14 +200,9 @@ def padding_rows(args: argparse.Namespace, names: list[str]) -> list[dict[str, A
     rows = []
     for bwd in (False, True):
         q, k, v = make(b, 16, 16, s, s, 128, args.layout, bwd)
-        qb, kb, vb = ((t.transpose(1, 2) if args.layout == "bshd" else t) for t in (q, k, v))
-
-        def torch_default() -> Any:
-            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=kpm[:, None, None, :])
-            return torch.autograd.grad(out, (q, k, v), torch.ones_like(out)) if bwd else out
-
+        qb, kb, vb = (bhsd(t, args.layout) for t in (q, k, v))
         res = measure(names, q, k, v, dict(key_padding_mask=kpm, layout=args.layout), bwd, args,
-                      torch_default)
+                      sdpa_runner(q, k, v, args.layout, bwd, attn_mask=kpm[:, None, None, :]))
         res["torch_choice"] = torch_choice(qb, kb, vb, attn_mask=kpm[:, None, None, :])
         rows.append(dict(section="key-padding", B=b, S=s, H=16, D=128, causal=False,
                          pass_="fwd+bwd" if bwd else "fwd", **res))
@@ -158,12 +210,31 @@ def padding_rows(args: argparse.Namespace, names: list[str]) -> list[dict[str, A
 
 
 def decode_rows(args: argparse.Namespace, names: list[str]) -> list[dict[str, Any]]:
-    q, k, v = make(32, 32, 8, 1, 8192, 128, args.layout, False)
-    qb, kb, vb = ((t.transpose(1, 2) if args.layout == "bshd" else t) for t in (q, k, v))
-    res = measure(names, q, k, v, dict(layout=args.layout), False, args,
-                  lambda: F.scaled_dot_product_attention(qb, kb, vb, enable_gqa=True))
-    res["torch_choice"] = torch_choice(qb, kb, vb, enable_gqa=True)
-    return [dict(section="decode", B=32, Hq=32, Hkv=8, Sq=1, Sk=8192, D=128, pass_="fwd", **res)]
+    """Decode (Sq=1, GQA 32/8) over the B x Sk grid of ``--decode``, with the
+    bandwidth ceiling of each row measured beside it."""
+    rows = []
+    for shape in args.decode.split(","):
+        b, sk = (int(x) for x in shape.split("x"))
+        q, k, v = make(b, 32, 8, 1, sk, 128, args.layout, False)
+        qb, kb, vb = (bhsd(t, args.layout) for t in (q, k, v))
+        nbytes = k.numel() * k.element_size() + v.numel() * v.element_size()
+        buf = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+        ceiling = {"ceiling": lambda: buf.sum(dtype=torch.float32)}  # reads K+V's bytes once
+        res = measure(names, q, k, v, dict(layout=args.layout), False, args,
+                      sdpa_runner(q, k, v, args.layout, False, enable_gqa=True), ceiling,
+                      flush=True)
+        res["torch_choice"] = torch_choice(qb, kb, vb, enable_gqa=True)
+        if isinstance(res.get("ceiling"), float):
+            res["kv_GB"] = nbytes / 1e9
+            res["ceiling_GBps"] = nbytes / (res["ceiling"] * 1e-3) / 1e9
+            for n in names + ["auto", "torch-default"]:
+                if isinstance(res.get(n), float):
+                    res[f"{n}/ceiling"] = res["ceiling"] / res[n]
+        rows.append(dict(section="decode", B=b, Hq=32, Hkv=8, Sq=1, Sk=sk, D=128, pass_="fwd",
+                         **res))
+        del q, k, v, buf
+        torch.cuda.empty_cache()
+    return rows
 
 
 def fmt(v: Any, unit: str) -> str:
@@ -174,18 +245,26 @@ def fmt(v: Any, unit: str) -> str:
 
 def print_table(rows: list[dict[str, Any]], names: list[str]) -> None:
     cols = names + ["auto", "torch-default"]
-    print("row".ljust(38) + "".join(c[:12].rjust(13) for c in cols) + "  auto/best  auto->")
+    print("row".ljust(38) + "".join(c[:12].rjust(13) for c in cols)
+          + "  auto/best  auto/torch  auto->")
     for r in rows:
         unit = "us" if r["section"] == "decode" else "ms"
         label = f"{r['section']} B={r['B']} " + (f"S={r['S']} " if "S" in r else "") + \
-            ("causal " if r.get("causal") else "") + r["pass_"]
+            (f"Sk={r['Sk']} " if "Sk" in r else "") + ("causal " if r.get("causal") else "") + \
+            r["pass_"]
         cells = "".join(fmt(r[c], unit).rjust(13) if c in r else "-".rjust(13) for c in cols)
         ratio = f"{r['auto/best']:.2f}" if "auto/best" in r else "-"
+        vs_torch = f"{r['auto/torch']:.2f}" if "auto/torch" in r else "-"
         torch_pick = f" (torch: {r['torch_choice']})" if "torch_choice" in r else ""
-        print(label.ljust(38) + cells + ratio.rjust(11) + f"  {r['auto_choice']}{torch_pick}")
+        print(label.ljust(38) + cells + ratio.rjust(11) + vs_torch.rjust(12)
+              + f"  {r['auto_choice']}{torch_pick}")
         if "tflops" in r:
             print(" " * 38 + "".join((f"{r['tflops'][c]:.0f}TF" if c in r["tflops"] else "")
                                      .rjust(13) for c in cols))
+        if "ceiling" in r and isinstance(r["ceiling"], float):
+            print(" " * 38 + "".join((f"{r[c + '/ceiling']:.0%}bw" if c + "/ceiling" in r
+                                      else "").rjust(13) for c in cols)
+                  + f"   ceiling {fmt(r['ceiling'], 'us')} = {r['ceiling_GBps']:.0f} GB/s")
 
 
 def main(argv: Any = None) -> int:
@@ -197,6 +276,8 @@ def main(argv: Any = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--sections", default="long,padding,decode")
+    p.add_argument("--decode", default="1x4096,8x4096,32x4096,1x32768,8x32768,32x32768,"
+                   "1x131072,8x131072,32x131072", help="B x Sk for section (c)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)

@@ -12,6 +12,8 @@
 #   bash bench/gpu_run.sh paged              # paged KV cache: GPU tests (FA4, flex), paged vs dense decode
 #   bash bench/gpu_run.sh sinks              # attention sinks: GPU tests (FA4, flex), 16k speed
 #   bash bench/gpu_run.sh policies           # deterministic=True: bitwise-equal backward passes
+#   bash bench/gpu_run.sh perf               # host cost vs F.sdpa, decode + torch-default bench
+#   bash bench/gpu_run.sh scattered          # scattered key padding: peak memory and time vs torch
 # Logs and results go to $OUT (default ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -101,6 +103,16 @@ for stage in "$@"; do
       step policies
       python3 -m pytest tests/gpu/test_policies_gpu.py -m gpu -q -p no:cacheprovider -rfEs \
         2>&1 | tail -30 | tee "$OUT/gpu-policies.txt" | tee -a "$LOG" ;;
+    perf)
+      env_on
+      step overhead; python3 bench/overhead.py --device cuda --repeats 5000 \
+        --json "$OUT/overhead-cuda.json" 2>&1 | tee -a "$LOG"
+      step decode-bench; python3 bench/gpu_bench.py --sections decode,padding \
+        --out "$OUT/gpu-bench-decode.json" 2>&1 | tee -a "$LOG" ;;
+    scattered)
+      env_on
+      step scattered; python3 bench/scattered_padding_bench.py \
+        --out "$OUT/scattered-padding.json" 2>&1 | tail -20 | tee -a "$LOG" ;;
     *) echo "unknown stage $stage" | tee -a "$LOG"; exit 2 ;;
   esac
 done

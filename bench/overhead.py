@@ -1,10 +1,13 @@
 """Dispatch overhead: ad.attention(backend="auto") vs the chosen kernel called
-directly, on tiny tensors, in one run.
+directly and vs torch's own F.scaled_dot_product_attention, on tiny tensors
+(B=1, H=2, S=8, D=16), in one run.
 
     python bench/overhead.py [--device cpu|cuda] [--repeats 20000] [--json out.json]
 
 Modes, each "auto" beside "direct" (the chosen backend's forward() with the
-plan's arguments, what auto runs after its cache lookup):
+plan's arguments) and "torch" (F.scaled_dot_product_attention on the same
+tensors, what a user calls without this package); the ratios auto / direct
+and auto / torch are reported:
   eager     host-side microseconds per call;
   compile   both wrapped in torch.compile(fullgraph=True): the dispatcher
             resolves at trace time, so the compiled graphs are the same;
@@ -22,6 +25,7 @@ import time
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 import attention_dispatch as ad
 
@@ -41,15 +45,18 @@ def _time_us(fn: Callable[[], Any], repeats: int, sync: Callable[[], None], roun
     return statistics.median(per_round)
 
 
-def _pair(auto: Callable[[], Any], direct: Callable[[], Any], repeats: int,
-          sync: Callable[[], None]) -> dict[str, float]:
-    # interleave a few times so drift hits both alike
-    a, d = [], []
+def _pair(auto: Callable[[], Any], direct: Callable[[], Any], torch_fn: Callable[[], Any],
+          repeats: int, sync: Callable[[], None]) -> dict[str, float]:
+    # interleave a few times so drift (and other load) hits all three alike
+    a, d, t = [], [], []
     for _ in range(3):
         d.append(_time_us(direct, repeats, sync))
         a.append(_time_us(auto, repeats, sync))
-    da, dd = min(a), min(d)
-    return {"direct_us": round(dd, 3), "auto_us": round(da, 3), "overhead_us": round(da - dd, 3)}
+        t.append(_time_us(torch_fn, repeats, sync))
+    da, dd, dt = min(a), min(d), min(t)
+    return {"direct_us": round(dd, 3), "auto_us": round(da, 3), "torch_us": round(dt, 3),
+            "overhead_us": round(da - dd, 3), "auto_over_direct": round(da / dd, 3),
+            "auto_over_torch": round(da / dt, 3)}
 
 
 def _graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -67,7 +74,7 @@ def _graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
 def measure(device: str, repeats: int, modes: list[str]) -> dict[str, Any]:
     torch.manual_seed(0)
     dt = torch.float16 if device == "cuda" else torch.float32
-    q, k, v = (torch.randn(1, 1, 4, 64, device=device, dtype=dt) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 8, 16, device=device, dtype=dt) for _ in range(3))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     decision = ad.explain(q, k, v)
     backend = ad.get_backend(decision.backend)
@@ -80,22 +87,27 @@ def measure(device: str, repeats: int, modes: list[str]) -> dict[str, Any]:
     def auto() -> Any:
         return ad.attention(q, k, v)
 
+    def torch_sdpa() -> Any:
+        return F.scaled_dot_product_attention(q, k, v)
+
     out: dict[str, Any] = {
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
         "host": platform.processor() or platform.machine(), "torch": torch.__version__,
         "backend": decision.backend, "date": time.strftime("%Y-%m-%d")}
     with torch.no_grad():
         if "eager" in modes:
-            out["eager"] = _pair(auto, direct, repeats, sync)
+            out["eager"] = _pair(auto, direct, torch_sdpa, repeats, sync)
         if "compile" in modes:
             try:
                 ca = torch.compile(auto, fullgraph=True)
                 cd = torch.compile(direct, fullgraph=True)
-                out["compile"] = _pair(ca, cd, max(repeats // 4, 100), sync)
+                ct = torch.compile(torch_sdpa, fullgraph=True)
+                out["compile"] = _pair(ca, cd, ct, max(repeats // 4, 100), sync)
             except Exception as exc:  # a kernel dynamo cannot trace (e.g. FA4's CuTe DSL)
                 out["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         if "cudagraph" in modes and device == "cuda":
-            out["cudagraph"] = _pair(_graphed(auto), _graphed(direct), repeats, sync)
+            out["cudagraph"] = _pair(_graphed(auto), _graphed(direct), _graphed(torch_sdpa),
+                                     repeats, sync)
     return out
 
 
@@ -112,7 +124,8 @@ def main() -> None:
         if mode in r:
             m = r[mode]
             print(f"  {mode:<9} direct {m['direct_us']:7.2f} us  auto {m['auto_us']:7.2f} us  "
-                  f"overhead {m['overhead_us']:+.2f} us/call")
+                  f"torch {m['torch_us']:7.2f} us  auto/direct {m['auto_over_direct']:.2f}x  "
+                  f"auto/torch {m['auto_over_torch']:.2f}x")
     if "compile_error" in r:
         print(f"  compile   not measured: {r['compile_error']}")
     if a.json:

@@ -50,11 +50,22 @@ print(json.dumps(out))
 """
 
 
+CHECK = r"""
+import os
+here = os.path.dirname(os.path.dirname(os.path.abspath(ad.__file__)))
+if here != os.path.abspath(os.environ["PYTHONPATH"].split(os.pathsep)[0]):
+    raise SystemExit(f"imported attention_dispatch from {here}, not the tree under test")
+"""
+
+
 def run_tree(tree: str, device: str, repeats: int) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
     env = {k: v for k, v in env.items() if not k.startswith("ATTENTION_DISPATCH_")}
-    proc = subprocess.run([sys.executable, "-c", CHILD, device, str(repeats), "0"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    # run inside the tree: ``python -c`` puts the working directory first on
+    # sys.path, so a child started elsewhere could import another checkout
+    proc = subprocess.run([sys.executable, "-c", CHILD + CHECK, device, str(repeats), "0"],
+                          capture_output=True, text=True, env=env, timeout=600,
+                          cwd=os.path.abspath(tree))
     if proc.returncode:
         raise SystemExit(f"{tree}: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

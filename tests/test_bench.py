@@ -36,11 +36,21 @@ def test_quick_writes_json_csv_png(quick: Path) -> None:
     data = json.loads((quick / "results.json").read_text())
     rows = data["rows"]
     assert rows and data["environment"]["device"] == "cpu" and data["environment"]["date"]
-    assert all(r["correct"] for r in rows), [r for r in rows if not r["correct"]]
-    assert all("auto_over_best" in r for r in rows)
-    assert {r["backend"] for r in rows} >= {"auto", "math", "sdpa-flash"}
-    for r in rows:  # TFLOP/s is rounded: a tiny case on a busy machine can show 0.0
-        assert r["ms"] > 0 and r["tflops"] >= 0 and r["first_call_ms"] > 0
+    ours = [r for r in rows if r["backend"] != "torch-default"]
+    assert all(r["correct"] for r in ours), [r for r in ours if not r["correct"]]
+    assert all("auto_over_best" in r and "auto_over_torch" in r for r in rows)
+    assert {r["backend"] for r in rows} >= {"auto", "math", "sdpa-flash", "torch-default"}
+    # torch's default call is timed in every case beside auto (never part of "best")
+    cases = {r["case"] for r in rows}
+    torch_rows = {r["case"]: r for r in rows if r["backend"] == "torch-default"}
+    assert set(torch_rows) == cases
+    for r in ours:
+        assert r["auto_over_torch"] == pytest.approx(torch_rows[r["case"]]["ms"]
+                                                     / next(a["ms"] for a in ours if a["case"]
+                                                            == r["case"] and a["backend"]
+                                                            == "auto"), rel=1e-3)
+    for r in rows:
+        assert r["ms"] > 0 and r["tflops"] > 0 and r["first_call_ms"] > 0
     with open(quick / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert (quick / "results.png").read_bytes()[:4] == b"\x89PNG"
@@ -49,7 +59,23 @@ def test_quick_writes_json_csv_png(quick: Path) -> None:
 def test_rank_from_results(quick: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["rank", str(quick / "results.json")]) == 0
     order = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert set(order) >= {"math", "sdpa-flash"}
+    assert set(order) >= {"math", "sdpa-flash"} and "torch-default" not in order
+
+
+@pytest.mark.parametrize("case", [
+    BenchCase(2, 4, 2, 3, 9, 16, "fp32", True, "none", "fwd"),
+    BenchCase(2, 4, 4, 5, 5, 16, "fp32", True, "padding", "fwd"),
+    BenchCase(2, 2, 2, 4, 7, 8, "fp32", True, "bool", "fwd"),
+    BenchCase(2, 4, 2, 1, 9, 16, "fp32", True, "none", "fwd"),
+])
+def test_torch_default_call_is_the_equivalent_call(case: BenchCase) -> None:
+    kw = case.inputs(torch.device("cpu"), requires_grad=False)
+    fn = bench_run.torch_default_call(case, kw)
+    assert fn is not None
+    ref, _ = ad.testing.reference_attention(
+        kw["q"], kw["k"], kw["v"], mask=kw.get("mask"), causal=case.causal,
+        key_padding_mask=kw.get("key_padding_mask"))
+    assert (fn() - ref).abs().max().item() < 1e-4
 
 
 def test_flops_formula() -> None:
@@ -246,7 +272,7 @@ def _assert_complete(out: Path) -> list[dict]:
     per_row = Counter((r["case"], r["backend"]) for r in rows)
     assert set(per_row.values()) == {1}, per_row  # every case and backend exactly once
     assert len({r["case"] for r in rows}) == TINY_CASES
-    assert {r["backend"] for r in rows} == {"math", "auto"}
+    assert {r["backend"] for r in rows} == {"math", "auto", "torch-default"}
     with open(out / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"

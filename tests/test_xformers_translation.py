@@ -366,7 +366,11 @@ def test_key_padding_forward_block_diagonal_padded_keys(xf_env: Callable,
     assert call["fn"] == "mea_lse" and op_names(call) == ("fa2F@fake-pt",)
     bias = call["bias"]
     assert isinstance(bias, BlockDiagonalPaddedKeysMask)
-    assert bias.q_seqlen == [6, 6] and bias.kv_padding == 10
+    # right padding: K/V as given (Sk slots); scattered: the real keys gathered
+    # to the front of max(lengths) slots (no copy of the all-padding tail)
+    scattered = not isinstance(lengths_or_mask[0], int)
+    assert bias.q_seqlen == [6, 6]
+    assert bias.kv_padding == (int(kpm.sum(-1).max()) if scattered else 10)
     assert bias.kv_seqlen == kpm.sum(-1).tolist()
     assert call["q"].shape == (1, 12, 2, 2, 16)  # (1, B*Sq, G, H, K)
     ref, ref_lse = reference(q, k, v, "bshd", key_padding_mask=kpm)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Mapping, Optional
+from typing import Callable, ClassVar, Mapping, Optional
 
 import torch
 
@@ -157,6 +157,17 @@ class Backend:
     ) -> AttentionResult:
         """Run the kernel.  See the class docstring for shapes."""
         raise NotImplementedError
+
+    def plain_call(self, spec: CallSpec, scale: float, dropout_p: float, q: torch.Tensor,
+                   k: torch.Tensor, v: torch.Tensor
+                   ) -> Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                          torch.Tensor]]:
+        """Optional: ``out = f(q, k, v)`` for calls of ``spec`` without mask,
+        key padding, lse or tensor options (bhsd views, the strides of q, k, v
+        here), the same result as :meth:`forward` with ``scale`` and
+        ``dropout_p``, for less host time; None (the default): the hot path
+        calls :meth:`forward`.  Decided once per call signature."""
+        return None
 
     def forward_varlen(
         self,

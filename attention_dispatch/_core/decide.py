@@ -44,6 +44,9 @@ class Plan(NamedTuple):
     # the cache key (None: decided per call, e.g. after a fallback or when traced)
     memory: Optional[MemoryPlan] = None
     align: int = 0  # data-pointer alignment the hot path checks (0: none)
+    # out = plain(q, k, v) for the call without mask, lse or layout change, when
+    # ``direct`` is set (bound with this plan's spec, scale and dropout)
+    plain: Optional[Callable[..., Any]] = None
 
 
 def candidates(selection: tuple[str, ...], device: torch.device,

@@ -26,6 +26,7 @@ from .caches import clear_all, register_cache
 from .decide import Plan, decide, explain_spec, tuned
 from .decision import Decision
 from .errors import BackendRuntimeError, BackendUnavailable
+from .guards import tensor_check
 from .layout import MemoryPlan, apply_memory, plan_memory
 from .masks import alive_rows, sink_lse, zero_empty_rows
 from .registry import REGISTRY
@@ -40,12 +41,18 @@ _grad_enabled = torch.is_grad_enabled
 
 _plans: dict[tuple, Plan] = {}
 _lock = threading.Lock()
+# the last plain call's (check, selection, causal, dropout_p, scale, grad, key,
+# plan), see _plain; reset with every change to _plans
+_memo: list[Optional[tuple]] = [None]
+_checks: dict[tuple, Callable[..., bool]] = {}
 
 
 def forget_plans() -> None:
     """Forget the cached decisions of dense calls."""
     with _lock:
         _plans.clear()
+        _checks.clear()
+        _memo[0] = None
 
 
 register_cache("dispatch.plans", forget_plans)
@@ -94,7 +101,29 @@ def _bind(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions) -> Plan:
     simple = mp.idle and not (plan.fix_rows or plan.empty or keyword_tensors(o)
                               or (spec.key_padding and not inst.capabilities.key_padding))
     align = mp.req.pointer_alignment if mp.req.checks_pointers else 0
-    return plan._replace(memory=mp, direct=inst.forward if simple else None, align=align)
+    plain = None
+    if simple and o.mask is None and o.key_padding_mask is None and o.layout == "bhsd":
+        plain = _plain_call(inst, spec, plan.scale, plan.dropout_p, q, k, v)
+    return plan._replace(memory=mp, direct=inst.forward if simple else None, align=align,
+                         plain=plain)
+
+
+def _plain_call(inst: Backend, spec: CallSpec, scale: float, dropout_p: float,
+                q: Tensor, k: Tensor, v: Tensor) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """``out = f(q, k, v)`` for a plan with nothing but the kernel to run and no
+    mask: the backend's own (``Backend.plain_call``) or its ``forward``.  A
+    ``forward`` replaced on the instance (a wrapper that records or profiles
+    calls) is always called: then the backend's own plain call is not used."""
+    own = None if "forward" in vars(inst) else inst.plain_call(spec, scale, dropout_p, q, k, v)
+    if own is not None:
+        return own
+    fwd = inst.forward
+
+    def plain(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return fwd(q, k, v, spec=spec, mask=None, key_padding_mask=None, dropout_p=dropout_p,
+                   scale=scale)[0]
+
+    return plain
 
 
 def timer(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions
@@ -131,6 +160,8 @@ def plan_call(key: Optional[tuple], selection: tuple[str, ...], q: Any, k: Any, 
         with _lock:
             if len(_plans) >= _MAX_ENTRIES:
                 _plans.clear()
+                _checks.clear()
+            _memo[0] = None
             _plans[key] = plan
     return plan
 
@@ -156,6 +187,7 @@ def _fallback(plan: Plan, exc: Exception, q: Tensor, k: Tensor, v: Tensor,
             stale += [k_ for k_ in dropped if _plans[k_].selection == plan.selection]
             for key in dropped:
                 del _plans[key]
+            _memo[0] = None
         try:
             new = decide(plan.spec, plan.selection, plan.scale, plan.dropout_p)
         except BackendUnavailable as unavailable:
@@ -168,6 +200,7 @@ def _fallback(plan: Plan, exc: Exception, q: Tensor, k: Tensor, v: Tensor,
             plan, exc = new, again
             continue
         with _lock:
+            _memo[0] = None
             for key in stale:
                 _plans[key] = new
         return new, out, lse
@@ -208,6 +241,13 @@ def call(selection: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor, o: CallOpt
         plan = _plans.get(key)  # type: ignore[arg-type]
     except (AttributeError, TypeError):  # not tensors, unhashable: validate() says what
         key, plan = None, None
+    return _call_planned(selection, key, plan, q, k, v, o)
+
+
+def _call_planned(selection: tuple[str, ...], key: Optional[tuple], plan: Optional[Plan],
+                  q: Tensor, k: Tensor, v: Tensor, o: CallOptions
+                  ) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """:func:`call` after the cache lookup (``plan`` None: a miss)."""
     if plan is None:
         plan = plan_call(key, selection, q, k, v, o)
     if _verify_budget():  # verify mode (off by default: one context-variable read)
@@ -222,6 +262,62 @@ def call(selection: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor, o: CallOpt
         except Exception as exc:
             return _run(plan, q, k, v, o, failure=exc)
     return _run(plan, q, k, v, o)
+
+
+def _plain(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float,
+           scale: Optional[float]) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """:func:`attention` for the plain call (auto selection, no tensor option,
+    bhsd, no lse, no window or softcap; ``causal`` a bool, ``dropout_p`` a
+    float, ``scale`` None or a float): the last plain signature's plan when
+    q, k, v, the selection and the scalars match it (a C-level check, see
+    :mod:`.guards`), else a shorter cache key (the same facts: the options it
+    leaves out are known); then the plan's ``plain`` kernel call.  A miss,
+    verify mode, an unaligned pointer or a plan without a plain call take
+    :func:`_call_planned`."""
+    selection = _context.get() or env_selection() or AUTO
+    m = _memo[0]
+    if (m is not None and m[0](q, k, v) and m[1] == selection and m[2] is causal
+            and m[3] == dropout_p and m[4] == scale
+            and (m[5] is None or m[5] == _grad_enabled())):
+        key, plan = m[6], m[7]
+    else:
+        try:
+            key, plan = _plain_lookup(selection, q, k, v, causal, dropout_p, scale)
+        except (AttributeError, TypeError):  # not tensors: validate() says what
+            key, plan = None, None
+    if plan is not None and plan.plain is not None and not _verify_budget():
+        if not (plan.align and (q.data_ptr() | k.data_ptr() | v.data_ptr()) % plan.align):
+            try:
+                return plan.plain(q, k, v)
+            except Exception as exc:
+                o = CallOptions(causal=causal, dropout_p=dropout_p, scale=scale)
+                return _run(plan, q, k, v, o, failure=exc)
+    o = CallOptions(causal=causal, dropout_p=dropout_p, scale=scale)
+    return _call_planned(selection, key, plan, q, k, v, o)
+
+
+def _plain_lookup(selection: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor, causal: bool,
+                  dropout_p: float, scale: Optional[float]) -> tuple[tuple, Optional[Plan]]:
+    """The plain call's cache key and plan (None: a miss); a hit with a plain
+    kernel call becomes the remembered signature."""
+    needs = q.requires_grad or k.requires_grad or v.requires_grad
+    grad = _grad_enabled() and needs
+    key = (selection, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(),
+           q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, grad,
+           causal, dropout_p, scale)
+    plan = _plans.get(key)
+    if plan is not None and plan.plain is not None:
+        check = _checks.get(key)
+        if check is None:
+            check = _checks[key] = tensor_check(q, k, v) or _never
+        if check is not _never:
+            _memo[0] = (check, selection, causal, dropout_p, scale,
+                        grad if needs else None, key, plan)
+    return key, plan
+
+
+def _never(*ts: Tensor) -> bool:
+    return False
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
@@ -293,6 +389,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
             _compile.constant_key(q, k, v, o, backend))))
         return _run(plan, q, k, v, o)
     deterministic, max_extra_bytes = _effective(deterministic, max_extra_bytes)
+    if (mask is None and key_padding_mask is None and alibi_slopes is None and sinks is None
+            and window is None and softcap is None and return_lse is False and layout == "bhsd"
+            and (causal is False or causal is True) and type(dropout_p) is float
+            and (scale is None or type(scale) is float) and backend == "auto"
+            and (deterministic is None or deterministic is False) and max_extra_bytes is None):
+        return _plain(q, k, v, causal, dropout_p, scale)  # the common call: a shorter key
     o = CallOptions(mask, key_padding_mask, alibi_slopes, sinks, causal, dropout_p, scale,
                     layout, return_lse, window, softcap, deterministic, max_extra_bytes)
     if backend == "auto":

@@ -54,7 +54,8 @@ def real_keys_first(key_padding_mask: Tensor) -> Tensor:
 
 
 def gather_keys(t: Tensor, order: Tensor) -> Tensor:
-    """t (B, Sk, H, D) reordered along Sk by ``order`` (B, Sk); differentiable."""
+    """t (B, Sk, H, D) reordered along Sk by ``order`` (B, L), L <= Sk:
+    (B, L, H, D), row b holding keys ``order[b]``; differentiable."""
     index = order[:, :, None, None].expand(-1, -1, t.shape[2], t.shape[3])
     return torch.gather(t, 1, index)
 
@@ -88,12 +89,16 @@ def prefix_kv(k: Tensor, v: Tensor, key_padding_mask: Tensor
 
     Returns (k, v, lengths int32 (B,)).  When the mask already marks each row's
     first keys as real (right padding, the usual case) k and v are returned as
-    they are (no copy); otherwise each row's real keys are gathered to its front
-    (one copy of K and V).  Gradients of key positions >= lengths are forced to 0.
+    they are (no copy); otherwise each row's real keys are gathered to its front,
+    and only the first ``max(lengths)`` (at least 1) positions are kept: the copy
+    holds (B, max(lengths), H, D) of K and of V, not (B, Sk, H, D) (half the
+    memory when half the keys are padding).  Gradients of key positions
+    >= lengths are forced to 0.
     """
     lengths = key_lengths(key_padding_mask)
     if not is_prefix(key_padding_mask, lengths):
-        order = real_keys_first(key_padding_mask)
+        keep = max(int(lengths.max()), 1) if lengths.numel() else 1
+        order = real_keys_first(key_padding_mask)[:, :keep]
         k, v = gather_keys(k, order), gather_keys(v, order)
     return zero_grad_outside(k, lengths), zero_grad_outside(v, lengths), lengths
 

@@ -91,7 +91,7 @@ def _kernel(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec, *, mask: Optional[T
     bias = torch_bias(spec, mask, kpm, q.dtype, in_bias)
     if bias is not None:
         bias = aligned_bias(bias, spec, 8)
-    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+    res = torch._scaled_dot_product_cudnn_attention(  # aten op, generated binding
         q, k, v, bias, spec.return_lse or spec.requires_grad, dropout_p, is_causal,
         False, scale=scale)
     out, lse = res[0], res[1]

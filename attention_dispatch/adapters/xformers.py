@@ -291,7 +291,8 @@ def _run_flash(ld: _Loaded, st: _FamilyState, q: Tensor, k: Tensor, v: Tensor,
     if kpm is not None:
         ks, vs, lengths = prefix_kv(ks, vs, kpm)
         bias = ld.bias.BlockDiagonalPaddedKeysMask.from_seqlens(
-            q_seqlen=[sq] * b, kv_padding=sk, kv_seqlen=lengths.tolist(), device=q.device)
+            q_seqlen=[sq] * b, kv_padding=ks.shape[1], kv_seqlen=lengths.tolist(),
+            device=q.device)
         qs, ks, vs = (t.reshape(1, t.shape[0] * t.shape[1], *t.shape[2:]) for t in (qs, ks, vs))
     elif spec.causal and sq > 1:
         bias = ld.bias.LowerTriangularFromBottomRightMask()

@@ -18,7 +18,7 @@ from .._cli.args import CommandError
 
 Row = dict[str, Any]
 COLUMNS = ["case", "backend", "chosen", "ms", "tflops", "first_call_ms", "peak_mb", "correct",
-           "auto_over_best", "check"]
+           "auto_over_best", "auto_over_torch", "check"]
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -60,8 +60,14 @@ def summary(rows: list[Row]) -> str:
         return "auto/best: no case timed"
     good = sum(1 for v in ratios.values() if v >= 0.97)
     bad = sum(1 for r in rows if r.get("correct") is False)
-    return (f"auto/best >= 0.97 in {good}/{len(ratios)} cases (min {min(ratios.values()):.3f}); "
-            f"{bad} incorrect rows")
+    vs_torch = {r["case"]: r["auto_over_torch"] for r in rows if r.get("auto_over_torch")}
+    torch_part = ""
+    if vs_torch:
+        faster = sum(1 for v in vs_torch.values() if v >= 1.0)
+        torch_part = (f"; auto/torch-default >= 1 in {faster}/{len(vs_torch)} cases "
+                      f"(min {min(vs_torch.values()):.3f})")
+    return (f"auto/best >= 0.97 in {good}/{len(ratios)} cases (min {min(ratios.values()):.3f})"
+            f"{torch_part}; {bad} incorrect rows")
 
 
 def status(cases_done: int, cases_total: int) -> dict[str, Any]:
@@ -145,7 +151,8 @@ def plot(rows: list[Row], path: str, env: dict[str, Any]) -> None:
     for ax, key in zip(axes.flat, keys):
         for backend, pts in sorted(panels.get(key, {}).items()):
             pts.sort()
-            style = dict(lw=2.5, color="black") if backend == "auto" else {}
+            style = (dict(lw=2.5, color="black") if backend == "auto" else
+                     dict(lw=1.5, color="gray", ls="--") if backend == "torch-default" else {})
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend, **style)
         dt, d, hq, hkv, causal, mode = key
         heads = f"H{hq}" if hq == hkv else f"GQA {hq}/{hkv}"
@@ -173,7 +180,7 @@ def ranking_from(rows: list[Row]) -> list[str]:
     not faster than the slowest)."""
     by_case: dict[str, dict[str, float]] = defaultdict(dict)
     for r in rows:
-        if r["backend"] != "auto" and r.get("ms") and r.get("correct"):
+        if r["backend"] not in ("auto", "torch-default") and r.get("ms") and r.get("correct"):
             by_case[r["case"]][r["backend"]] = r["ms"]
     score: dict[str, list[float]] = defaultdict(list)
     names = {b for c in by_case.values() for b in c}

@@ -42,6 +42,44 @@ def _call(case: BenchCase, kw: dict[str, Any], backend: str) -> Callable[[], Any
     return step
 
 
+TORCH_DEFAULT = "torch-default"
+
+
+def torch_default_call(case: BenchCase, kw: dict[str, Any]) -> Optional[Callable[[], Any]]:
+    """The call a user makes without this package: torch's
+    ``F.scaled_dot_product_attention`` with the equivalent arguments (the
+    padding or bool mask as a (B, 1, Sq, Sk) bool mask, ``enable_gqa`` for
+    GQA, bottom-right causal as an explicit bool mask where Sq != Sk; Sq = 1
+    causal admits every key).  None where torch has no equivalent."""
+    from ..sdpa import TORCH_SDPA  # torch's own function, also under patch_sdpa()
+
+    q, k, v = kw["q"], kw["k"], kw["v"]
+    sq, sk = case.seq_q, case.seq_k
+    mask = kw.get("mask")
+    if kw.get("key_padding_mask") is not None:
+        mask = kw["key_padding_mask"][:, None, None, :]
+    is_causal = case.causal and sq == sk and mask is None
+    if case.causal and sq > 1 and not is_causal:
+        i = torch.arange(sq, device=q.device)[:, None]
+        below = torch.arange(sk, device=q.device)[None, :] <= i + (sk - sq)
+        mask = below if mask is None else mask & below
+    extra = {"enable_gqa": True} if case.heads_q != case.heads_kv else {}
+
+    def fwd() -> Any:
+        return TORCH_SDPA(q, k, v, attn_mask=mask, is_causal=is_causal, **extra)
+
+    if case.mode == "fwd":
+        return fwd
+    grad = torch.randn_like(q[..., :1]).expand_as(q).contiguous()
+
+    def step() -> None:
+        for t in (q, k, v):
+            t.grad = None
+        fwd().backward(grad)
+
+    return step
+
+
 def first_call(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
     """First-call milliseconds (JIT and caches included) and peak memory (CUDA)."""
     if device.type == "cuda":
@@ -89,17 +127,42 @@ def run_case(case: BenchCase, backends: list[str], device: torch.device, check: 
             fns[name] = fn
         except (BackendUnavailable, RuntimeError) as exc:
             row.update(correct=False, check=f"{type(exc).__name__}: {exc}"[:200])
+    _add_torch_default(case, kw, device, meta, rows, fns)
     budget = 1.0 if device.type == "cuda" else 0.6
     for name, ms in time_interleaved(fns, device, budget_s=budget).items():
-        rows[name].update(ms=round(ms, 4), tflops=round(case.flops / (ms * 1e-3) / 1e12, 3))
-    timed = [r["ms"] for n, r in rows.items() if n != "auto" and r["ms"] and r["correct"]]
+        # 4 significant digits: a slow CPU call keeps a TFLOP/s above 0
+        rows[name].update(ms=round(ms, 4), tflops=float(f"{case.flops / (ms * 1e-3) / 1e12:.4g}"))
+    timed = [r["ms"] for n, r in rows.items()
+             if n not in ("auto", TORCH_DEFAULT) and r["ms"] and r["correct"]]
     auto = rows["auto"]["ms"]
     ratio = round(min(timed) / auto, 4) if timed and auto else None
+    torch_ms = rows[TORCH_DEFAULT]["ms"] if TORCH_DEFAULT in rows else None
+    vs_torch = round(torch_ms / auto, 4) if torch_ms and auto else None
     for r in rows.values():
         r["auto_over_best"] = ratio
+        r["auto_over_torch"] = vs_torch
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return list(rows.values())
+
+
+def _add_torch_default(case: BenchCase, kw: dict[str, Any], device: torch.device,
+                       meta: dict[str, Any], rows: dict[str, Row],
+                       fns: dict[str, Callable[[], Any]]) -> None:
+    """A "torch-default" row (timed beside the others, never part of "best"; its
+    correctness is torch's and not checked here) where torch has an equivalent."""
+    fn = torch_default_call(case, kw)
+    if fn is None:
+        return
+    row: Row = {**asdict(case), "case": case.label(), "backend": TORCH_DEFAULT, **meta,
+                "chosen": "torch", "ms": None, "tflops": None, "correct": None,
+                "check": "torch's F.scaled_dot_product_attention (not checked)"}
+    rows[TORCH_DEFAULT] = row
+    try:
+        row.update(first_call(fn, device))
+        fns[TORCH_DEFAULT] = fn
+    except RuntimeError as exc:  # e.g. a kernel torch refuses for this dtype
+        row.update(check=f"{type(exc).__name__}: {exc}"[:200])
 
 
 def run(cases: list[BenchCase], backends: list[str], device: torch.device, check: bool = True,

@@ -1,0 +1,58 @@
+"""A C-level check that tensors still have a call signature's metadata.
+
+The hot path of :func:`~attention_dispatch.attention` remembers the last plain
+call's plan together with a check of its q, k, v: the same Python type,
+dispatch keys (device type), dtype, device index, ``requires_grad``, sizes and
+strides, compared in C++ (torch's guard checker, ~3x cheaper than building and
+hashing the decision cache key).  Where torch does not provide the checker, or
+it fails the self-test below, :func:`tensor_check` gives None and every call
+builds the full key.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+Check = Callable[..., bool]
+_state: dict[str, bool] = {}
+
+
+def _make(ts: tuple[torch.Tensor, ...]) -> Check:
+    from torch._C._dynamo.guards import TensorGuards
+
+    return TensorGuards(*ts, dynamic_dims_sizes=[list(t.shape) for t in ts],
+                        dynamic_dims_strides=[list(t.stride()) for t in ts]).check
+
+
+def _self_test() -> bool:
+    """The checker accepts equal metadata and refuses each difference the
+    decision cache key holds (shape, stride, dtype, requires_grad, count)."""
+    try:
+        a = torch.zeros(1, 2, 3, 4)
+        check = _make((a, a))
+        wide = torch.zeros(1, 2, 3, 8)[..., :4]
+        others = (torch.zeros(1, 2, 3, 5), wide, a.double(), a.clone().requires_grad_(),
+                  torch.zeros(1, 2, 3, 4, 1)[..., 0].transpose(0, 1))
+        if not check(a, torch.zeros(1, 2, 3, 4)):
+            return False
+        return not any(check(a, o) for o in others)
+    except Exception:
+        return False
+
+
+def tensor_check(*ts: torch.Tensor) -> Optional[Check]:
+    """``check(*others) -> bool``: True iff each of ``others`` has the type,
+    dispatch keys, dtype, device, requires_grad, sizes and strides of the
+    tensor in the same place of ``ts`` (storage offsets and values are not
+    compared).  None where unavailable."""
+    ok = _state.get("ok")
+    if ok is None:
+        ok = _state["ok"] = _self_test()
+    if not ok:
+        return None
+    try:
+        return _make(ts)
+    except Exception:
+        return None
