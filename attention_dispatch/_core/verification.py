@@ -35,7 +35,6 @@ from typing import Any, Iterator, Optional
 import torch
 
 from .backend import Backend
-from .masks import alibi_bias, window_keep
 from .reference import reference_attention, within_rule
 from .spec import CallSpec
 from .caches import register_cache

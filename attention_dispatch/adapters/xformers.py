@@ -283,7 +283,7 @@ def _run_flash(ld: _Loaded, st: _FamilyState, q: Tensor, k: Tensor, v: Tensor,
                spec: CallSpec, kpm: Optional[Tensor], dropout_p: float, scale: float
                ) -> tuple[Tensor, Optional[Tensor]]:
     """The flash family on bhsd views -> (out (B, Sq, Hq, Dv) bshd, raw lse)."""
-    b, sq, sk = spec.batch, spec.seq_q, spec.seq_k
+    b, sq = spec.batch, spec.seq_q
     if spec.gqa and spec.requires_grad:  # the flash BwOp takes no 5-D GQA
         k, v = expand_kv(k, spec.heads_q), expand_kv(v, spec.heads_q)
     qs, ks, vs = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

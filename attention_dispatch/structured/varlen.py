@@ -15,8 +15,10 @@ from typing import Optional, Union
 import torch
 
 from .._core import BackendArg, CallOptions, effective_policy, selection_of, varlen_call
-from .._core.packing import (cu_seqlens, pad_varlen, seqlens, token_positions,  # noqa: F401
-                             unpad_varlen)
+from .._core.packing import cu_seqlens, pad_varlen, seqlens, token_positions, unpad_varlen
+
+__all__ = ["attention_varlen", "cu_seqlens", "pad_varlen", "seqlens", "token_positions",
+           "unpad_varlen"]
 
 Tensor = torch.Tensor
 
