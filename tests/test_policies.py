@@ -300,3 +300,42 @@ def test_warning_once_for_a_large_math_path(monkeypatch):
         ad.attention(q2, k2, v2, dropout_p=0.1, backend="math")  # forced: no warning
     assert len([e for e in ad.events() if e.kind == "memory"]) == 1
     assert issubclass(ad.MemoryWarning, UserWarning)
+
+
+def test_paged_calls_take_the_policies():
+    """attention_paged / explain_paged resolve the policies as attention() does."""
+    q = torch.randn(2, 1, 4, 16)
+    kc, vc = torch.randn(4, 16, 2, 16), torch.randn(4, 16, 2, 16)
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    lengths = torch.tensor([20, 7], dtype=torch.int32)
+    kw = dict(block_table=table, cache_seqlens=lengths)
+    assert ad.explain_paged(q, kc, vc, **kw).spec.max_extra_bytes is None
+    with ad.use_policy(deterministic=True, max_extra_bytes=1 << 40):
+        spec = ad.explain_paged(q, kc, vc, **kw).spec
+    assert spec.deterministic and spec.max_extra_bytes == 1 << 40
+    spec = ad.explain_paged(q, kc, vc, max_extra_bytes=123, **kw).spec
+    assert spec.max_extra_bytes == 123
+
+
+def test_a_trace_under_another_selection_or_policy_is_decided_again():
+    """torch.compile: the decision made at trace time follows use_backend and the
+    policies in force when the function is traced (after torch._dynamo.reset())."""
+    from attention_dispatch._core import compile as _compile
+
+    q = torch.randn(1, 2, 8, 16)
+
+    def f(q):
+        return ad.attention(q, q, q)
+
+    torch._dynamo.reset()
+    torch.compile(f, backend="eager", fullgraph=True)(q)
+    first = _compile._plans[-1].backend.name
+    torch._dynamo.reset()
+    with ad.use_backend("math"):
+        torch.compile(f, backend="eager", fullgraph=True)(q)
+    assert first != "math" and _compile._plans[-1].backend.name == "math"
+    torch._dynamo.reset()
+    with ad.use_policy(max_extra_bytes=1 << 30):
+        torch.compile(f, backend="eager", fullgraph=True)(q)
+    assert _compile._plans[-1].spec.max_extra_bytes == 1 << 30
+    torch._dynamo.reset()

@@ -19,10 +19,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .caches import register_cache
 from .spec import TENSOR_OPTIONS, CallOptions
 
 _plans: list[Any] = []
 _index: dict[tuple, int] = {}
+# clear_cache() forgets which signature has which plan (the next trace decides
+# again); the plans stay, as module attributes that compiled graphs read
+register_cache("compile.index", _index.clear)
 
 
 def _meta_const(t: Any) -> Optional[tuple]:
@@ -54,13 +58,21 @@ def _empty_like(shape: tuple, dtype: str, device: str, grad: bool = False) -> to
     return torch.empty(shape, dtype=dt, device=device).requires_grad_(grad)
 
 
-def make_decider(plan_at_trace: Callable[..., Any]) -> Callable[[tuple], int]:
-    """``decide_constant(key) -> index`` into :data:`_plans`, run at trace time."""
+def make_decider(plan_at_trace: Callable[..., Any],
+                 ambient: Callable[[tuple], tuple] = lambda key: ()
+                 ) -> Callable[[tuple], int]:
+    """``decide_constant(key) -> index`` into :data:`_plans`, run at trace time.
 
-    def decide_constant(key: tuple) -> int:
+    ``ambient(key)``: what the decision also depends on besides the call (the
+    selection ``use_backend`` / the environment resolve to, the effective
+    policies); it joins the key, so a trace under another selection or policy
+    is decided again."""
+
+    def decide_constant(call_key: tuple) -> int:
+        key = call_key + ambient(call_key)
         if key in _index:
             return _index[key]
-        sel, qs, ks, vs, qd, kd, vd, dev, grad, tensors, scalars = key
+        sel, qs, ks, vs, qd, kd, vd, dev, grad, tensors, scalars = call_key
         with torch.no_grad():
             q = _empty_like(qs, qd, "meta")
             k, v = _empty_like(ks, kd, "meta"), _empty_like(vs, vd, "meta")

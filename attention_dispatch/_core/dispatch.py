@@ -218,7 +218,15 @@ def _plan_at_trace(backend: BackendArg, q: Tensor, k: Tensor, v: Tensor, o: Call
 
 
 _POLICY_FIELDS = ("deterministic", "max_extra_bytes")
-_decide_constant = _compile.make_decider(_plan_at_trace)
+def _trace_ambient(key: tuple) -> tuple:
+    """The selection and policies a traced call is decided under (see
+    ``compile.make_decider``): ``key[0]`` is the call's backend argument and its
+    last scalars the policy arguments."""
+    det, limit = key[-1][-2:]
+    return (resolve(key[0])[0], _policy.effective(det, limit))
+
+
+_decide_constant = _compile.make_decider(_plan_at_trace, _trace_ambient)
 _effective = _policy.effective
 _compiling = torch.compiler.is_compiling
 _verify_budget = _verify.budget

@@ -299,15 +299,16 @@ def _packed(api: FlashApi, mod: ModuleType, spec: CallSpec, q: Tensor, k: Tensor
     """A packed varlen call: q (Tq, Hq, D), k/v (Tk, Hkv, D|Dv) -> out (Tq, Hq, Dv),
     lse (Hq, Tq) or None.  Causal, window and softcap are bottom-right per
     sequence in every API, as in the contract."""
+    det = spec.deterministic and spec.requires_grad  # deterministic backward, when asked
     if api is FA4:
         kw = api_mod.fa4_structured(spec.window, spec.softcap, sinks)
         return api_mod._split(mod.flash_attn_varlen_func(
             q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
             max_seqlen_k=max_k, softmax_scale=scale, causal=spec.causal,
-            return_lse=spec.return_lse, **kw))
+            return_lse=spec.return_lse, **kw, **api_mod._det(det)))
     return api_mod.call_varlen(api, mod, q, k, v, cu_q, cu_k, max_q, max_k,
                                causal=spec.causal, dropout_p=dropout_p, scale=scale,
-                               need_lse=spec.return_lse)
+                               need_lse=spec.return_lse, deterministic=det)
 
 
 def _call(api: FlashApi, mod: ModuleType, spec: CallSpec, q: Tensor, k: Tensor, v: Tensor,

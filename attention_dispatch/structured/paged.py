@@ -13,8 +13,8 @@ from typing import Optional, Union
 
 import torch
 
-from .._core import (BackendArg, CallOptions, Decision, explain_paged_options,
-                     gather_dense, paged_call, selection_of)
+from .._core import (BackendArg, CallOptions, Decision, effective_policy,
+                     explain_paged_options, gather_dense, paged_call, selection_of)
 
 Tensor = torch.Tensor
 
@@ -22,19 +22,24 @@ __all__ = ["attention_paged", "explain_paged", "gather_dense"]
 
 
 def _options(causal: bool, scale: Optional[float], window: Optional[tuple[int, int]],
-             softcap: Optional[float], sinks: Optional[Tensor], return_lse: bool
-             ) -> CallOptions:
+             softcap: Optional[float], sinks: Optional[Tensor], return_lse: bool,
+             deterministic: Optional[bool], max_extra_bytes: Optional[int]) -> CallOptions:
     # tensor options (sinks) reach forward_paged as keywords on the native route
-    # and the dense call unchanged on the gathered route
+    # and the dense call unchanged on the gathered route; the policies resolve as
+    # in attention() (argument > use_policy > environment > torch's mode)
+    det, limit = effective_policy(deterministic, max_extra_bytes)
     return CallOptions(sinks=sinks, causal=causal, scale=scale, layout="bshd",
-                       return_lse=return_lse, window=window, softcap=softcap)
+                       return_lse=return_lse, window=window, softcap=softcap,
+                       deterministic=det, max_extra_bytes=limit)
 
 
 def attention_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, block_table: Tensor,
                     cache_seqlens: Tensor, causal: bool = True, scale: Optional[float] = None,
                     window: Optional[tuple[int, int]] = None, softcap: Optional[float] = None,
                     sinks: Optional[Tensor] = None, return_lse: bool = False,
-                    backend: BackendArg = "auto") -> Union[Tensor, tuple[Tensor, Tensor]]:
+                    backend: BackendArg = "auto", deterministic: Optional[bool] = None,
+                    max_extra_bytes: Optional[int] = None
+                    ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention of new queries over a paged KV cache (forward only).
 
     Shapes: q (B, Sq, Hq, D); k_cache (num_blocks, block_size, Hkv, D);
@@ -52,7 +57,8 @@ def attention_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, block_table:
     j <= i + L - Sq.  ``window`` (left, right) keeps
     i + L - Sq - left <= j <= i + L - Sq + right (-1 = open); ``softcap``,
     ``scale`` and ``sinks`` ((Hq,) logits; with ``return_lse`` the lse includes
-    them) mean what they mean in :func:`attention`.  No call needs
+    them) mean what they mean in :func:`attention`, and so do the policies
+    ``deterministic`` and ``max_extra_bytes`` (docs/selection.md "Policies").  No call needs
     gradients (a tensor that requires grad is an error); nothing is appended
     to the cache.
 
@@ -81,7 +87,8 @@ def attention_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, block_table:
             or a tensor that requires grad, before any kernel.
         BackendUnavailable: no backend of the selection takes the call.
     """
-    o = _options(causal, scale, window, softcap, sinks, return_lse)
+    o = _options(causal, scale, window, softcap, sinks, return_lse, deterministic,
+                 max_extra_bytes)
     return paged_call(selection_of(backend), q, k_cache, v_cache, block_table, cache_seqlens, o)
 
 
@@ -89,11 +96,13 @@ def explain_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, block_table: T
                   cache_seqlens: Tensor, causal: bool = True, scale: Optional[float] = None,
                   window: Optional[tuple[int, int]] = None, softcap: Optional[float] = None,
                   sinks: Optional[Tensor] = None, return_lse: bool = False,
-                  backend: BackendArg = "auto") -> Decision:
+                  backend: BackendArg = "auto", deterministic: Optional[bool] = None,
+                  max_extra_bytes: Optional[int] = None) -> Decision:
     """Which backend and route :func:`attention_paged` would use for these
     arguments, and for every registered backend its reasons against both
     routes ("native: ..." for ``forward_paged``, "gathered: ..." for the dense
     route); an accepting verdict's ``note`` names its route.  Validates the
     arguments; runs no kernel (no numeric canary)."""
-    o = _options(causal, scale, window, softcap, sinks, return_lse)
+    o = _options(causal, scale, window, softcap, sinks, return_lse, deterministic,
+                 max_extra_bytes)
     return explain_paged_options(backend, q, k_cache, v_cache, block_table, cache_seqlens, o)
