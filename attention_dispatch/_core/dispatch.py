@@ -189,7 +189,9 @@ def _fallback(plan: Plan, exc: Exception, q: Tensor, k: Tensor, v: Tensor,
                 del _plans[key]
             _memo[0] = None
         try:
-            new = decide(plan.spec, plan.selection, plan.scale, plan.dropout_p)
+            copies = None if plan.spec.max_extra_bytes is None else (  # bhsd views here
+                lambda inst: _memory_for(inst, plan.spec, q, k, v, o.mask).nbytes)
+            new = decide(plan.spec, plan.selection, plan.scale, plan.dropout_p, copies)
         except BackendUnavailable as unavailable:
             raise unavailable from exc
         _events.emit(_events.FALLBACK, new.backend.name, f"{name} raised "
