@@ -13,7 +13,7 @@ here: ``attention-dispatch cache clear`` and their own ``clear()`` functions do.
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 _lock = threading.Lock()
 _clearers: dict[str, Callable[[], None]] = {}
@@ -38,3 +38,28 @@ def clear_all() -> None:
         clearers = list(_clearers.values())
     for clear in clearers:
         clear()
+
+
+class PlanCache(dict):
+    """A process-wide decision cache of one entry point: a dict that registers
+    itself with :func:`register_cache` under ``name`` and, past ``limit``
+    entries, starts over (a bound on memory, not an eviction policy)."""
+
+    def __init__(self, name: str, limit: int) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._limit = limit
+        register_cache(name, self.clear)
+
+    def store(self, key: Any, value: Any) -> None:
+        """Remember ``value`` under ``key`` (a None key stores nothing)."""
+        if key is None:
+            return
+        with self._lock:
+            if len(self) >= self._limit:
+                super().clear()
+            self[key] = value
+
+    def clear(self) -> None:
+        with self._lock:
+            super().clear()

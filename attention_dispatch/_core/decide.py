@@ -9,7 +9,6 @@ eligible backends.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
@@ -22,7 +21,7 @@ from .errors import BackendUnavailable
 from .layout import MemoryPlan, describe_bytes
 from .ranking import ranked
 from .registry import REGISTRY
-from .spec import CallSpec
+from .spec import CallSpec, effective_scale
 
 #: ``copies(backend)``: the bytes the memory plan copies for that backend, for
 #: these tensors (known at a real call, not for a bare CallSpec)
@@ -47,6 +46,17 @@ class Plan(NamedTuple):
     # out = plain(q, k, v) for the call without mask, lse or layout change, when
     # ``direct`` is set (bound with this plan's spec, scale and dropout)
     plain: Optional[Callable[..., Any]] = None
+
+
+class RoutePlan(NamedTuple):
+    """A decision of a structured entry point (varlen, paged): the backend,
+    whether it takes the call natively (``forward_varlen`` / ``forward_paged``)
+    or through the equivalent dense call, the call's spec and final scale."""
+
+    backend: Backend
+    native: bool
+    spec: CallSpec
+    scale: float
 
 
 def candidates(selection: tuple[str, ...], device: torch.device,
@@ -148,7 +158,7 @@ def decide(spec: CallSpec, selection: tuple[str, ...], scale: Optional[float],
     if chosen is None:
         raise BackendUnavailable(selection, {v.name: list(v.reasons) for v in vs})
     _events.emit(_events.DECISION, chosen, f"selection {','.join(selection)}", spec)
-    eff_scale = float(scale) if scale is not None else 1.0 / math.sqrt(spec.head_dim)
+    eff_scale = effective_scale(scale, spec.head_dim)
     return make_plan(chosen, spec, eff_scale, float(dropout_p), selection)
 
 

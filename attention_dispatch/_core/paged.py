@@ -24,23 +24,21 @@ hands the options to the dense call unchanged.
 from __future__ import annotations
 
 import dataclasses
-import math
-import threading
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
 from . import eventlog as _events
 from .backend import Backend
-from .caches import register_cache
-from .decide import candidates, reasons
+from .caches import PlanCache
+from .decide import RoutePlan, candidates, reasons
 from .decision import ACCEPTED, CHOSEN, REFUSED, SKIPPED, BackendVerdict, Decision
 from .errors import AttentionInputError, AttentionTypeError, BackendUnavailable
 from .layout import StrideRequirements
 from .registry import REGISTRY
 from .select import BackendArg, resolve
 from .spec import FLOAT_DTYPES, CallOptions, CallSpec, _check_scalars, keyword_tensors
-from .spec import structured_fields
+from .spec import effective_scale, structured_fields
 
 Tensor = torch.Tensor
 NATIVE = "native (forward_paged)"
@@ -197,24 +195,8 @@ def gather_dense(k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
 # ------------------------------------------------------------ the decision
 
 
-class _PagedPlan(NamedTuple):
-    backend: Backend
-    native: bool  # forward_paged; else the gathered dense call
-    spec: CallSpec
-    scale: float
-
-
-_plans: dict[tuple, _PagedPlan] = {}
-_lock = threading.Lock()
-
-
-def clear_plans() -> None:
-    """Forget cached paged decisions (``ad.clear_cache()``)."""
-    with _lock:
-        _plans.clear()
-
-
-register_cache("paged.plans", clear_plans)
+_plans = PlanCache("paged.plans", 1024)
+clear_plans = _plans.clear
 
 
 def dense_spec(spec: CallSpec) -> CallSpec:
@@ -258,18 +240,15 @@ def _merge(native: list[str], gathered: list[str]) -> list[str]:
 
 
 def _plan(key: tuple, spec: CallSpec, selection: tuple[str, ...],
-          scale: Optional[float]) -> _PagedPlan:
+          scale: Optional[float]) -> RoutePlan:
     inst, native, refused = decide_paged(spec, selection)
     if inst is None:
         raise BackendUnavailable(selection, refused)
     route = NATIVE if native else GATHERED
     _events.emit(_events.DECISION, inst.name, f"selection {','.join(selection)}; {route}", spec)
-    eff = float(scale) if scale is not None else 1.0 / math.sqrt(spec.head_dim)
-    plan = _PagedPlan(inst, native, spec, eff)
-    with _lock:
-        if len(_plans) >= 1024:
-            _plans.clear()
-        _plans[key] = plan
+    eff = effective_scale(scale, spec.head_dim)
+    plan = RoutePlan(inst, native, spec, eff)
+    _plans.store(key, plan)
     return plan
 
 
@@ -311,7 +290,7 @@ def _conform(req: StrideRequirements, *ts: Tensor) -> tuple[Tensor, ...]:
                  for t in ts)
 
 
-def _run_gathered(plan: _PagedPlan, q: Tensor, k_cache: Tensor, v_cache: Tensor,
+def _run_gathered(plan: RoutePlan, q: Tensor, k_cache: Tensor, v_cache: Tensor,
                   block_table: Tensor, cache_seqlens: Tensor, o: CallOptions
                   ) -> tuple[Tensor, Optional[Tensor]]:
     """The dense route: gather right-aligned, one dense call on the plan's backend."""

@@ -148,6 +148,11 @@ TENSOR_OPTIONS = 4
 KEYWORD_TENSORS = CallOptions._fields[2:TENSOR_OPTIONS]
 
 
+def effective_scale(scale: Optional[float], head_dim: int) -> float:
+    """The score scale a call runs with: ``scale``, else 1 / sqrt(head_dim)."""
+    return float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+
+
 def tensor_meta(t: Any) -> Any:
     """What the decision cache keys on for a tensor option (None stays None)."""
     return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)

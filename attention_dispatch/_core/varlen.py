@@ -20,23 +20,21 @@ offset, for causal, windows and ALiBi alike.  The reverse (dense key padding
 from __future__ import annotations
 
 import dataclasses
-import math
-import threading
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
 from . import eventlog as _events, policy as _policy
 from .backend import Backend
-from .caches import register_cache
-from .decide import candidates, reasons
+from .caches import PlanCache
+from .decide import RoutePlan, candidates, reasons
 from .errors import AttentionInputError, AttentionTypeError, BackendUnavailable
 from .layout import StrideRequirements
 from .packing import pad_varlen, unpad_varlen, varlen_alive
 from .registry import REGISTRY
 from .masks import sink_lse
-from .spec import (FLOAT_DTYPES, CallOptions, CallSpec, _check_scalars, keyword_tensors,
-                   sinks_grad, structured_fields)
+from .spec import (FLOAT_DTYPES, CallOptions, CallSpec, _check_scalars, effective_scale,
+                   keyword_tensors, sinks_grad, structured_fields)
 
 Tensor = torch.Tensor
 
@@ -127,24 +125,8 @@ def validate_varlen(q: Any, k: Any, v: Any, cu_seqlens_q: Any, cu_seqlens_k: Any
 # ------------------------------------------------------------ the decision
 
 
-class _VarlenPlan(NamedTuple):
-    backend: Backend
-    native: bool  # forward_varlen; else the padded dense call
-    spec: CallSpec
-    scale: float
-
-
-_plans: dict[tuple, _VarlenPlan] = {}
-_lock = threading.Lock()
-
-
-def clear_plans() -> None:
-    """Forget cached varlen decisions (``ad.clear_cache()``)."""
-    with _lock:
-        _plans.clear()
-
-
-register_cache("varlen.plans", clear_plans)
+_plans = PlanCache("varlen.plans", 1024)
+clear_plans = _plans.clear
 
 
 def _dense_spec(spec: CallSpec) -> CallSpec:
@@ -174,20 +156,16 @@ def decide_varlen(spec: CallSpec, selection: tuple[str, ...]
 
 
 def _plan(key: Optional[tuple], spec: CallSpec, selection: tuple[str, ...],
-          scale: Optional[float]) -> _VarlenPlan:
+          scale: Optional[float]) -> RoutePlan:
     inst, native, refused = decide_varlen(spec, selection)
     if inst is None:
         raise BackendUnavailable(selection, refused)
     route = "packed (forward_varlen)" if native else "padded to a dense batch"
     _events.emit(_events.DECISION, inst.name, f"selection {','.join(selection)}; {route}", spec)
     _policy.warn_if_large(inst, spec if native else _dense_spec(spec), selection)
-    eff = float(scale) if scale is not None else 1.0 / math.sqrt(spec.head_dim)
-    plan = _VarlenPlan(inst, native, spec, eff)
-    if key is not None:
-        with _lock:
-            if len(_plans) >= 1024:
-                _plans.clear()
-            _plans[key] = plan
+    eff = effective_scale(scale, spec.head_dim)
+    plan = RoutePlan(inst, native, spec, eff)
+    _plans.store(key, plan)
     return plan
 
 
@@ -220,7 +198,7 @@ def _empty(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec) -> tuple[Tensor, Ten
     return out, torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)
 
 
-def _run(plan: _VarlenPlan, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor,
+def _run(plan: RoutePlan, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor,
          o: CallOptions) -> tuple[Tensor, Optional[Tensor]]:
     spec = plan.spec
     if q.shape[0] == 0 or k.shape[0] == 0:
@@ -250,7 +228,7 @@ def _conform(req: StrideRequirements, q: Tensor, k: Tensor, v: Tensor
     return fix(q), fix(k), fix(v)
 
 
-def _run_padded(plan: _VarlenPlan, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor,
+def _run_padded(plan: RoutePlan, q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor,
                 cu_k: Tensor, o: CallOptions) -> tuple[Tensor, Optional[Tensor]]:
     """The dense route: right-aligned padding, one dense call, unpadding."""
     from .dispatch import call
