@@ -14,6 +14,7 @@
 #   bash bench/gpu_run.sh policies           # deterministic=True: bitwise-equal backward passes
 #   bash bench/gpu_run.sh perf               # host cost vs F.sdpa, decode + torch-default bench
 #   bash bench/gpu_run.sh scattered          # scattered key padding: peak memory and time vs torch
+#   bash bench/gpu_run.sh gpu-tests          # every test marked gpu, in three concurrent shards
 # Logs and results go to $OUT (default ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -113,6 +114,16 @@ for stage in "$@"; do
       env_on
       step scattered; python3 bench/scattered_padding_bench.py \
         --out "$OUT/scattered-padding.json" 2>&1 | tail -20 | tee -a "$LOG" ;;
+    gpu-tests)
+      env_on
+      step "gpu-tests (3 shards)"
+      shard() { python3 -m pytest "$@" -m gpu -q -p no:cacheprovider -rfE 2>&1 | grep -v Warning; }
+      shard tests/gpu/test_gpu_structured.py > "$OUT/gpu-tests-a.txt" &
+      shard tests/test_conformance.py > "$OUT/gpu-tests-b.txt" &
+      shard tests --ignore=tests/gpu/test_gpu_structured.py --ignore=tests/test_conformance.py \
+        > "$OUT/gpu-tests-c.txt" &
+      wait
+      for s in a b c; do tail -3 "$OUT/gpu-tests-$s.txt" | tee -a "$LOG"; done ;;
     *) echo "unknown stage $stage" | tee -a "$LOG"; exit 2 ;;
   esac
 done

@@ -18,7 +18,7 @@ the case's dtype.
 
 from .dense import (ATOL, Case, CheckResult, alibi_slopes_for, atol, check_backend,
                     default_cases, judge, make_inputs, reduced_case, reference_attention,
-                    reference_for, structure_label, structured_cases)
+                    reference_for, structure_label, structured_cases, within_rule)
 from .memory import (MEMORY_KINDS, MemoryDraw, draw_memory, kpm_view, mask_view, memory_view,
                      packed_qkv, poison_padded, qkv_makers, split_packed)
 from .varlen import (VarlenCase, check_backend_varlen, make_varlen_inputs, reference_varlen,
@@ -54,4 +54,5 @@ __all__ = [
     "structure_label",
     "structured_cases",
     "varlen_cases",
+    "within_rule",
 ]

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import torch
 
-from .._core import ATOL, atol, reference_attention  # noqa: F401  (public via testing)
+from .._core import ATOL, atol, reference_attention, within_rule  # noqa: F401  (public via testing)
 
 Tensor = torch.Tensor
 
