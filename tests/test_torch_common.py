@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from attention_dispatch._core.spec import validate
-from attention_dispatch.adapters._torch_common import _folded_spec, with_gqa
+from attention_dispatch.adapters import _torch_common
+from attention_dispatch.adapters._torch_common import _folded_spec, gqa_buffers, with_gqa
 from attention_dispatch.testing import reference_attention
 
 seen: list[tuple] = []
@@ -44,6 +45,35 @@ def test_with_gqa_matches_reference(sq: int, causal: bool, padded: bool) -> None
     if folded:  # K/V reach the kernel as they are: no copy
         assert seen[0][1] == (2, 2, 11, 16) and seen[0][2] == k.data_ptr()
         assert seen[0][0] == (2, 2, 4 * sq, 16)
+
+
+@pytest.mark.parametrize("version, native", [("2.11.0+cu130", True), ("2.13.0", True),
+                                             ("2.10.1", False), ("2.4.0", False)])
+def test_native_gqa_on_cuda_from_torch_2_11(monkeypatch: pytest.MonkeyPatch, version: str,
+                                           native: bool) -> None:
+    """On CUDA with torch >= 2.11 the kernel gets K/V unexpanded (no copy, no fold,
+    no buffer estimate); on older torch or the CPU the fold / expansion stays."""
+    monkeypatch.setattr(torch, "__version__", version)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 8, 5, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 11, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    cpu_spec = validate(q, k, v, causal=True)
+    spec = dataclasses.replace(cpu_spec, device_type="cuda", device_index=0)
+    assert _torch_common.native_gqa_cuda(spec) is native
+    assert not _torch_common.native_gqa_cuda(cpu_spec)
+    native_here = _torch_common.native_gqa_cuda(spec)
+    assert (gqa_buffers(spec, native_here) == []) is native
+    assert gqa_buffers(cpu_spec, False) != []
+    got: list[tuple] = []
+
+    def gqa_kernel(q, k, v, spec, *, scale):  # type: ignore[no-untyped-def]
+        got.append((tuple(k.shape), k.data_ptr()))
+        kk, vv = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
+        return reference_attention(q, kk, vv, causal=spec.causal, scale=scale)
+
+    out, _ = with_gqa(gqa_kernel, q, k, v, spec, native=native_here, scale=0.25)
+    torch.testing.assert_close(out, reference_attention(q, k, v, causal=True, scale=0.25)[0])
+    assert (got[0] == ((2, 2, 11, 16), k.data_ptr())) is native
 
 
 def test_no_fold_for_masks_or_equal_heads() -> None:

@@ -8,7 +8,9 @@ from typing import Callable, Optional
 import torch
 
 from .._core.masks import additive_bias, expand_kv
+from .._core.layout import Buffer
 from .._core.spec import CallSpec
+from . import _estimates as est
 
 Tensor = torch.Tensor
 
@@ -81,11 +83,42 @@ def _folded_spec(spec: CallSpec) -> Optional[CallSpec]:
                                causal=False)
 
 
+# torch's CUDA flash and cuDNN aten operators take K/V with fewer heads than Q
+# (grouped: query head h reads kv head h // (Hq // Hkv)), forward and backward
+# (dK/dV summed over each group), as F.sdpa(enable_gqa=True) hands them over.
+# Measured exact on torch 2.11 (cuDNN 9.19, H200) against a float64 reference,
+# and faster than folding at decode (B=1, Sk=32k: the native call lets both
+# kernels split the keys); older versions fold or expand K/V as before.
+NATIVE_GQA_TORCH = (2, 11)
+
+
+def native_gqa_cuda(spec: CallSpec) -> bool:
+    """Whether torch's CUDA flash / cuDNN operators take this GQA call's K/V
+    unexpanded (CUDA, torch >= :data:`NATIVE_GQA_TORCH`)."""
+    return spec.device_type == "cuda" and _torch_version() >= NATIVE_GQA_TORCH
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def gqa_buffers(spec: CallSpec, native: bool) -> list[Buffer]:
+    """The K/V copy :func:`with_gqa` makes for ``spec`` (none when native or folded)."""
+    if native or _folded_spec(spec) is not None:
+        return []
+    return est.gqa_expansion(spec)
+
+
 def with_gqa(kernel: Callable[..., tuple[Tensor, Optional[Tensor]]], q: Tensor, k: Tensor,
-             v: Tensor, spec: CallSpec, **kw: object) -> tuple[Tensor, Optional[Tensor]]:
-    """Run ``kernel(q, k, v, spec, **kw)`` (a kernel without native GQA) on a GQA
-    call: folded (no K/V copy; decode reads K/V once) where exact, else with K/V
-    expanded to Hq heads."""
+             v: Tensor, spec: CallSpec, *, native: bool = False,
+             **kw: object) -> tuple[Tensor, Optional[Tensor]]:
+    """Run ``kernel(q, k, v, spec, **kw)`` on a GQA call: K/V unexpanded where
+    the kernel takes GQA natively (``native``, e.g. :func:`native_gqa_cuda` for
+    torch's flash and cuDNN operators), else folded (no K/V copy; decode reads
+    K/V once) where exact, else with K/V expanded to Hq heads."""
+    if native:
+        return kernel(q, k, v, spec, **kw)
     folded = _folded_spec(spec)
     if folded is None:
         return kernel(q, expand_kv(k, spec.heads_q), expand_kv(v, spec.heads_q), spec, **kw)

@@ -1,7 +1,8 @@
 """``sdpa-cudnn``: cuDNN's fused attention through torch, called directly.
 
 ``aten._scaled_dot_product_cudnn_attention``: float16/bfloat16, sm80+, head
-dims multiples of 8 up to 128, dropout, LSE, additive bias.  Its ``is_causal``
+dims multiples of 8 up to 128, dropout, LSE, additive bias, GQA natively on
+torch >= 2.11 (else folded or K/V expanded, see ``_torch_common``).  Its ``is_causal``
 is top-left, so it is used only where that equals bottom-right (Sq == Sk);
 other causal calls put the causal mask into the bias.  cuDNN returns garbage
 for query rows with no allowed key: the dispatcher zeroes them (and their
@@ -21,7 +22,8 @@ from .._core.capabilities import Capabilities
 from .._core.layout import CUDA_ALIGNED, Buffer
 from .._core.spec import CallSpec
 from . import _estimates as est
-from ._torch_common import _folded_spec, aligned_bias, top_left_causal_flag, torch_bias, with_gqa
+from ._torch_common import (aligned_bias, gqa_buffers, native_gqa_cuda, top_left_causal_flag,
+                            torch_bias, with_gqa)
 
 Tensor = torch.Tensor
 
@@ -52,9 +54,10 @@ class SdpaCudnnBackend(Backend):
 
     def buffers(self, spec: CallSpec) -> tuple[Buffer, ...]:
         """The additive bias (built, then copied onto 8-aligned rows) and K/V
-        expanded for GQA unless folded."""
+        expanded for GQA where the operator has no native GQA and folding is
+        not exact."""
         _, in_bias = top_left_causal_flag(spec, spec.mask_kind != "none" or spec.key_padding)
-        gqa = est.gqa_expansion(spec) if _folded_spec(spec) is None else []
+        gqa = gqa_buffers(spec, native_gqa_cuda(spec))
         return est.listed(est.bias(spec, in_bias, copies=2), *gqa)
 
     def probe(self, device: torch.device) -> list[str]:
@@ -80,13 +83,13 @@ class SdpaCudnnBackend(Backend):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
                 mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
                 dropout_p: float, scale: float) -> AttentionResult:
-        return with_gqa(_kernel, q, k, v, spec, mask=mask, kpm=key_padding_mask,
-                        dropout_p=dropout_p, scale=scale)
+        return with_gqa(_kernel, q, k, v, spec, native=native_gqa_cuda(spec), mask=mask,
+                        kpm=key_padding_mask, dropout_p=dropout_p, scale=scale)
 
 
 def _kernel(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec, *, mask: Optional[Tensor],
             kpm: Optional[Tensor], dropout_p: float, scale: float) -> AttentionResult:
-    """One cuDNN call on (B, H, S, D) views with Hq == Hkv."""
+    """One cuDNN call on (B, H, S, D) views (Hkv < Hq where native, see with_gqa)."""
     is_causal, in_bias = top_left_causal_flag(spec, mask is not None or kpm is not None)
     bias = torch_bias(spec, mask, kpm, q.dtype, in_bias)
     if bias is not None:

@@ -10,7 +10,9 @@
   corrected output (exact; ``_sinks``).
 * CUDA: ``aten._scaled_dot_product_flash_attention`` (FA2 vendored in torch,
   sm80+) - no mask of any kind, causal is bottom-right natively, dropout,
-  float16/bfloat16, head dim a multiple of 8 up to 256, GQA by expanding K/V.
+  float16/bfloat16, head dim a multiple of 8 up to 256, GQA natively on
+  torch >= 2.11 (else folded into the query sequence where exact, or K/V
+  expanded).
 
 Equivalent math: see :mod:`attention_dispatch.adapters.math`.
 """
@@ -30,8 +32,8 @@ from .._core.layout import Buffer
 from .._core.spec import CallSpec
 from . import _estimates as est
 from ._sinks import sinks_via_lse
-from ._torch_common import (_folded_spec, half_only_on_cuda, top_left_causal_flag, torch_bias,
-                            with_gqa)
+from ._torch_common import (gqa_buffers, half_only_on_cuda, native_gqa_cuda,
+                            top_left_causal_flag, torch_bias, with_gqa)
 
 Tensor = torch.Tensor
 # the aten kernels through torch's generated bindings: the same operator as
@@ -86,11 +88,12 @@ class SdpaFlashBackend(Backend):
 
     def buffers(self, spec: CallSpec) -> tuple[Buffer, ...]:
         """CPU: the additive bias of masks, key padding, non-square causal, window
-        and ALiBi (materialised).  CUDA: K/V expanded for GQA unless folded."""
+        and ALiBi (materialised).  CUDA: K/V expanded for GQA where neither native
+        nor folded."""
         if spec.device_type == "cpu":
             _, in_bias = top_left_causal_flag(spec, other_masks=False)
             return est.listed(est.bias(spec, in_bias))
-        return tuple(est.gqa_expansion(spec)) if _folded_spec(spec) is None else ()
+        return tuple(gqa_buffers(spec, native_gqa_cuda(spec)))
 
     def check(self, spec: CallSpec) -> list[str]:
         if spec.device_type == "cpu":
@@ -128,7 +131,8 @@ class SdpaFlashBackend(Backend):
                 dropout_p: float, scale: float, alibi_slopes: Optional[Tensor] = None,
                 sinks: Optional[Tensor] = None) -> AttentionResult:
         if spec.device_type != "cpu":
-            return with_gqa(_cuda_kernel, q, k, v, spec, dropout_p=dropout_p, scale=scale)
+            return with_gqa(_cuda_kernel, q, k, v, spec, native=native_gqa_cuda(spec),
+                            dropout_p=dropout_p, scale=scale)
         if key_padding_mask is not None:
             k, v, mask, key_padding_mask, spec = _drop_padded_tail(k, v, mask, key_padding_mask,
                                                                    spec)
@@ -203,8 +207,8 @@ def _drop_padded_tail(k: Tensor, v: Tensor, mask: Optional[Tensor], kpm: Tensor,
 
 def _cuda_kernel(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec, *, dropout_p: float,
                  scale: float) -> AttentionResult:
-    """torch's CUDA flash kernel on (B, H, S, D) views with Hq == Hkv; its
-    is_causal is bottom-right."""
+    """torch's CUDA flash kernel on (B, H, S, D) views (Hkv < Hq where native,
+    see with_gqa); its is_causal is bottom-right."""
     res = torch._scaled_dot_product_flash_attention(
         q, k, v, dropout_p=dropout_p, is_causal=spec.causal, return_debug_mask=False,
         scale=scale)
