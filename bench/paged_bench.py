@@ -122,10 +122,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"\n{'call':<34} {'us':>9} {'vs baseline':>11} {'max err':>9}")
     for name in sorted(ms, key=ms.get):
         print(f"{name:<34} {ms[name] * 1e3:9.1f} {base / ms[name]:10.2f}x {errors[name]:9.2e}")
+    ratio = ms["dense:auto"] / ms["paged:auto"]
+    print(f"paged:auto / dense:auto speed: {ratio:.3f}x (goal >= 0.9)")
     name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor()
     res = dict(device=name, torch=torch.__version__,
                host=platform.node(), args=vars(args), us={n: t * 1e3 for n, t in ms.items()},
-               max_err=errors)
+               max_err=errors, paged_vs_dense_auto=ratio)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     return 0

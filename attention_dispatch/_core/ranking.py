@@ -43,6 +43,8 @@ bench/gpu_bench.py (bf16, hdim 128, interleaved CUDA-event timing):
   forward+backward with head dim 64 at S=2048 goes to FA4 (2.21 vs 2.34 ms, B=8, H=32).
 * "decode" (Sq == 1; B=32, Hq=32, Hkv=8, Sk=8192): sdpa-cudnn 484 us,
   sdpa-flash 496 us, sdpa-mem-efficient 526 us, FA4 598 us, xformers 771 us.
+* "paged" (attention_paged calls): ``triton-decode`` first (declared by the
+  backend for every CUDA family, in the sm90 table here), then the decode order.
 """
 
 from __future__ import annotations
@@ -58,13 +60,13 @@ from .spec import CallSpec
 
 RANKINGS: dict[str, tuple[str, ...]] = {
     "sm90": ("flash-attn", "sdpa-cudnn", "xformers", "sdpa-flash", "flex",
-             "sdpa-mem-efficient", "math"),
+             "sdpa-mem-efficient", "triton-decode", "math"),
     "sm100": ("flash-attn", "sdpa-cudnn", "xformers", "sdpa-flash", "flex",
-              "sdpa-mem-efficient", "math"),
+              "sdpa-mem-efficient", "triton-decode", "math"),
     "sm80": ("flash-attn", "sdpa-flash", "xformers", "sdpa-cudnn", "flex",
-             "sdpa-mem-efficient", "math"),
+             "sdpa-mem-efficient", "triton-decode", "math"),
     "cuda": ("flash-attn", "xformers", "sdpa-flash", "sdpa-mem-efficient", "sdpa-cudnn",
-             "flex", "math"),
+             "flex", "triton-decode", "math"),
     # not measured (see the module docstring)
     "rocm": ("flash-attn", "sdpa-flash", "xformers", "sdpa-mem-efficient", "flex", "sdpa",
              "math"),
@@ -78,14 +80,19 @@ UNMEASURED = frozenset({"rocm", "mps", "xpu"})
 
 
 _SM90_SHORT = ("sdpa-cudnn", "flash-attn", "xformers", "sdpa-flash", "flex",
-               "sdpa-mem-efficient", "math")
+               "sdpa-mem-efficient", "triton-decode", "math")
 _SM90_DECODE = ("sdpa-cudnn", "sdpa-flash", "sdpa-mem-efficient", "flash-attn", "xformers",
-                "flex", "math")
+                "flex", "triton-decode", "math")
+# paged calls: triton-decode's split-KV route first (FA4's paged route measured
+# 0.33x of dense decode on an H200, docs/results/paged-full-h200-2026-12-03.json;
+# triton-decode's place here is not measured yet), then the decode order
+_SM90_PAGED = ("triton-decode",) + tuple(n for n in _SM90_DECODE if n != "triton-decode")
 SHAPE_RANKINGS: dict[tuple[str, str], tuple[str, ...]] = {
     ("sm90", "short"): _SM90_SHORT,
     ("sm90", "decode"): _SM90_DECODE,
+    ("sm90", "paged"): _SM90_PAGED,
 }
-SHAPE_CLASSES = ("decode", "short", "long")
+SHAPE_CLASSES = ("decode", "short", "long", "paged")
 
 _lock = threading.Lock()
 _registered: dict[tuple[str, Optional[str]], tuple[str, ...]] = {}
@@ -122,7 +129,9 @@ def table(family: str, spec: Optional[CallSpec]) -> tuple[str, ...]:
 
 
 def shape_class(spec: CallSpec) -> str:
-    """"decode", "short" or "long" (see the module docstring)."""
+    """"paged", "decode", "short" or "long" (see the module docstring)."""
+    if spec.paged:
+        return "paged"
     if spec.seq_q == 1:
         return "decode"
     if spec.key_padding or spec.varlen:

@@ -29,6 +29,7 @@ BUILTINS: dict[str, str] = {
     "xformers": "attention_dispatch.adapters.xformers:XformersBackend",
     "flex": "attention_dispatch.adapters.flex:FlexBackend",
     "sdpa": "attention_dispatch.adapters.sdpa:SdpaBackend",
+    "triton-decode": "attention_dispatch.adapters.triton_decode:TritonDecodeBackend",
 }
 
 Target = Union[str, type]

@@ -74,6 +74,17 @@ def test_flex_paged(shape, opts):
     _check("flex", shape, opts)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"Sq{s[1]}-bs{s[5]}-d{s[4]}")
+@pytest.mark.parametrize("opts", OPTS + [dict(sinks=True)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_triton_decode_paged(shape, opts, dtype):
+    """triton-decode never reads past a row's length: NaN there."""
+    if opts.get("sinks"):
+        g = torch.Generator().manual_seed(5)
+        opts = dict(sinks=(torch.randn(shape[2], generator=g) * 2).cuda())
+    _check("triton-decode", shape, opts, dtype=dtype, tail=float("nan"))
+
+
 @pytest.mark.parametrize("backend", ["sdpa-cudnn", "sdpa-flash", "sdpa-mem-efficient",
                                      "xformers"])
 def test_gathered_route(backend):

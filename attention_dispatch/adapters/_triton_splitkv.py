@@ -1,0 +1,191 @@
+"""Split-KV attention for short queries in Triton: decode and chunked prefill
+over a dense K/V or a paged KV cache (the ``triton-decode`` backend's kernel).
+
+Layout of the work: one program per (batch row b, kv head, key split).  A
+program holds the Sq query rows of every query head of its kv head's group
+(``M = (Hq / Hkv) * Sq`` rows, row r = g * Sq + i for group member g and query
+i) in one tile, so each key block is read once for the whole group; it walks
+its split's keys in tiles of ``BLOCK_N`` with an online softmax and writes a
+partial output (normalised) and its LSE.  The splits are combined in a fixed
+order (no atomics: deterministic), with the sink as one more term of the LSE.
+
+Keys: row b's key j < L_b (L_b = ``cache_seqlens[b]``, or Sk for a dense
+call) is slot ``j % block_size`` of block ``block_table[b, j // block_size]``
+(paged) or ``k[b, j]`` (dense).  Every load past L_b is masked, so no slot or
+block beyond a row's length is read (NaN there changes nothing).  Query i sits
+at position ``i + L_b - Sq``: causal keeps j <= that, a window (left, right)
+keeps ``pos - left <= j <= pos + right`` (-1 = open), softcap c turns the
+scaled score s into ``c * tanh(s / c)``.  A row with no admitted key gives out
+0 and lse -inf (the sink's value with sinks).
+
+Equivalent math (per row b, query head h = kv head * G + g, query i)::
+
+    s_j = softcap(scale * q[b, i, h] . k_j)  for admitted keys j
+    lse = log(exp(sinks[h]) + sum_j exp(s_j))            # sinks: optional
+    out = sum_j exp(s_j - lse) * v_j
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import torch
+
+Tensor = torch.Tensor
+MAX_ROWS = 64  # query rows of one kv head's group (Sq * Hq / Hkv) in one tile
+_OPEN = 1 << 30  # an open window side
+
+
+@functools.lru_cache(maxsize=None)
+def kernel() -> Any:
+    """The Triton kernel, built on first use (``triton`` imported lazily)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split_kv(Q, K, V, BT, LENS, O, LSE,  # noqa: N803 (pointers)
+                 sq_b, sq_s, sq_h, sq_d, sk_b, sk_n, sk_h, sk_d, sv_b, sv_n, sv_h, sv_d,
+                 sbt_b, SQ, G, HEAD_DIM, PAGE, CHUNK, SK, scale, softcap, left, right,
+                 PAGED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                 SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)
+        hk = tl.program_id(1)
+        sp = tl.program_id(2)
+        if PAGED:
+            L = tl.load(LENS + b)
+        else:
+            L = SK
+        rows = tl.arange(0, BLOCK_M)
+        g, i = rows // SQ, rows % SQ
+        row_ok = rows < G * SQ
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        q = tl.load(Q + b * sq_b + i[:, None] * sq_s + (hk * G + g)[:, None] * sq_h
+                    + d[None, :] * sq_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        pos = i + L - SQ
+        lo = sp * CHUNK
+        hi = tl.minimum(lo + CHUNK, L)
+        if WINDOW:  # skip the tiles left of every row's window (tile-aligned)
+            lo = tl.maximum(lo, (tl.maximum(L - SQ - left, 0) // BLOCK_N) * BLOCK_N)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            n_ok = cols < hi
+            if PAGED:  # a tile lies in one block: BLOCK_N divides PAGE, n0 aligned
+                blk = tl.load(BT + b * sbt_b + n0 // PAGE).to(tl.int64)
+                kofs, vofs = blk * sk_b + (cols % PAGE) * sk_n, blk * sv_b + (cols % PAGE) * sv_n
+            else:
+                kofs, vofs = b * sk_b + cols * sk_n, b * sv_b + cols * sv_n
+            kt = tl.load(K + kofs[None, :] + hk * sk_h + d[:, None] * sk_d,
+                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            s = tl.dot(q, kt) * scale
+            if SOFTCAP:  # c * tanh(s / c), tanh(x) = 1 - 2 / (exp(2x) + 1)
+                s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+            keep = n_ok[None, :] & row_ok[:, None]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= pos[:, None])
+            if WINDOW:
+                keep = keep & (cols[None, :] >= pos[:, None] - left)
+                keep = keep & (cols[None, :] <= pos[:, None] + right)
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_use[:, None])
+            alpha = tl.exp(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(V + vofs[:, None] + hk * sv_h + d[None, :] * sv_d,
+                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            m_i = m_new
+        ok = l_i > 0.0
+        safe_l = tl.where(ok, l_i, 1.0)
+        part = (b * tl.num_programs(1) + hk) * tl.num_programs(2) + sp
+        tl.store(O + (part * BLOCK_M + rows)[:, None] * BLOCK_D + d[None, :],
+                 acc / safe_l[:, None])
+        tl.store(LSE + part * BLOCK_M + rows, tl.where(ok, m_i + tl.log(safe_l), float("-inf")))
+
+    return split_kv
+
+
+def _pow2(n: int, low: int = 16) -> int:
+    return max(low, 1 << max(0, n - 1).bit_length())
+
+
+def num_splits(batch: int, heads_kv: int, max_len: int, block_n: int, sms: int) -> int:
+    """Key splits per (row, kv head): enough programs to fill the device twice
+    over, each with at least four key tiles."""
+    want = -(-2 * sms // max(1, batch * heads_kv))
+    return max(1, min(want, max_len // (4 * block_n)))
+
+
+def _sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool,
+                       window: Optional[tuple[int, int]] = None,
+                       softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
+                       block_table: Optional[Tensor] = None,
+                       cache_seqlens: Optional[Tensor] = None,
+                       splits: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Short-query attention, dense or paged; q (B, Sq, Hq, D) (any strides).
+
+    Dense: k (B, Sk, Hkv, D), v (B, Sk, Hkv, D).  Paged (``block_table`` (B,
+    max_blocks) int32 and ``cache_seqlens`` (B,) int32 given): k/v the caches
+    (num_blocks, block_size, Hkv, D), block_size a power of two >= 16.
+    Sq * Hq / Hkv <= :data:`MAX_ROWS`.  Returns out (B, Sq, Hq, D) in q's
+    dtype and lse (B, Hq, Sq) float32 (see the module docstring).
+    """
+    B, Sq, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+    paged = block_table is not None
+    page = k.shape[1] if paged else 0
+    max_len = block_table.shape[1] * page if paged else k.shape[1]
+    block_n = min(64, page) if paged else 64
+    bm, bd = _pow2(G * Sq), _pow2(D)
+    S = splits or num_splits(B, Hkv, max_len, block_n, _sms(q.device))
+    chunk = -(-max(1, max_len) // S)
+    chunk = -(-chunk // block_n) * block_n
+    o_part = torch.empty(B, Hkv, S, bm, bd, device=q.device, dtype=torch.float32)
+    lse_part = torch.empty(B, Hkv, S, bm, device=q.device, dtype=torch.float32)
+    left, right = window if window is not None else (-1, -1)
+    dummy = lse_part  # an unused pointer argument (dense calls)
+    kernel()[(B, Hkv, S)](
+        q, k, v, block_table if paged else dummy, cache_seqlens if paged else dummy,
+        o_part, lse_part, q.stride(0), q.stride(1), q.stride(2), q.stride(3),
+        *k.stride(), *v.stride(), block_table.stride(0) if paged else 0,
+        Sq, G, D, max(page, 1), chunk, k.shape[1], float(scale), float(softcap or 1.0),
+        _OPEN if left < 0 else left, _OPEN if right < 0 else right,
+        PAGED=paged, CAUSAL=bool(causal), WINDOW=window is not None,
+        SOFTCAP=softcap is not None, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd)
+    return combine(o_part, lse_part, sinks, Sq, G, D)
+
+
+def combine(o_part: Tensor, lse_part: Tensor, sinks: Optional[Tensor], sq: int, group: int,
+            dim: int) -> tuple[Tensor, Tensor]:
+    """The splits' partial outputs (B, Hkv, S, BM, BD) and LSEs (B, Hkv, S, BM)
+    combined in a fixed order, the sink joining the LSE; returns out (B, Sq,
+    Hq, D) float32 and lse (B, Hq, Sq)."""
+    B, Hkv, S = o_part.shape[:3]
+    m = group * sq
+    if S == 1 and sinks is None:
+        out, lse = o_part[:, :, 0, :m, :dim], lse_part[:, :, 0, :m]
+    else:
+        lse = torch.logsumexp(lse_part, dim=2)
+        if sinks is not None:
+            rows = torch.arange(lse.shape[-1], device=lse.device)
+            heads = torch.arange(Hkv, device=lse.device)[:, None] * group \
+                + (rows // sq).clamp(max=group - 1)[None, :]
+            lse = torch.logaddexp(lse, sinks.float()[heads])
+        w = torch.exp(lse_part - lse[:, :, None]).nan_to_num_(0.0)
+        out = torch.einsum("bhsm,bhsmd->bhmd", w, o_part)[:, :, :m, :dim]
+        lse = lse[:, :, :m]
+    out = out.reshape(B, Hkv, group, sq, dim).permute(0, 3, 1, 2, 4).reshape(B, sq, -1, dim)
+    return out, lse.reshape(B, Hkv * group, sq)
