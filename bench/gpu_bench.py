@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 import attention_dispatch as ad
 
-DEFAULT_BACKENDS = "flash-attn,xformers,sdpa-cudnn,sdpa-flash,sdpa-mem-efficient"
+DEFAULT_BACKENDS = "flash-attn,xformers,sdpa-cudnn,sdpa-flash,sdpa-mem-efficient,triton-decode"
 Tensor = torch.Tensor
 
 

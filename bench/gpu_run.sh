@@ -15,6 +15,7 @@
 #   bash bench/gpu_run.sh perf               # host cost vs F.sdpa, decode + torch-default bench
 #   bash bench/gpu_run.sh scattered          # scattered key padding: peak memory and time vs torch
 #   bash bench/gpu_run.sh gpu-tests          # every test marked gpu, in three concurrent shards
+#   bash bench/gpu_run.sh decode-tune        # triton-decode's tests and launch parameters, decode shapes
 # Logs and results go to $OUT (default ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -114,6 +115,14 @@ for stage in "$@"; do
       env_on
       step scattered; python3 bench/scattered_padding_bench.py \
         --out "$OUT/scattered-padding.json" 2>&1 | tail -20 | tee -a "$LOG" ;;
+    decode-tune)
+      env_on
+      step triton-decode-tests
+      python3 -m pytest tests/test_triton_decode.py tests/gpu/test_gpu_paged.py -k "triton or kernel" \
+        -q -p no:cacheprovider -rfE -W ignore 2>&1 | tail -15 | tee "$OUT/triton-decode-tests.txt" \
+        | tee -a "$LOG"
+      step decode-tune; python3 bench/triton_decode_tune.py --out "$OUT/triton-decode-tune.json" \
+        2>&1 | tail -80 | tee -a "$LOG" ;;
     gpu-tests)
       env_on
       step "gpu-tests (3 shards)"

@@ -105,9 +105,33 @@ def measure(device: str, repeats: int, modes: list[str]) -> dict[str, Any]:
                 out["compile"] = _pair(ca, cd, ct, max(repeats // 4, 100), sync)
             except Exception as exc:  # a kernel dynamo cannot trace (e.g. FA4's CuTe DSL)
                 out["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        out["kernels_us"] = _kernels(q, k, v, repeats, sync)
         if "cudagraph" in modes and device == "cuda":
             out["cudagraph"] = _pair(_graphed(auto), _graphed(direct), _graphed(torch_sdpa),
                                      repeats, sync)
+    return out
+
+
+def _kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: int,
+             sync: Callable[[], None]) -> dict[str, float]:
+    """Eager microseconds of each accepting backend's forward() on the same call
+    (the host cost of its kernel call, which decides tiny calls): the data
+    behind the "tiny" shape class of the ranking."""
+    out = {}
+    dec = ad.explain(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    for verdict in dec.verdicts:
+        if verdict.reasons or verdict.name in ("math", "chunked"):
+            continue
+        fwd = ad.get_backend(verdict.name).forward
+
+        def call(fwd: Any = fwd) -> Any:
+            return fwd(q, k, v, spec=dec.spec, mask=None, key_padding_mask=None, dropout_p=0.0,
+                       scale=scale)[0]
+        try:
+            out[verdict.name] = round(_time_us(call, max(repeats // 4, 200), sync), 3)
+        except Exception as exc:  # e.g. a kernel that fails on this tiny shape
+            out[verdict.name] = f"error: {type(exc).__name__}"  # type: ignore[assignment]
     return out
 
 
@@ -128,6 +152,7 @@ def main() -> None:
                   f"auto/torch {m['auto_over_torch']:.2f}x")
     if "compile_error" in r:
         print(f"  compile   not measured: {r['compile_error']}")
+    print("  kernels   " + "  ".join(f"{n} {t} us" for n, t in r["kernels_us"].items()))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(r, f, indent=2)

@@ -133,14 +133,18 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal:
                        softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
                        block_table: Optional[Tensor] = None,
                        cache_seqlens: Optional[Tensor] = None,
-                       splits: Optional[int] = None) -> tuple[Tensor, Tensor]:
+                       splits: Optional[int] = None, block_n: int = 64, num_warps: int = 4,
+                       num_stages: int = 2) -> tuple[Tensor, Tensor]:
     """Short-query attention, dense or paged; q (B, Sq, Hq, D) (any strides).
 
     Dense: k (B, Sk, Hkv, D), v (B, Sk, Hkv, D).  Paged (``block_table`` (B,
     max_blocks) int32 and ``cache_seqlens`` (B,) int32 given): k/v the caches
     (num_blocks, block_size, Hkv, D), block_size a power of two >= 16.
-    Sq * Hq / Hkv <= :data:`MAX_ROWS`.  Returns out (B, Sq, Hq, D) in q's
-    dtype and lse (B, Hq, Sq) float32 (see the module docstring).
+    Sq * Hq / Hkv <= :data:`MAX_ROWS`.  ``splits`` (default: :func:`num_splits`),
+    ``block_n`` (keys per tile, capped at the block size), ``num_warps`` and
+    ``num_stages``: launch parameters (bench/triton_decode_tune.py times them).
+    Returns out (B, Sq, Hq, D) float32 and lse (B, Hq, Sq) float32 (see the
+    module docstring).
     """
     B, Sq, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -148,7 +152,7 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal:
     paged = block_table is not None
     page = k.shape[1] if paged else 0
     max_len = block_table.shape[1] * page if paged else k.shape[1]
-    block_n = min(64, page) if paged else 64
+    block_n = min(block_n, page) if paged else block_n
     bm, bd = _pow2(G * Sq), _pow2(D)
     S = splits or num_splits(B, Hkv, max_len, block_n, _sms(q.device))
     chunk = -(-max(1, max_len) // S)
@@ -164,7 +168,8 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal:
         Sq, G, D, max(page, 1), chunk, k.shape[1], float(scale), float(softcap or 1.0),
         _OPEN if left < 0 else left, _OPEN if right < 0 else right,
         PAGED=paged, CAUSAL=bool(causal), WINDOW=window is not None,
-        SOFTCAP=softcap is not None, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd)
+        SOFTCAP=softcap is not None, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd,
+        num_warps=num_warps, num_stages=num_stages)
     return combine(o_part, lse_part, sinks, Sq, G, D)
 
 
