@@ -107,7 +107,10 @@ def check_paged_values(block_table: Tensor, cache_seqlens: Tensor, seq_q: int,
     """The values (one host read of the two int tensors): Sq <= cache_seqlens[b]
     <= max_blocks * block_size, and each row's used blocks (the first
     ceil(cache_seqlens[b] / block_size)) in [0, num_blocks) and distinct."""
-    lengths, table = cache_seqlens.cpu().long(), block_table.cpu().long()
+    # one device-to-host copy (one synchronisation) for both tensors
+    both = torch.cat([cache_seqlens, block_table.reshape(-1)]).cpu().long()
+    lengths, table = both[: cache_seqlens.numel()], both[cache_seqlens.numel():].view(
+        block_table.shape)
     cap = table.shape[1] * block_size
     bad = ((lengths < seq_q) | (lengths > cap)).nonzero()
     if bad.numel():

@@ -111,6 +111,52 @@ def kernel() -> Any:
     return split_kv
 
 
+@functools.lru_cache(maxsize=None)
+def combine_kernel() -> Any:
+    """The splits' combination, one program per (row, kv head), in a fixed order."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def combine(OP, LP, SINKS, OUT, LSE, S, SQ, G, HEAD_DIM,  # noqa: N803 (pointers)
+                so_b, so_s, so_h, so_d, HAS_SINKS: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)
+        hk = tl.program_id(1)
+        nh = tl.num_programs(1)
+        rows = tl.arange(0, BLOCK_M)
+        d = tl.arange(0, BLOCK_D)
+        g, i = rows // SQ, rows % SQ
+        row_ok = rows < G * SQ
+        h = hk * G + g
+        base = (b * nh + hk) * S
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        for s in range(S):
+            m = tl.maximum(m, tl.load(LP + (base + s) * BLOCK_M + rows))
+        if HAS_SINKS:
+            sink = tl.load(SINKS + h, mask=row_ok, other=float("-inf")).to(tl.float32)
+            m = tl.maximum(m, sink)
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        den = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for s in range(S):
+            w = tl.exp(tl.load(LP + (base + s) * BLOCK_M + rows) - m_use)
+            o = tl.load(OP + ((base + s) * BLOCK_M + rows)[:, None] * BLOCK_D + d[None, :])
+            acc += w[:, None] * o
+            den += w
+        if HAS_SINKS:
+            den += tl.exp(sink - m_use)
+        ok = den > 0.0
+        safe = tl.where(ok, den, 1.0)
+        tl.store(OUT + b * so_b + i[:, None] * so_s + h[:, None] * so_h + d[None, :] * so_d,
+                 (acc / safe[:, None]).to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])
+        tl.store(LSE + (b * nh * G + h) * SQ + i, tl.where(ok, m_use + tl.log(safe),
+                                                           float("-inf")), mask=row_ok)
+
+    return combine
+
+
 def _pow2(n: int, low: int = 16) -> int:
     return max(low, 1 << max(0, n - 1).bit_length())
 
@@ -143,8 +189,8 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal:
     Sq * Hq / Hkv <= :data:`MAX_ROWS`.  ``splits`` (default: :func:`num_splits`),
     ``block_n`` (keys per tile, capped at the block size), ``num_warps`` and
     ``num_stages``: launch parameters (bench/triton_decode_tune.py times them).
-    Returns out (B, Sq, Hq, D) float32 and lse (B, Hq, Sq) float32 (see the
-    module docstring).
+    Returns out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) float32 (see
+    the module docstring): two launches, the split kernel and the combination.
     """
     B, Sq, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -170,27 +216,11 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal:
         PAGED=paged, CAUSAL=bool(causal), WINDOW=window is not None,
         SOFTCAP=softcap is not None, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd,
         num_warps=num_warps, num_stages=num_stages)
-    return combine(o_part, lse_part, sinks, Sq, G, D)
+    out = torch.empty(B, Sq, Hq, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, Sq, device=q.device, dtype=torch.float32)
+    combine_kernel()[(B, Hkv)](
+        o_part, lse_part, sinks if sinks is not None else lse_part, out, lse, S, Sq, G, D,
+        *out.stride(), HAS_SINKS=sinks is not None, BLOCK_M=bm, BLOCK_D=bd)
+    return out, lse
 
 
-def combine(o_part: Tensor, lse_part: Tensor, sinks: Optional[Tensor], sq: int, group: int,
-            dim: int) -> tuple[Tensor, Tensor]:
-    """The splits' partial outputs (B, Hkv, S, BM, BD) and LSEs (B, Hkv, S, BM)
-    combined in a fixed order, the sink joining the LSE; returns out (B, Sq,
-    Hq, D) float32 and lse (B, Hq, Sq)."""
-    B, Hkv, S = o_part.shape[:3]
-    m = group * sq
-    if S == 1 and sinks is None:
-        out, lse = o_part[:, :, 0, :m, :dim], lse_part[:, :, 0, :m]
-    else:
-        lse = torch.logsumexp(lse_part, dim=2)
-        if sinks is not None:
-            rows = torch.arange(lse.shape[-1], device=lse.device)
-            heads = torch.arange(Hkv, device=lse.device)[:, None] * group \
-                + (rows // sq).clamp(max=group - 1)[None, :]
-            lse = torch.logaddexp(lse, sinks.float()[heads])
-        w = torch.exp(lse_part - lse[:, :, None]).nan_to_num_(0.0)
-        out = torch.einsum("bhsm,bhsmd->bhmd", w, o_part)[:, :, :m, :dim]
-        lse = lse[:, :, :m]
-    out = out.reshape(B, Hkv, group, sq, dim).permute(0, 3, 1, 2, 4).reshape(B, sq, -1, dim)
-    return out, lse.reshape(B, Hkv * group, sq)

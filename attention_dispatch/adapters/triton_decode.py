@@ -88,7 +88,7 @@ class TritonDecodeBackend(Backend):
         out, lse = split_kv_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale,
             causal=spec.causal, window=spec.window, softcap=spec.softcap, sinks=sinks)
-        return out.to(q.dtype).transpose(1, 2), (lse if spec.return_lse else None)
+        return out.transpose(1, 2), (lse if spec.return_lse else None)
 
     def forward_paged(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, *, spec: CallSpec,
                       block_table: Tensor, cache_seqlens: Tensor, scale: float,
@@ -98,4 +98,4 @@ class TritonDecodeBackend(Backend):
             q, k_cache, v_cache, scale=scale, causal=spec.causal, window=spec.window,
             softcap=spec.softcap, sinks=sinks, block_table=block_table,
             cache_seqlens=cache_seqlens)
-        return out.to(q.dtype), (lse if spec.return_lse else None)
+        return out, (lse if spec.return_lse else None)
