@@ -42,9 +42,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import importlib
+import json
 import math
 import os
+import random
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import pytest
@@ -379,3 +385,72 @@ def test_views_keep_values() -> None:
     assert b.k_cache.storage_offset() > 0 and b.v_cache.data_ptr() != b.k_cache.data_ptr()
     assert b.k_cache.untyped_storage().data_ptr() == b.v_cache.untyped_storage().data_ptr()
     assert not b.block_table.is_contiguous() and not b.cache_seqlens.is_contiguous()
+
+
+# ------------------------------------------------ the GPU fuzzer's paged calls
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _bench_module(name: str) -> Any:
+    """bench/<name>.py as a module (bench/ on sys.path, as the script runs)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(name)
+
+
+def test_gpu_fuzz_paged_draws_and_poison() -> None:
+    """Pool sizes are reused, lengths fit the table, unused blocks and the slots
+    past each row's length are NaN, and the device reference (one indexing op per
+    row) equals tests/_paged.py's slot-by-slot reference."""
+    gp = _bench_module("gpu_fuzz_paged")
+    rng = random.Random(1)
+    pool = [gp.draw_sizes(rng) for _ in range(4)]
+    specs = [gp.draw(rng, ["fp32", "fp64"], pool) for _ in range(60)]
+    assert {(s.batch, s.heads_kv, s.group, s.seq_q, s.head_dim, s.block_size, s.max_blocks,
+             s.num_blocks) for s in specs} <= set(pool)
+    for s in specs:
+        need = [-(-n // s.block_size) for n in s.lengths]
+        assert all(s.seq_q <= n <= s.max_blocks * s.block_size for n in s.lengths)
+        assert sum(need) <= s.num_blocks
+    assert any(s.window for s in specs) and any(s.sinks for s in specs)
+    s = next(s for s in specs if s.dtype == "fp64" and s.views)
+    s = dataclasses.replace(s, lse=True, head_dim=16, lengths=tuple(min(n, 300) for n in
+                                                                    s.lengths))
+    inp = gp.build(s, torch.device("cpu"))
+    used = torch.zeros(s.num_blocks, dtype=torch.bool)
+    for b, n in enumerate(s.lengths):
+        used[inp.block_table[b, :-(-n // s.block_size)].long()] = True
+    assert torch.isnan(inp.k_cache[~used]).all() and torch.isnan(inp.v_cache[inp.tail]).all()
+    assert not torch.isnan(inp.k_cache[used][~inp.tail[used]]).any()
+    viewed = gp.with_views(inp, s.views)
+    assert torch.equal(viewed.k_cache.nan_to_num(3.0), inp.k_cache.nan_to_num(3.0))
+    out, lse = gp.reference(s, inp)[:2]
+    case = PagedCase(inp.q, inp.k_cache, inp.v_cache, inp.block_table, inp.cache_seqlens)
+    ref, ref_lse = paged_reference(case, sinks=inp.sinks, **s.options())
+    assert torch.allclose(out, ref, atol=1e-12) and torch.allclose(lse, ref_lse, atol=1e-12)
+    tail = gp.finite_tail(inp, s.seed)
+    assert torch.isfinite(tail.k_cache[used]).all()
+
+
+def test_gpu_fuzz_script_paged_examples_on_cpu(tmp_path: Path) -> None:
+    """bench/gpu_fuzz.py --paged-share 1 on the CPU: every example a paged call,
+    math native, the dense backends gathered, counted per route; no violation."""
+    out = tmp_path / "fuzz.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTENTION_DISPATCH_")}
+    backends = ",".join(b for b in ("math", "sdpa-flash", "chunked") if b in CPU_BACKENDS)
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_fuzz.py"), "--device", "cpu",
+                           "--examples", "6", "--seed", "3", "--paged-share", "1",
+                           "--dtypes", "bf16,fp16,fp32", "--backends", backends,
+                           "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["paged_examples"] == report["examples_run"] == 6
+    assert report["violations_total"] == 0 and report["paged_share"] == 1.0
+    counts = report["backends"]
+    assert counts["math"]["paged native"] == 6
+    assert sum(c.get("paged gathered", 0) for c in counts.values()) >= 6
+    for c in counts.values():
+        assert c.get("run", 0) + c.get("refused", 0) + c.get("skipped", 0) == 6
+    assert "paged examples: 6" in proc.stdout
