@@ -16,6 +16,18 @@ q, k, v stored transposed, stride 0 on any axis, step slices, storage offsets
 or views of one packed projection; masks transposed or broadcast with stride 0;
 key-padding masks as step slices; NaN and Inf in padded K/V slots.
 
+Paged calls (``--paged-share P``, default 0.2: that fraction of the examples,
+drawn from their own random stream, so the dense examples of a seed stay those
+of ``--paged-share 0``): ``attention_paged`` over a random block-paged cache
+(block sizes 16..256, lengths up to ~4k keys, Sq 1..16, GQA 1..8, garbage in
+the table past the used columns, NaN in unused blocks and past each row's
+length, windows, softcap, sinks, lse, memory views) on every backend that takes
+it, on the route ``explain_paged`` names (native or gathered); see
+bench/gpu_fuzz_paged.py.  They are counted with the dense ones (run / refused /
+skipped / violations) plus ``paged native``, ``paged gathered`` and ``paged
+refused`` per backend; the report's ``paged_examples`` counts them and each
+paged violation says ``"kind": "paged"`` (``bench/fuzz_replay.py`` replays both).
+
 Per example the float64 reference (on the device, for speed) and the ``math``
 backend in the call's dtype run once; then every backend is checked with the
 contract's accuracy rule, for the output, the lse and the gradients::
@@ -66,6 +78,8 @@ Usage::
     python bench/gpu_fuzz.py --examples 20000 --workers 8 --shape-pool 48 \\
         --max-seconds 300 --out gpu-fuzz.json
     python bench/gpu_fuzz.py --device cpu --examples 50          # smoke test
+    python bench/gpu_fuzz.py --device cpu --examples 30 --paged-share 1 \
+        --dtypes bf16,fp32 --backends math,sdpa-flash,chunked   # paged smoke test
 """
 
 from __future__ import annotations
