@@ -105,7 +105,7 @@ def draw_length(rng: random.Random, sq: int, bs: int, cap: int) -> int:
     if kind == "sq":
         return sq
     if kind == "full":
-        return max(sq, bs * rng.randint(1, cap // bs))
+        return max(sq, bs * rng.randint(1, max(1, cap // bs)))  # cap < bs: one block
     return rng.randint(sq, max(sq, cap))
 
 
