@@ -30,12 +30,13 @@ atol for float64).  ``math`` itself (the native baseline) must be within
 atol(float64) of the reference in float64 and 10 atol(dtype) otherwise.
 
 Time: derandomized and seeded (CI is reproducible); ``PAGED_FUZZ_EXAMPLES``
-examples (default 100: ~10 s on 2 idle cores, ~22 s on a loaded machine) for the
-backends that need no compile, and ``PAGED_FUZZ_FLEX_EXAMPLES`` (default 2, plus
-one explicit non-causal example with partial last blocks) for flex, float32,
-sizes from 2 fixed shapes: each new signature is a compile of seconds on the CPU
-(~25 s loaded).  Raise both for longer runs.  Counts per backend and route are
-in ``PAGED_COUNTS`` and printed by ``test_paged_fuzz_counts`` (``pytest -s``).
+examples (default 80, ~9 s on 2 busy cores) for the backends that need no
+compile, and ``PAGED_FUZZ_FLEX_EXAMPLES`` (default 2, plus one explicit
+non-causal example with partial last blocks) for flex, float32, sizes from 2
+fixed shapes: each new signature is a compile of seconds on the CPU (~10-25 s in
+all).  The whole file: ~30 s.  Raise both for longer runs.  Counts per backend
+and route are in ``PAGED_COUNTS``, printed by ``test_paged_fuzz_counts``
+(``pytest -s``).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ import attention_dispatch as ad
 from attention_dispatch.testing import atol
 from _paged import PagedCase, make_case, max_err, paged_reference
 
-EXAMPLES = int(os.environ.get("PAGED_FUZZ_EXAMPLES", "100"))
+EXAMPLES = int(os.environ.get("PAGED_FUZZ_EXAMPLES", "80"))
 FLEX_EXAMPLES = int(os.environ.get("PAGED_FUZZ_FLEX_EXAMPLES", "2"))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 HEAD_DIMS = (16, 32, 48)
