@@ -1,8 +1,9 @@
 """Replay the violations of a bench/gpu_fuzz.py report, one at a time, in one process.
 
-For every listed violation: rebuild the example from its spec (same seed, so
-the same tensors), run the float64 reference, ``math`` and the backend, and
-print the backend's full traceback or its errors against the bound.  Each
+For every listed violation (dense, or paged: ``"kind": "paged"``): rebuild the
+example from its spec (same seed, so the same tensors), run the float64
+reference, ``math`` and the backend, and print the backend's full traceback or
+its errors against the bound.  Each
 replay says whether the violation reproduces alone (without the other
 backends and worker processes of the fuzz run).  Usage::
 
@@ -21,6 +22,7 @@ from typing import Any, Optional
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gpu_fuzz as fz  # noqa: E402  (sets the canary off before torch loads)
+import gpu_fuzz_paged as fzp  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -54,6 +56,30 @@ def replay(backend: str, spec: "fz.Spec", device: torch.device) -> dict[str, Any
     return {"reproduced": False, "detail": "within the bound when run alone"}
 
 
+def replay_paged(backend: str, spec: "fzp.PagedSpec", device: torch.device) -> dict[str, Any]:
+    """``replay`` for a paged example (``"kind": "paged"`` in the report)."""
+    plain = fzp.build(spec, device)
+    inp = fzp.with_views(plain, spec.views)
+    ref = fzp.reference(spec, plain)
+    errs = fz.errors(fzp.run("math", spec, inp), ref)
+    if backend == "math":
+        bad = fzp.math_check(spec, ref, errs)
+        return {"reproduced": bool(bad), "detail": json.dumps(bad) if bad else "within"}
+    how, why = fzp.route(backend, spec, inp)
+    if how is None:
+        return {"reproduced": False, "detail": "refused now: " + "; ".join(why)}
+    if how == "native" and fz.ad.get_backend(backend).paged_reads_tail:
+        inp = fzp.with_views(fzp.finite_tail(plain, spec.seed), spec.views)
+    try:
+        got = fzp.run(backend, spec, inp)
+    except Exception:
+        return {"reproduced": True, "detail": traceback.format_exc(limit=8)[-3000:]}
+    viol = fz.judge(spec, ref, [("math", errs), (backend, fz.errors(got, ref))], {})
+    if backend in viol:
+        return {"reproduced": True, "detail": json.dumps(viol[backend])}
+    return {"reproduced": False, "detail": f"within the bound when run alone ({how})"}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("report", help="a JSON report written by bench/gpu_fuzz.py")
@@ -68,7 +94,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = torch.device(a.device)
     results = []
     for v in todo:
-        res = replay(v["backend"], spec_of(v["spec"]), device)
+        if v.get("kind") == "paged":
+            res = replay_paged(v["backend"], fzp.spec_of(v["spec"]), device)
+        else:
+            res = replay(v["backend"], spec_of(v["spec"]), device)
         results.append({**v, "replay": res})
         print(f"--- {v['backend']} {v['spec']}\n    reproduced alone: {res['reproduced']}\n"
               + "\n".join("    " + line for line in res["detail"].splitlines()))

@@ -36,7 +36,7 @@ def worker_argv(a: argparse.Namespace, seed: int, examples: int, out: str) -> li
             "--device", a.device, "--dtypes", a.dtypes, "--grad-fraction", str(a.grad_fraction),
             "--max-seconds", str(a.max_seconds), "--backend-budget-s", str(a.backend_budget_s),
             "--every", a.every, "--max-violations-listed", str(a.max_violations_listed),
-            "--shape-pool", str(a.shape_pool)]
+            "--shape-pool", str(a.shape_pool), "--paged-share", str(a.paged_share)]
     if a.backends:
         argv += ["--backends", a.backends]
     if a.fa4_cache_dir:
@@ -141,7 +141,8 @@ def merge(a: argparse.Namespace, workers: list[Worker],
     out["violations"] = [dict(v, worker=i) for i, r in reports
                          for v in r["violations"]][:a.max_violations_listed]
     by_index = dict(reports)  # lists below are per worker, None for one without a report
-    out.update(workers=len(workers), shape_pool=a.shape_pool,
+    out.update(workers=len(workers), shape_pool=a.shape_pool, paged_share=a.paged_share,
+               paged_examples=sum(r.get("paged_examples", 0) for r in rs),
                worker_seeds=[w.seed for w in workers],
                worker_examples_run=[by_index.get(w.index, {}).get("examples_run")
                                     for w in workers],

@@ -16,6 +16,18 @@ q, k, v stored transposed, stride 0 on any axis, step slices, storage offsets
 or views of one packed projection; masks transposed or broadcast with stride 0;
 key-padding masks as step slices; NaN and Inf in padded K/V slots.
 
+Paged calls (``--paged-share P``, default 0.2: that fraction of the examples,
+drawn from their own random stream, so the dense examples of a seed stay those
+of ``--paged-share 0``): ``attention_paged`` over a random block-paged cache
+(block sizes 16..256, lengths up to ~4k keys, Sq 1..16, GQA 1..8, garbage in
+the table past the used columns, NaN in unused blocks and past each row's
+length, windows, softcap, sinks, lse, memory views) on every backend that takes
+it, on the route ``explain_paged`` names (native or gathered); see
+bench/gpu_fuzz_paged.py.  They are counted with the dense ones (run / refused /
+skipped / violations) plus ``paged native``, ``paged gathered`` and ``paged
+refused`` per backend; the report's ``paged_examples`` counts them and each
+paged violation says ``"kind": "paged"`` (``bench/fuzz_replay.py`` replays both).
+
 Per example the float64 reference (on the device, for speed) and the ``math``
 backend in the call's dtype run once; then every backend is checked with the
 contract's accuracy rule, for the output, the lse and the gradients::
@@ -66,6 +78,8 @@ Usage::
     python bench/gpu_fuzz.py --examples 20000 --workers 8 --shape-pool 48 \\
         --max-seconds 300 --out gpu-fuzz.json
     python bench/gpu_fuzz.py --device cpu --examples 50          # smoke test
+    python bench/gpu_fuzz.py --device cpu --examples 30 --paged-share 1 \
+        --dtypes bf16,fp32 --backends math,sdpa-flash,chunked   # paged smoke test
 """
 
 from __future__ import annotations
@@ -73,7 +87,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import os
 import platform
 import random
@@ -104,22 +117,21 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fuzz_workers  # noqa: E402
+import gpu_fuzz_paged  # noqa: E402
+from fuzz_rule import DTYPES, describe, errors, judge  # noqa: E402
 
 import attention_dispatch as ad  # noqa: E402
-from attention_dispatch.testing import (MemoryDraw, atol, draw_memory, kpm_view, mask_view,
+from attention_dispatch.testing import (MemoryDraw, draw_memory, kpm_view, mask_view,
     poison_padded, qkv_makers, reference_attention)
 
 Tensor = torch.Tensor
 Sizes = tuple[int, int, int, int, int, int]  # batch, heads_kv, group, seq_q, seq_k, head_dim
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-          "fp64": torch.float64}
 SEQ_POOL = (1, 1, 2, 3, 5, 7, 8, 13, 16, 17, 31, 33, 63, 64, 65, 100, 127, 128, 129, 191,
             200, 255, 256, 257, 300)
 HEAD_DIMS = ((64, 0.4), (128, 0.4), (32, 0.1), (96, 0.1))
 WINDOW_P, WINDOW_SIDES = 0.2, (-1, 0, 1, 3, 16, 64)
 SOFTCAP_P, SOFTCAPS = 0.15, (5.0, 20.0, 50.0)
 SINKS_P = 0.15
-NAMES = ("out", "lse", "dq", "dk", "dv", "dsinks")
 BASELINE = "(inputs, reference, math)"
 
 
@@ -292,44 +304,6 @@ def reference(s: Spec, inp: dict[str, Any]) -> list[Optional[Tensor]]:
     return [out.detach(), lse.detach() if s.lse else None] + grads
 
 
-def errors(got: list[Optional[Tensor]], ref: list[Optional[Tensor]]) -> list[Tensor]:
-    """One 0-d float64 device tensor per requested output: max|got - ref|
-    (inf for a non-finite value, a wrong shape or lse -inf rows that differ).
-    No host synchronisation: the caller reads every error of an example at once."""
-    out = []
-    for name, a, r in zip(NAMES, got, ref):
-        if r is None:
-            continue
-        if a is None or a.shape != r.shape:
-            out.append(r.new_tensor(math.inf))
-            continue
-        if r.numel() == 0:
-            out.append(r.new_zeros(()))
-            continue
-        a = a.double()
-        differ = None
-        if name == "lse":
-            dead = torch.isneginf(r)
-            differ = (torch.isneginf(a) != dead).any()
-            a, r = a.masked_fill(dead, 0.0), r.masked_fill(dead, 0.0)
-        d = torch.nan_to_num((a - r).abs(), nan=math.inf).amax()
-        if differ is not None:
-            d = torch.where(differ, r.new_tensor(math.inf), d)
-        out.append(d)
-    return out
-
-
-def magnitudes(ref: list[Optional[Tensor]]) -> list[Tensor]:
-    out = []
-    for name, r in zip(NAMES, ref):
-        if r is None:
-            continue
-        if name == "lse":
-            r = r.masked_fill(torch.isneginf(r), 0.0)
-        out.append(r.abs().max() if r.numel() else r.new_zeros(()))
-    return out
-
-
 def available_backends(device: torch.device, wanted: Optional[list[str]]) -> dict[str, str]:
     """name -> "" (usable) or why not, for every registered (or wanted) backend."""
     names = wanted or ad.list_backends()
@@ -355,6 +329,7 @@ class Config:
     grad_fraction: float
     budget_s: float
     max_listed: int
+    paged_share: float = 0.0
 
 
 @dataclass
@@ -373,17 +348,6 @@ class Tally:
     def __post_init__(self) -> None:
         self.counts = {n: collections.Counter() for n in self.backends}
         self.reasons = {n: collections.Counter() for n in self.backends}
-
-
-def describe(exc: BaseException) -> str:
-    """"Type: first line" of ``exc`` and of each exception chained below it."""
-    parts = []
-    seen: Optional[BaseException] = exc
-    while seen is not None and len(parts) < 4:
-        first = str(seen).strip().splitlines()[0][:300] if str(seen).strip() else ""
-        parts.append(f"{type(seen).__name__}: {first}")
-        seen = seen.__cause__ or seen.__context__
-    return " <- ".join(parts)
 
 
 def run_backends(i: int, spec: Spec, inp: dict[str, Any], ref: list[Optional[Tensor]],
@@ -420,29 +384,6 @@ def run_backends(i: int, spec: Spec, inp: dict[str, Any], ref: list[Optional[Ten
     return per, crashed
 
 
-def judge(spec: Spec, ref: list[Optional[Tensor]], per: list[tuple[str, list[Tensor]]],
-          crashed: dict[str, str]) -> dict[str, dict[str, str]]:
-    """name -> {output: why} for every backend that broke the rule on this example.
-    ``per[0]`` is math's errors.  One device->host transfer per example."""
-    flat = [e for _, es in per for e in es] + magnitudes(ref)
-    values = torch.stack([e.double().reshape(()) for e in flat]).tolist()
-    k = len(per[0][1])
-    tops = values[len(values) - k:]
-    math_err = values[:k]
-    outs = [n for n in NAMES if ref[NAMES.index(n)] is not None]
-    viol: dict[str, dict[str, str]] = {n: {"raised": why} for n, why in crashed.items()}
-    for j, (name, _) in enumerate(per):
-        if name == "math":
-            continue
-        errs = values[j * k:(j + 1) * k]
-        for o, e, em, top in zip(outs, errs, math_err, tops):
-            dt = DTYPES[spec.dtype] if o != "lse" or spec.dtype != "fp64" else torch.float32
-            bound = 2 * em + atol(dt) * (1 + top)
-            if not e <= bound:
-                viol.setdefault(name, {})[o] = f"error {e:.4g} > bound {bound:.4g} (math {em:.4g})"
-    return viol
-
-
 def one_example(i: int, spec: Spec, cfg: Config, tally: Tally) -> None:
     """Check every backend on one drawn call; count into ``tally``."""
     tally.counts["math"]["run"] += 1
@@ -474,6 +415,8 @@ def fuzz(cfg: Config, seed: int, examples: int, max_seconds: float) -> Tally:
     rng = random.Random(seed)
     torch.manual_seed(seed)
     pool = [draw_sizes(rng) for _ in range(cfg.shape_pool)]
+    prng = random.Random(f"paged {seed}")  # dense draws stay those of --paged-share 0
+    ppool = [gpu_fuzz_paged.draw_sizes(prng) for _ in range(cfg.shape_pool)]
     tally = Tally(cfg.backends)
     sync = torch.cuda.synchronize if cfg.device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
@@ -481,7 +424,11 @@ def fuzz(cfg: Config, seed: int, examples: int, max_seconds: float) -> Tally:
         if max_seconds and time.perf_counter() - start > max_seconds:
             tally.stopped_early = True
             break
-        one_example(i, draw(rng, cfg.dtypes, cfg.grad_fraction, pool), cfg, tally)
+        if cfg.paged_share and prng.random() < cfg.paged_share:
+            gpu_fuzz_paged.one_example(i, gpu_fuzz_paged.draw(prng, cfg.dtypes, ppool), cfg,
+                                       tally)
+        else:
+            one_example(i, draw(rng, cfg.dtypes, cfg.grad_fraction, pool), cfg, tally)
         tally.done += 1
         if tally.done % 1000 == 0:
             sync()
@@ -512,7 +459,8 @@ def process_report(a: argparse.Namespace, cfg: Config, tally: Tally, elapsed: fl
         "refusal_reasons": {n: dict(tally.reasons[n].most_common(20)) for n in cfg.backends},
         "violations_total": tally.n_viol,
         "violations": tally.listed,
-        "workers": 1, "shape_pool": cfg.shape_pool,
+        "workers": 1, "shape_pool": cfg.shape_pool, "paged_share": cfg.paged_share,
+        "paged_examples": tally.counts["math"]["paged native"],
     }
 
 
@@ -530,6 +478,9 @@ def print_summary(r: dict[str, Any]) -> None:
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
     print(f"inputs, reference and math baseline: {r['baseline_seconds']:.1f} s")
+    if r.get("paged_examples"):
+        print(f"paged examples: {r['paged_examples']} (share {r['paged_share']})")
+        print("\n".join(gpu_fuzz_paged.summary_lines(r)))
     for n, reasons in r["refusal_reasons"].items():
         for why, c in collections.Counter(reasons).most_common(3):
             print(f"  {n} refused {c}x: {why}")
@@ -560,7 +511,8 @@ def run_single(a: argparse.Namespace) -> int:
             print(f"  not available: {n}: {why}")
     cfg = Config(device=device, dtypes=a.dtype_list, backends=backends, every=a.every_map,
                  shape_pool=a.shape_pool, grad_fraction=a.grad_fraction,
-                 budget_s=a.backend_budget_s, max_listed=a.max_violations_listed)
+                 budget_s=a.backend_budget_s, max_listed=a.max_violations_listed,
+                 paged_share=a.paged_share)
     start = time.perf_counter()
     tally = fuzz(cfg, a.seed, a.examples, a.max_seconds)
     report = process_report(a, cfg, tally, time.perf_counter() - start, avail)
@@ -588,6 +540,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="NAME:N,... run NAME on every N-th example only (backends that "
                         "compile a kernel per shape)")
     p.add_argument("--max-violations-listed", type=int, default=200)
+    p.add_argument("--paged-share", type=float, default=0.2,
+                   help="fraction of the examples that are attention_paged calls "
+                        "(bench/gpu_fuzz_paged.py; 0: dense only)")
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes sharing the device (parallel kernel compiles); "
                         "their reports are merged")
@@ -604,6 +559,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         p.error(f"--dtypes: unknown {bad}; allowed {sorted(DTYPES)}")
     if a.workers < 1 or a.shape_pool < 0:
         p.error("--workers must be >= 1 and --shape-pool >= 0")
+    if not 0.0 <= a.paged_share <= 1.0:
+        p.error("--paged-share must be in [0, 1]")
     a.every_map = {}
     for item in filter(None, (x.strip() for x in a.every.split(","))):
         name, _, n = item.partition(":")

@@ -4,7 +4,7 @@
 #   bash bench/gpu_run.sh install verify     # FA4 + xformers, GPU tests, matrix, benches
 #   bash bench/gpu_run.sh structured         # key-padding memory, 32k sliding window, FA4 window tests
 #   bash bench/gpu_run.sh grid               # the full bench grid; repeat until it says complete
-#   bash bench/gpu_run.sh fuzz               # 20k fuzz examples over parallel workers
+#   bash bench/gpu_run.sh fuzz               # 20k fuzz examples over parallel workers, 20% paged
 #   bash bench/gpu_run.sh fit                # longest sequence, 1 GPU vs ring of 2 (2 GPUs)
 #   bash bench/gpu_run.sh layouts            # memory layouts, poisoned padding, verify mode: tests
 #   bash bench/gpu_run.sh layout-bench       # a transposed K: time and memory vs contiguous and torch
@@ -62,7 +62,7 @@ for stage in "$@"; do
       env_on
       step fuzz; timeout 560 python3 bench/gpu_fuzz.py --examples 20000 --workers 12 --shape-pool 48 \
         --max-seconds "${FUZZ_SECONDS:-380}" --backend-budget-s 100 --every flex:3 \
-        --out "$OUT/fuzz.json" 2>&1 | tail -40 | tee -a "$LOG" ;;
+        --paged-share "${PAGED_SHARE:-0.2}" --out "$OUT/fuzz.json" 2>&1 | tail -60 | tee -a "$LOG" ;;
     layouts)
       env_on
       step layout-tests

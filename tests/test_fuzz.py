@@ -412,64 +412,6 @@ def test_fuzz_against_the_reference(backend: str, monkeypatch: pytest.MonkeyPatc
     fuzz()
 
 
-# ----------------------------------------------------------- paged calls
-
-
-@st.composite
-def paged_calls(draw: Any) -> tuple[Any, dict[str, Any], torch.dtype]:
-    """A random paged call: lengths >= Sq (1 to a few blocks, partial last
-    blocks), block sizes 1..16, a table with spare columns (garbage there),
-    NaN in unused blocks and past every row's length, GQA, causal, window,
-    softcap, scale."""
-    from _paged import make_case
-
-    sq = draw(st.integers(1, 4))
-    bs = draw(st.sampled_from([1, 2, 4, 8, 16]))
-    lengths = draw(st.lists(st.integers(sq, sq + 40), min_size=1, max_size=3))
-    hkv, group = draw(st.integers(1, 2)), draw(st.integers(1, 3))
-    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
-    need = max(-(-n // bs) for n in lengths)
-    case = make_case(lengths, sq, hkv * group, hkv, draw(st.sampled_from([8, 16])), bs,
-                     max_blocks=need + draw(st.integers(0, 2)), spare=draw(st.integers(0, 3)),
-                     dtype=dtype, seed=draw(st.integers(0, 2 ** 16)))
-    opts: dict[str, Any] = dict(causal=draw(st.booleans()))
-    if draw(st.booleans()):
-        opts["window"] = (draw(st.integers(-1, 6)), draw(st.integers(-1, 3)))
-    if draw(st.booleans()):
-        opts["softcap"] = draw(st.sampled_from([0.5, 2.0]))
-    if draw(st.booleans()):
-        opts["scale"] = draw(st.floats(0.05, 1.0))
-    return case, opts, dtype
-
-
-@seed(1818)
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
-          suppress_health_check=list(HealthCheck))
-@given(p=paged_calls())
-def test_fuzz_paged_against_the_reference(p: tuple[Any, dict[str, Any], torch.dtype]) -> None:
-    """attention_paged on math (native) and the gathered route (sdpa-flash,
-    chunked) vs the float64 reference built from the block table."""
-    from _paged import max_err, paged_reference
-
-    case, opts, dtype = p
-    ref, ref_lse = paged_reference(case, **opts)
-    slack = atol(dtype) * (1 + ref.abs().max().item())
-    args = (case.q, case.k_cache, case.v_cache)
-    kw = dict(block_table=case.block_table, cache_seqlens=case.cache_seqlens, **opts)
-    out, lse = ad.attention_paged(*args, backend="math", return_lse=True, **kw)
-    base = max_err(out, ref)
-    assert base <= (slack if dtype == torch.float64 else 10 * slack), (opts, base)
-    assert max_err(lse, ref_lse) <= atol(torch.float32) * (1 + ref_lse.abs().max().item())
-    for name in ("sdpa-flash", "chunked"):
-        if name not in CPU_BACKENDS:
-            continue
-        try:
-            got = ad.attention_paged(*args, backend=name, **kw)
-        except ad.BackendUnavailable:
-            continue
-        assert max_err(got, ref) <= 2 * base + slack, (name, opts)
-
-
 # ------------------------------------------------------------- regressions
 # Explicit cases found by the fuzzer (reduced by Hypothesis).
 
