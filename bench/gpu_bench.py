@@ -219,7 +219,7 @@ def decode_rows(args: argparse.Namespace, names: list[str]) -> list[dict[str, An
         qb, kb, vb = (bhsd(t, args.layout) for t in (q, k, v))
         nbytes = k.numel() * k.element_size() + v.numel() * v.element_size()
         buf = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-        ceiling = {"ceiling": lambda: buf.sum(dtype=torch.float32)}  # reads K+V's bytes once
+        ceiling = {"ceiling": lambda buf=buf: buf.sum(dtype=torch.float32)}  # reads K+V once
         res = measure(names, q, k, v, dict(layout=args.layout), False, args,
                       sdpa_runner(q, k, v, args.layout, False, enable_gqa=True), ceiling,
                       flush=True)
