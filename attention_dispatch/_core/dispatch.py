@@ -23,8 +23,7 @@ from . import policy as _policy, quarantine as _quarantine
 from . import reliability as _reliability, verification as _verify
 from .backend import Backend
 from .caches import clear_all, register_cache
-from .decide import Plan, decide, explain_spec, tuned
-from .decision import Decision
+from .decide import Plan, decide, tuned
 from .errors import BackendRuntimeError, BackendUnavailable
 from .guards import tensor_check
 from .layout import MemoryPlan, apply_memory, plan_memory
@@ -32,7 +31,8 @@ from .masks import alive_rows, sink_lse, zero_empty_rows
 from .registry import REGISTRY
 from .selfcheck import check_call
 from .select import AUTO, BackendArg, _context, env_selection, resolve
-from .spec import CallOptions, CallSpec, keyword_tensors, options_key, validate
+from .spec import (TENSOR_OPTIONS, CallOptions, CallSpec, keyword_tensors, options_key,
+                   validate)
 
 logger = logging.getLogger("attention_dispatch")
 Tensor = torch.Tensor
@@ -42,8 +42,9 @@ _grad_enabled = torch.is_grad_enabled
 _plans: dict[tuple, Plan] = {}
 _lock = threading.Lock()
 # the last plain call's (check, selection, causal, dropout_p, scale, grad, key,
-# plan), see _plain; reset with every change to _plans
-_memo: list[Optional[tuple]] = [None]
+# plan), see _plain, and the last other call's (see _general_hit); reset with
+# every change to _plans
+_memo: list[Optional[tuple]] = [None, None]
 _checks: dict[tuple, Callable[..., bool]] = {}
 
 
@@ -52,7 +53,7 @@ def forget_plans() -> None:
     with _lock:
         _plans.clear()
         _checks.clear()
-        _memo[0] = None
+        _memo[0] = _memo[1] = None
 
 
 register_cache("dispatch.plans", forget_plans)
@@ -161,7 +162,7 @@ def plan_call(key: Optional[tuple], selection: tuple[str, ...], q: Any, k: Any, 
             if len(_plans) >= _MAX_ENTRIES:
                 _plans.clear()
                 _checks.clear()
-            _memo[0] = None
+            _memo[0] = _memo[1] = None
             _plans[key] = plan
     return plan
 
@@ -187,7 +188,7 @@ def _fallback(plan: Plan, exc: Exception, q: Tensor, k: Tensor, v: Tensor,
             stale += [k_ for k_ in dropped if _plans[k_].selection == plan.selection]
             for key in dropped:
                 del _plans[key]
-            _memo[0] = None
+            _memo[0] = _memo[1] = None
         try:
             copies = None if plan.spec.max_extra_bytes is None else (  # bhsd views here
                 lambda inst: _memory_for(inst, plan.spec, q, k, v, o.mask).nbytes)
@@ -202,7 +203,7 @@ def _fallback(plan: Plan, exc: Exception, q: Tensor, k: Tensor, v: Tensor,
             plan, exc = new, again
             continue
         with _lock:
-            _memo[0] = None
+            _memo[0] = _memo[1] = None
             for key in stale:
                 _plans[key] = new
         return new, out, lse
@@ -246,12 +247,46 @@ def call(selection: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor, o: CallOpt
          ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Run a validated-on-miss call: the hot path of :func:`attention`, also
     used by the packed route of ``attention_varlen`` (``selection`` resolved)."""
+    hit = _general_hit(selection, q, k, v, o)
+    if hit is not None:
+        return _call_planned(selection, hit[0], hit[1], q, k, v, o)
     try:
         key: Optional[tuple] = call_key(selection, q, k, v, o)
         plan = _plans.get(key)  # type: ignore[arg-type]
     except (AttributeError, TypeError):  # not tensors, unhashable: validate() says what
         key, plan = None, None
+    if plan is not None:
+        _remember(key, plan, selection, q, k, v, o)  # type: ignore[arg-type]
     return _call_planned(selection, key, plan, q, k, v, o)
+
+
+def _general_hit(selection: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor,
+                 o: CallOptions) -> Optional[tuple[tuple, Plan]]:
+    """The last call's key and plan (see :func:`_remember`) when this call has
+    the same cache key: q, k, v and the tensor options given checked in C
+    (:mod:`.guards`: type, dtype, device, sizes, strides, requires_grad), the
+    selection, the options' types (which tensors are given), the scalar
+    options' values and the grad mode."""
+    m = _memo[1]
+    if (m is not None and m[1] == selection and m[3] == tuple(map(type, o))
+            and m[2] == o[TENSOR_OPTIONS:] and m[0](q, k, v, *[o[i] for i in m[4]])
+            and (m[5] is None or m[5] == _grad_enabled())):
+        return m[6], m[7]
+    return None
+
+
+def _remember(key: tuple, plan: Plan, selection: tuple[str, ...], q: Tensor, k: Tensor,
+              v: Tensor, o: CallOptions) -> None:
+    """Make this call's signature the one :func:`_general_hit` checks first."""
+    given = [i for i in range(TENSOR_OPTIONS) if o[i] is not None]
+    check = _checks.get(key)
+    if check is None:
+        check = _checks[key] = tensor_check(q, k, v, *[o[i] for i in given]) or _never
+    if check is _never:
+        return
+    needs = any(t.requires_grad for t in (q, k, v, o.mask, o.sinks) if t is not None)
+    _memo[1] = (check, selection, o[TENSOR_OPTIONS:], tuple(map(type, o)), given,
+                _grad_enabled() if needs else None, key, plan)
 
 
 def _call_planned(selection: tuple[str, ...], key: Optional[tuple], plan: Optional[Plan],
@@ -263,14 +298,20 @@ def _call_planned(selection: tuple[str, ...], key: Optional[tuple], plan: Option
     if _verify_budget():  # verify mode (off by default: one context-variable read)
         return _verified(plan, key, q, k, v, o)
     direct = plan.direct
-    if (direct is not None and o.layout == "bhsd" and not o.return_lse  # the common case
+    if (direct is not None  # the common case: nothing but the kernel call
             and not (plan.align and (q.data_ptr() | k.data_ptr() | v.data_ptr()) % plan.align)):
+        bshd = o.layout == "bshd"
+        qb, kb, vb = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)) if bshd else (
+            q, k, v)
         try:
-            return direct(q, k, v, spec=plan.spec, mask=o.mask,
-                          key_padding_mask=o.key_padding_mask, dropout_p=plan.dropout_p,
-                          scale=plan.scale)[0]
+            out, lse = direct(qb, kb, vb, spec=plan.spec, mask=o.mask,
+                              key_padding_mask=o.key_padding_mask, dropout_p=plan.dropout_p,
+                              scale=plan.scale)
         except Exception as exc:
             return _run(plan, q, k, v, o, failure=exc)
+        if bshd:
+            out = out.transpose(1, 2)
+        return (out, lse.detach()) if o.return_lse else out
     return _run(plan, q, k, v, o)
 
 
@@ -486,39 +527,3 @@ def _run(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions,
             lse = sink_lse(lse, o.sinks.detach()[:, None])  # type: ignore[arg-type]
         return out, lse.detach()  # type: ignore[union-attr]  # no kernel differentiates it
     return out
-
-
-def explain(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
-            key_padding_mask: Optional[Tensor] = None, causal: bool = False,
-            dropout_p: float = 0.0, scale: Optional[float] = None, layout: str = "bhsd",
-            backend: BackendArg = "auto", return_lse: bool = False,
-            window: Optional[tuple[int, int]] = None, softcap: Optional[float] = None,
-            alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
-            deterministic: Optional[bool] = None, max_extra_bytes: Optional[int] = None
-            ) -> Decision:
-    """Which backend :func:`attention` would run for these arguments, and, for
-    every registered backend, whether it accepts the call or the exact reasons
-    why not, and (``Decision.copies``) which tensors the chosen backend gets
-    as copies (memory layout, key-padding slots zeroed) and why, and
-    (``Decision.extra_bytes``/``buffers``) the extra memory the chosen path
-    allocates.  The policies (``deterministic``, ``max_extra_bytes``) resolve as
-    in :func:`attention`.  Nothing runs; the decision cache is not touched."""
-    deterministic, max_extra_bytes = _effective(deterministic, max_extra_bytes)
-    o = CallOptions(mask, key_padding_mask, alibi_slopes, sinks, causal, dropout_p, scale,
-                    layout, return_lse, window, softcap, deterministic, max_extra_bytes)
-    return explain_options(backend, q, k, v, o)
-
-
-def explain_options(backend: BackendArg, q: Tensor, k: Tensor, v: Tensor, o: CallOptions
-                    ) -> Decision:
-    """:func:`explain` for a :class:`CallOptions` (its policies already effective)."""
-    selection, source = resolve(backend)
-    spec = validate(q, k, v, o)
-    decision = explain_spec(spec, selection, source, copies_for(spec, q, k, v, o))
-    if decision.backend is None:
-        return decision
-    inst, _ = REGISTRY.load(decision.backend)
-    q, k, v = _bhsd(o, q, k, v)
-    notes = _memory_for(inst, spec, q, k, v, o.mask).notes  # type: ignore[arg-type]
-    return dataclasses.replace(decision, copies=notes) if notes else decision
-
