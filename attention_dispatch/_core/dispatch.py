@@ -11,7 +11,6 @@ stores the plan.  Under ``torch.compile`` the decision is made at trace time
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from typing import Any, Callable, Optional, Union
@@ -209,27 +208,6 @@ def _fallback(plan: Plan, exc: Exception, q: Tensor, k: Tensor, v: Tensor,
         return new, out, lse
 
 
-def _plan_at_trace(backend: BackendArg, q: Tensor, k: Tensor, v: Tensor, o: CallOptions,
-                   device: torch.device) -> Plan:
-    """The plan for a traced call, from meta tensors standing for the real ones."""
-    selection, _ = resolve(backend)
-    o = o._replace(**dict(zip(_POLICY_FIELDS, _policy.effective(o.deterministic,
-                                                                 o.max_extra_bytes))))
-    spec = validate(q, k, v, o)
-    spec = dataclasses.replace(spec, device_type=device.type, device_index=device.index)
-    return tuned(decide(spec, selection, o.scale, o.dropout_p), selection, None)
-
-
-_POLICY_FIELDS = ("deterministic", "max_extra_bytes")
-def _trace_ambient(key: tuple) -> tuple:
-    """The selection and policies a traced call is decided under (see
-    ``compile.make_decider``): ``key[0]`` is the call's backend argument and its
-    last scalars the policy arguments."""
-    det, limit = key[-1][-2:]
-    return (resolve(key[0])[0], _policy.effective(det, limit))
-
-
-_decide_constant = _compile.make_decider(_plan_at_trace, _trace_ambient)
 _effective = _policy.effective
 _compiling = torch.compiler.is_compiling
 _verify_budget = _verify.budget
@@ -436,7 +414,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
     if _compiling():  # torch.compile: decided at trace time, nothing left per call
         o = CallOptions(mask, key_padding_mask, alibi_slopes, sinks, causal, dropout_p, scale,
                         layout, return_lse, window, softcap, deterministic, max_extra_bytes)
-        plan = getattr(_compile, _compile.plan_name(_decide_constant(
+        plan = getattr(_compile, _compile.plan_name(_compile.decide_constant(
             _compile.constant_key(q, k, v, o, backend))))
         return _run(plan, q, k, v, o)
     deterministic, max_extra_bytes = _effective(deterministic, max_extra_bytes)
