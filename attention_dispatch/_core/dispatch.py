@@ -27,6 +27,7 @@ from .errors import BackendRuntimeError, BackendUnavailable
 from .guards import tensor_check
 from .layout import MemoryPlan, apply_memory, plan_memory
 from .masks import alive_rows, sink_lse, zero_empty_rows
+from .maskvalues import cut_padding
 from .registry import REGISTRY
 from .selfcheck import check_call
 from .select import AUTO, BackendArg, _context, env_selection, resolve
@@ -455,27 +456,37 @@ def _verified(plan: Plan, key: Optional[tuple], q: Tensor, k: Tensor, v: Tensor,
     return _run(ran, q, k, v, o, failure=_verify.WrongResultError(why))
 
 
-def _forward(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions
-             ) -> tuple[Tensor, Any]:
+def _forward(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions,
+             cut: Union[None, bool, tuple[int, CallSpec]] = None) -> tuple[Tensor, Any]:
     """The kernel call (bhsd views): tensor options beyond the masks as keywords,
     only when given; key padding through ``forward_varlen`` for a varlen backend
     without key_padding.  First the copies the memory plan names (strides,
-    pointers, key-padding slots)."""
-    mask, kpm = o.mask, o.key_padding_mask
+    pointers, key-padding slots).  Key padding that ends every row's real keys
+    at one place (``maskvalues.cut_padding``) is the call on the keys before
+    it, without key padding: nothing to zero, no mask to build (``cut``: that
+    cut when the caller looked already, False for none)."""
+    mask, kpm, spec = o.mask, o.key_padding_mask, plan.spec
     mp = plan.memory
     if mp is None:
-        mp = _memory_for(plan.backend, plan.spec, q, k, v, mask)
-    if not mp.idle or mp.req.checks_pointers:
+        mp = _memory_for(plan.backend, spec, q, k, v, mask)
+    if cut is None and kpm is not None:
+        cut = cut_padding(spec, kpm)
+    if cut:
+        n, spec = cut  # type: ignore[misc]
+        k, v, kpm = k.narrow(2, 0, n), v.narrow(2, 0, n), None
+        if mask is not None and mask.shape[-1] != 1:
+            mask = mask.narrow(-1, 0, n)
+    if mp.req.checks_pointers or not (mp.idle if kpm is not None else mp.copies_nothing):
         q, k, v, mask = apply_memory(mp, q, k, v, mask, kpm)
     if kpm is not None and not kpm.is_contiguous():  # (B, Sk) bools: a tiny copy
         kpm = kpm.contiguous()
     if kpm is not None and not plan.backend.capabilities.key_padding:
         from .packing import dense_via_varlen
 
-        return dense_via_varlen(plan.backend, q, k, v, kpm, spec=plan.spec,
+        return dense_via_varlen(plan.backend, q, k, v, kpm, spec=spec,
                                 dropout_p=plan.dropout_p, scale=plan.scale,
                                 **keyword_tensors(o))
-    return plan.backend.forward(q, k, v, spec=plan.spec, mask=mask, key_padding_mask=kpm,
+    return plan.backend.forward(q, k, v, spec=spec, mask=mask, key_padding_mask=kpm,
                                 dropout_p=plan.dropout_p, scale=plan.scale,
                                 **keyword_tensors(o))
 
@@ -489,13 +500,16 @@ def _run(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions,
     if plan.empty:
         out, lse = _empty(q, k, v, spec)
     else:
+        kpm = o.key_padding_mask
+        cut = (kpm is not None and cut_padding(spec, kpm)) or False
         try:
             if failure is not None:
                 raise failure
-            out, lse = _forward(plan, q, k, v, o)
+            out, lse = _forward(plan, q, k, v, o, cut)
         except Exception as exc:
             plan, out, lse = _fallback(plan, exc, q, k, v, o)
-        if plan.fix_rows:
+        # a cut leaves no row without a key unless a mask does
+        if plan.fix_rows and not (cut and o.mask is None):
             out, lse = zero_empty_rows(out, lse, alive_rows(spec, o.mask, o.key_padding_mask),
                                        (q, k, v))
     if o.layout == "bshd":

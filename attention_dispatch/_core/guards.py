@@ -65,8 +65,14 @@ def tensor_check(*ts: torch.Tensor) -> Optional[Check]:
     keep = [i for i, f in enumerate(firsts) if f == i]
     same = [(i, f) for i, f in enumerate(firsts) if f != i]
 
+    count = len(ts)
+
     def check(*others: torch.Tensor) -> bool:
-        return (len(others) == len(firsts) and all(others[i] is others[f] for i, f in same)
-                and inner(*[others[i] for i in keep]))
+        if len(others) != count:
+            return False
+        for i, f in same:
+            if others[i] is not others[f]:
+                return False
+        return inner(*[others[i] for i in keep])
 
     return check
