@@ -158,14 +158,16 @@ def test_key_padding_with_nan_in_padded_slots(lengths: list[int], kw: dict) -> N
 def test_key_padding_cut_gradients_and_padded_slots() -> None:
     q, k, v = _qkv(b=1)
     kpm = padding_mask([5], 8)
-    assert maskvalues.cut_padding(ad.explain(q, k, v, key_padding_mask=kpm).spec, kpm)  # type: ignore[arg-type]
+    spec = ad.explain(q, k, v, key_padding_mask=kpm).spec
+    assert maskvalues.cut_padding(spec, kpm) is not None  # type: ignore[arg-type]
     ts = [t.clone().requires_grad_() for t in (q, k, v)]
     ad.attention(*ts, key_padding_mask=kpm).square().sum().backward()
     rs = [t.double().requires_grad_() for t in (q, k, v)]
     reference_attention(*rs, key_padding_mask=kpm)[0].square().sum().backward()
     for t, r in zip(ts, rs):
         assert_close(t.grad, r.grad.float(), 1e-4)  # type: ignore[arg-type]
-    assert torch.equal(ts[1].grad[:, :, 5:], torch.zeros_like(ts[1].grad[:, :, 5:]))  # type: ignore[index]
+    padded = ts[1].grad[:, :, 5:]  # type: ignore[index]
+    assert torch.equal(padded, torch.zeros_like(padded))
 
 
 def test_key_padding_with_a_mask_causal_and_views() -> None:

@@ -103,7 +103,7 @@ def _bind(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions) -> Plan:
                               or (spec.key_padding and not inst.capabilities.key_padding))
     align = mp.req.pointer_alignment if mp.req.checks_pointers else 0
     plain = None
-    if simple and o.mask is None and o.key_padding_mask is None and o.layout == "bhsd":
+    if simple and o.mask is None and o.key_padding_mask is None and not o.return_lse:
         plain = _plain_call(inst, spec, plan.scale, plan.dropout_p, q, k, v)
     return plan._replace(memory=mp, direct=inst.forward if simple else None, align=align,
                          plain=plain)
@@ -283,9 +283,12 @@ def _call_planned(selection: tuple[str, ...], key: Optional[tuple], plan: Option
         qb, kb, vb = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)) if bshd else (
             q, k, v)
         try:
-            out, lse = direct(qb, kb, vb, spec=plan.spec, mask=o.mask,
-                              key_padding_mask=o.key_padding_mask, dropout_p=plan.dropout_p,
-                              scale=plan.scale)
+            if plan.plain is not None:  # no mask, no lse: the plain kernel call
+                out, lse = plan.plain(qb, kb, vb), None
+            else:
+                out, lse = direct(qb, kb, vb, spec=plan.spec, mask=o.mask,
+                                  key_padding_mask=o.key_padding_mask,
+                                  dropout_p=plan.dropout_p, scale=plan.scale)
         except Exception as exc:
             return _run(plan, q, k, v, o, failure=exc)
         if bshd:

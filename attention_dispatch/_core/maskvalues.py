@@ -24,7 +24,7 @@ from .spec import CallSpec
 Tensor = torch.Tensor
 #: the most elements a mask may have for its derived facts to be remembered
 LIMIT = 4096
-_MAX_ENTRIES = 1024
+_MAX_ENTRIES = 256  # biases of at most LIMIT elements: a few MiB at most
 _MISS = object()
 _derived: dict[tuple, Any] = {}
 register_cache("masks.values", _derived.clear)
