@@ -141,7 +141,10 @@ class SdpaFlashBackend(Backend):
         if sinks is not None:
             out, lse = _cpu_with_sinks(q, k, v, sinks, is_causal, bias, scale)
             return out, (lse.float() if spec.return_lse else None)
-        out, lse = _cpu_kernel(q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale)
+        if bias is None:  # keyword parsing costs host time: only what is given
+            out, lse = _cpu_kernel(q, k, v, 0.0, is_causal, scale=scale)
+        else:
+            out, lse = _cpu_kernel(q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale)
         return out, (lse.float() if spec.return_lse else None)
 
 
