@@ -210,3 +210,16 @@ def test_explain_still_names_the_key_padding_copy() -> None:
     d = ad.explain(q, k, v, key_padding_mask=padding_mask([7], 8))
     assert d.backend == "sdpa-flash"
     assert any("key_padding_mask" in c for c in d.copies)
+
+
+def test_left_padding_with_causal_leaves_rows_without_a_key() -> None:
+    """Rows before a row's first real key have no key under causal: 0, every call."""
+    q, k, v = _qkv(b=2)
+    kpm = torch.ones(2, 8, dtype=torch.bool)
+    kpm[0, :3] = False
+    kpm[1, :6] = False
+    k, v = _nan_padded(k, v, kpm)
+    for _ in range(3):
+        _check(q, k, v, key_padding_mask=kpm, causal=True)
+        out = ad.attention(q, k, v, key_padding_mask=kpm, causal=True)
+        assert torch.equal(out[1, :, :6], torch.zeros_like(out[1, :, :6]))
