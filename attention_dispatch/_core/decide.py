@@ -46,6 +46,9 @@ class Plan(NamedTuple):
     # out = plain(q, k, v) (bhsd views) for the call without mask or lse, when
     # ``direct`` is set (bound with this plan's spec, scale and dropout)
     plain: Optional[Callable[..., Any]] = None
+    # key padding, nothing else to do (no copies, mask, lse or tensor option):
+    # the call may run as the plain call on the keys before a cut (maskvalues)
+    cut: bool = False
 
 
 class RoutePlan(NamedTuple):

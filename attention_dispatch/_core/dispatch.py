@@ -26,8 +26,8 @@ from .decide import Plan, decide, tuned
 from .errors import BackendRuntimeError, BackendUnavailable
 from .guards import tensor_check
 from .layout import MemoryPlan, apply_memory, plan_memory
-from .masks import alive_rows, sink_lse, zero_empty_rows
-from .maskvalues import cut_padding
+from .masks import alive_rows, empty_result, sink_lse, zero_empty_rows
+from .maskvalues import cut_call, cut_padding
 from .registry import REGISTRY
 from .selfcheck import check_call
 from .select import AUTO, BackendArg, _context, env_selection, resolve
@@ -105,8 +105,10 @@ def _bind(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions) -> Plan:
     plain = None
     if simple and o.mask is None and o.key_padding_mask is None and not o.return_lse:
         plain = _plain_call(inst, spec, plan.scale, plan.dropout_p, q, k, v)
+    cut = (spec.key_padding and mp.copies_nothing and not (
+        align or plan.empty or o.mask is not None or o.return_lse or keyword_tensors(o)))
     return plan._replace(memory=mp, direct=inst.forward if simple else None, align=align,
-                         plain=plain)
+                         plain=plain, cut=cut)
 
 
 def _plain_call(inst: Backend, spec: CallSpec, scale: float, dropout_p: float,
@@ -214,14 +216,6 @@ _compiling = torch.compiler.is_compiling
 _verify_budget = _verify.budget
 
 
-def _empty(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec) -> tuple[Tensor, Tensor]:
-    shape = (spec.batch, spec.heads_q, spec.seq_q)
-    out = q.new_zeros(shape + (spec.head_dim_v,))
-    if spec.requires_grad:  # zero, finite gradients
-        out = out + 0.0 * (q.sum() + k.sum() + v.sum())
-    return out, q.new_full(shape, float("-inf"), dtype=torch.float32)
-
-
 def call(selection: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor, o: CallOptions
          ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Run a validated-on-miss call: the hot path of :func:`attention`, also
@@ -276,6 +270,16 @@ def _call_planned(selection: tuple[str, ...], key: Optional[tuple], plan: Option
         plan = plan_call(key, selection, q, k, v, o)
     if _verify_budget():  # verify mode (off by default: one context-variable read)
         return _verified(plan, key, q, k, v, o)
+    if plan.cut:  # key padding that ends at one place: the plain call on fewer keys
+        bshd = o.layout == "bshd"
+        qb, kb, vb = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)) if bshd else (
+            q, k, v)
+        try:
+            out = cut_call(plan, qb, kb, vb, o.key_padding_mask, _plain_call)
+        except Exception as exc:
+            return _run(plan, q, k, v, o, failure=exc)
+        if out is not None:
+            return out.transpose(1, 2) if bshd else out
     direct = plan.direct
     if (direct is not None  # the common case: nothing but the kernel call
             and not (plan.align and (q.data_ptr() | k.data_ptr() | v.data_ptr()) % plan.align)):
@@ -501,7 +505,7 @@ def _run(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions,
     spec = plan.spec
     q, k, v = _bhsd(o, q, k, v)
     if plan.empty:
-        out, lse = _empty(q, k, v, spec)
+        out, lse = empty_result(q, k, v, spec)
     else:
         kpm = o.key_padding_mask
         cut = (kpm is not None and cut_padding(spec, kpm)) or False

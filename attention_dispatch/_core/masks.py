@@ -221,3 +221,13 @@ def expand_kv(t: Tensor, heads_q: int) -> Tensor:
     if groups == 1:
         return t
     return t.repeat_interleave(groups, dim=1)
+
+
+def empty_result(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec) -> tuple[Tensor, Tensor]:
+    """The result of a call with Sq == 0 or Sk == 0: zeros (zero, finite
+    gradients) and lse -inf, without a kernel."""
+    shape = (spec.batch, spec.heads_q, spec.seq_q)
+    out = q.new_zeros(shape + (spec.head_dim_v,))
+    if spec.requires_grad:  # zero, finite gradients
+        out = out + 0.0 * (q.sum() + k.sum() + v.sum())
+    return out, q.new_full(shape, float("-inf"), dtype=torch.float32)

@@ -111,3 +111,23 @@ def cut_padding(spec: CallSpec, kpm: Tensor) -> Optional[tuple[int, CallSpec]]:
         got = (spec, (n, shorter(spec, n, False)) if dense and n else None)
         derived(("cut", id(spec), vk), lambda: got)
     return got[1]
+
+
+def cut_call(plan: Any, q: Tensor, k: Tensor, v: Tensor, kpm: Tensor,
+             make: Callable[..., Callable[[Tensor, Tensor, Tensor], Tensor]]
+             ) -> Optional[Tensor]:
+    """``out`` of a key-padding call with nothing else to do (``Plan.cut``: no
+    copies, mask, lse or tensor option) as the plain kernel call on the keys
+    before its cut (:func:`cut_padding`), q, k, v bhsd views; None where the
+    call has no cut.  ``make(backend, spec, scale, dropout_p, q, k, v)`` gives
+    the plain call, built once per plan and cut."""
+    cut = cut_padding(plan.spec, kpm)
+    if cut is None:
+        return None
+    n, spec = cut
+    k, v = k.narrow(2, 0, n), v.narrow(2, 0, n)
+    got = _derived.get(("plain", id(plan), n))  # the entry holds plan: its id stays its own
+    if got is None or got[0] is not plan:
+        got = (plan, make(plan.backend, spec, plan.scale, plan.dropout_p, q, k, v))
+        derived(("plain", id(plan), n), lambda: got)
+    return got[1](q, k, v)
