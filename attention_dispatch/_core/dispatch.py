@@ -99,11 +99,12 @@ def _bind(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions) -> Plan:
     q, k, v = _bhsd(o, q, k, v)
     spec, inst = plan.spec, plan.backend
     mp = _memory_for(inst, spec, q, k, v, o.mask)
-    simple = mp.idle and not (plan.fix_rows or plan.empty or keyword_tensors(o)
-                              or (spec.key_padding and not inst.capabilities.key_padding))
+    simple = mp.idle and not (plan.empty or keyword_tensors(o) or (spec.key_padding and (
+        plan.fix_rows or not inst.capabilities.key_padding)))  # (mask rows fixed after it)
     align = mp.req.pointer_alignment if mp.req.checks_pointers else 0
     plain = None
-    if simple and o.mask is None and o.key_padding_mask is None and not o.return_lse:
+    if (simple and not plan.fix_rows and o.mask is None and o.key_padding_mask is None
+            and not o.return_lse):
         plain = _plain_call(inst, spec, plan.scale, plan.dropout_p, q, k, v)
     cut = (spec.key_padding and mp.copies_nothing and not (
         align or plan.empty or o.mask is not None or o.return_lse or keyword_tensors(o)))
@@ -249,8 +250,7 @@ def _general_hit(selection: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor,
 
 
 def _remember(key: tuple, plan: Plan, selection: tuple[str, ...], q: Tensor, k: Tensor,
-              v: Tensor, o: CallOptions) -> None:
-    """Make this call's signature the one :func:`_general_hit` checks first."""
+              v: Tensor, o: CallOptions) -> None:  # the one _general_hit checks first
     given = [i for i in range(TENSOR_OPTIONS) if o[i] is not None]
     check = _checks.get(key)
     if check is None:
@@ -295,6 +295,8 @@ def _call_planned(selection: tuple[str, ...], key: Optional[tuple], plan: Option
                                   dropout_p=plan.dropout_p, scale=plan.scale)
         except Exception as exc:
             return _run(plan, q, k, v, o, failure=exc)
+        if plan.fix_rows:
+            out, lse = zero_empty_rows(out, lse, alive_rows(plan.spec, o.mask, None), (qb, kb, vb))
         if bshd:
             out = out.transpose(1, 2)
         return (out, lse.detach()) if o.return_lse else out
