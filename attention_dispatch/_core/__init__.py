@@ -20,7 +20,8 @@ from .capabilities import Capabilities
 from .layout import Buffer
 from .decide import candidates, eligible, explain_spec, reasons
 from .decision import BackendVerdict, Decision
-from .dispatch import attention, call, clear_cache, explain, explain_options
+from .dispatch import attention, call, clear_cache
+from .explainer import explain, explain_options
 from .errors import (AttentionDispatchError, AttentionInputError, AttentionTypeError,
                      BackendRegistrationError, BackendRuntimeError, BackendUnavailable,
                      PluginWarning, UnknownBackendError)

@@ -14,13 +14,20 @@ Consequence: a compiled function keeps the backend chosen when it was traced;
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any, Callable, Optional
 
 import torch
 
 from .caches import register_cache
-from .spec import TENSOR_OPTIONS, CallOptions
+from .decide import Plan, decide, tuned
+from .policy import effective as effective_policies
+from .select import BackendArg, resolve
+from .spec import TENSOR_OPTIONS, CallOptions, validate
+
+Tensor = torch.Tensor
+POLICY_FIELDS = ("deterministic", "max_extra_bytes")
 
 _plans: list[Any] = []
 _index: dict[tuple, int] = {}
@@ -90,3 +97,25 @@ def make_decider(plan_at_trace: Callable[..., Any],
 
     decide_constant._dynamo_marked_constant = True  # type: ignore[attr-defined]
     return decide_constant
+
+
+def plan_at_trace(backend: BackendArg, q: Tensor, k: Tensor, v: Tensor, o: CallOptions,
+                  device: torch.device) -> Plan:
+    """The plan for a traced call, from meta tensors standing for the real ones."""
+    selection, _ = resolve(backend)
+    o = o._replace(**dict(zip(POLICY_FIELDS, effective_policies(o.deterministic,
+                                                                o.max_extra_bytes))))
+    spec = validate(q, k, v, o)
+    spec = dataclasses.replace(spec, device_type=device.type, device_index=device.index)
+    return tuned(decide(spec, selection, o.scale, o.dropout_p), selection, None)
+
+
+def trace_ambient(key: tuple) -> tuple:
+    """The selection and policies a traced call is decided under (see
+    :func:`make_decider`): ``key[0]`` is the call's backend argument and its
+    last scalars the policy arguments."""
+    det, limit = key[-1][-2:]
+    return (resolve(key[0])[0], effective_policies(det, limit))
+
+
+decide_constant = make_decider(plan_at_trace, trace_ambient)

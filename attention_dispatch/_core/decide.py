@@ -43,9 +43,12 @@ class Plan(NamedTuple):
     # the cache key (None: decided per call, e.g. after a fallback or when traced)
     memory: Optional[MemoryPlan] = None
     align: int = 0  # data-pointer alignment the hot path checks (0: none)
-    # out = plain(q, k, v) for the call without mask, lse or layout change, when
+    # out = plain(q, k, v) (bhsd views) for the call without mask or lse, when
     # ``direct`` is set (bound with this plan's spec, scale and dropout)
     plain: Optional[Callable[..., Any]] = None
+    # key padding, nothing else to do (no copies, mask, lse or tensor option):
+    # the call may run as the plain call on the keys before a cut (maskvalues)
+    cut: bool = False
 
 
 class RoutePlan(NamedTuple):

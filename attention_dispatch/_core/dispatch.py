@@ -11,7 +11,6 @@ stores the plan.  Under ``torch.compile`` the decision is made at trace time
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from typing import Any, Callable, Optional, Union
@@ -23,16 +22,17 @@ from . import policy as _policy, quarantine as _quarantine
 from . import reliability as _reliability, verification as _verify
 from .backend import Backend
 from .caches import clear_all, register_cache
-from .decide import Plan, decide, explain_spec, tuned
-from .decision import Decision
+from .decide import Plan, decide, tuned
 from .errors import BackendRuntimeError, BackendUnavailable
 from .guards import tensor_check
 from .layout import MemoryPlan, apply_memory, plan_memory
-from .masks import alive_rows, sink_lse, zero_empty_rows
+from .masks import alive_rows, empty_result, sink_lse, zero_empty_rows
+from .maskvalues import cut_call, cut_padding
 from .registry import REGISTRY
 from .selfcheck import check_call
 from .select import AUTO, BackendArg, _context, env_selection, resolve
-from .spec import CallOptions, CallSpec, keyword_tensors, options_key, validate
+from .spec import (TENSOR_OPTIONS, CallOptions, CallSpec, keyword_tensors, options_key,
+                   validate)
 
 logger = logging.getLogger("attention_dispatch")
 Tensor = torch.Tensor
@@ -42,8 +42,9 @@ _grad_enabled = torch.is_grad_enabled
 _plans: dict[tuple, Plan] = {}
 _lock = threading.Lock()
 # the last plain call's (check, selection, causal, dropout_p, scale, grad, key,
-# plan), see _plain; reset with every change to _plans
-_memo: list[Optional[tuple]] = [None]
+# plan), see _plain, and the last other call's (see _general_hit); reset with
+# every change to _plans
+_memo: list[Optional[tuple]] = [None, None]
 _checks: dict[tuple, Callable[..., bool]] = {}
 
 
@@ -52,7 +53,7 @@ def forget_plans() -> None:
     with _lock:
         _plans.clear()
         _checks.clear()
-        _memo[0] = None
+        _memo[0] = _memo[1] = None
 
 
 register_cache("dispatch.plans", forget_plans)
@@ -98,14 +99,17 @@ def _bind(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions) -> Plan:
     q, k, v = _bhsd(o, q, k, v)
     spec, inst = plan.spec, plan.backend
     mp = _memory_for(inst, spec, q, k, v, o.mask)
-    simple = mp.idle and not (plan.fix_rows or plan.empty or keyword_tensors(o)
-                              or (spec.key_padding and not inst.capabilities.key_padding))
+    simple = mp.idle and not (plan.empty or keyword_tensors(o) or (spec.key_padding and (
+        plan.fix_rows or not inst.capabilities.key_padding)))  # (mask rows fixed after it)
     align = mp.req.pointer_alignment if mp.req.checks_pointers else 0
     plain = None
-    if simple and o.mask is None and o.key_padding_mask is None and o.layout == "bhsd":
+    if (simple and not plan.fix_rows and o.mask is None and o.key_padding_mask is None
+            and not o.return_lse):
         plain = _plain_call(inst, spec, plan.scale, plan.dropout_p, q, k, v)
+    cut = (spec.key_padding and mp.copies_nothing and not (
+        align or plan.empty or o.mask is not None or o.return_lse or keyword_tensors(o)))
     return plan._replace(memory=mp, direct=inst.forward if simple else None, align=align,
-                         plain=plain)
+                         plain=plain, cut=cut)
 
 
 def _plain_call(inst: Backend, spec: CallSpec, scale: float, dropout_p: float,
@@ -161,7 +165,7 @@ def plan_call(key: Optional[tuple], selection: tuple[str, ...], q: Any, k: Any, 
             if len(_plans) >= _MAX_ENTRIES:
                 _plans.clear()
                 _checks.clear()
-            _memo[0] = None
+            _memo[0] = _memo[1] = None
             _plans[key] = plan
     return plan
 
@@ -187,7 +191,7 @@ def _fallback(plan: Plan, exc: Exception, q: Tensor, k: Tensor, v: Tensor,
             stale += [k_ for k_ in dropped if _plans[k_].selection == plan.selection]
             for key in dropped:
                 del _plans[key]
-            _memo[0] = None
+            _memo[0] = _memo[1] = None
         try:
             copies = None if plan.spec.max_extra_bytes is None else (  # bhsd views here
                 lambda inst: _memory_for(inst, plan.spec, q, k, v, o.mask).nbytes)
@@ -202,56 +206,60 @@ def _fallback(plan: Plan, exc: Exception, q: Tensor, k: Tensor, v: Tensor,
             plan, exc = new, again
             continue
         with _lock:
-            _memo[0] = None
+            _memo[0] = _memo[1] = None
             for key in stale:
                 _plans[key] = new
         return new, out, lse
 
 
-def _plan_at_trace(backend: BackendArg, q: Tensor, k: Tensor, v: Tensor, o: CallOptions,
-                   device: torch.device) -> Plan:
-    """The plan for a traced call, from meta tensors standing for the real ones."""
-    selection, _ = resolve(backend)
-    o = o._replace(**dict(zip(_POLICY_FIELDS, _policy.effective(o.deterministic,
-                                                                 o.max_extra_bytes))))
-    spec = validate(q, k, v, o)
-    spec = dataclasses.replace(spec, device_type=device.type, device_index=device.index)
-    return tuned(decide(spec, selection, o.scale, o.dropout_p), selection, None)
-
-
-_POLICY_FIELDS = ("deterministic", "max_extra_bytes")
-def _trace_ambient(key: tuple) -> tuple:
-    """The selection and policies a traced call is decided under (see
-    ``compile.make_decider``): ``key[0]`` is the call's backend argument and its
-    last scalars the policy arguments."""
-    det, limit = key[-1][-2:]
-    return (resolve(key[0])[0], _policy.effective(det, limit))
-
-
-_decide_constant = _compile.make_decider(_plan_at_trace, _trace_ambient)
 _effective = _policy.effective
 _compiling = torch.compiler.is_compiling
 _verify_budget = _verify.budget
-
-
-def _empty(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec) -> tuple[Tensor, Tensor]:
-    shape = (spec.batch, spec.heads_q, spec.seq_q)
-    out = q.new_zeros(shape + (spec.head_dim_v,))
-    if spec.requires_grad:  # zero, finite gradients
-        out = out + 0.0 * (q.sum() + k.sum() + v.sum())
-    return out, q.new_full(shape, float("-inf"), dtype=torch.float32)
 
 
 def call(selection: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor, o: CallOptions
          ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Run a validated-on-miss call: the hot path of :func:`attention`, also
     used by the packed route of ``attention_varlen`` (``selection`` resolved)."""
+    hit = _general_hit(selection, q, k, v, o)
+    if hit is not None:
+        return _call_planned(selection, hit[0], hit[1], q, k, v, o)
     try:
         key: Optional[tuple] = call_key(selection, q, k, v, o)
         plan = _plans.get(key)  # type: ignore[arg-type]
     except (AttributeError, TypeError):  # not tensors, unhashable: validate() says what
         key, plan = None, None
+    if plan is not None:
+        _remember(key, plan, selection, q, k, v, o)  # type: ignore[arg-type]
     return _call_planned(selection, key, plan, q, k, v, o)
+
+
+def _general_hit(selection: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor,
+                 o: CallOptions) -> Optional[tuple[tuple, Plan]]:
+    """The last call's key and plan (see :func:`_remember`) when this call has
+    the same cache key: q, k, v and the tensor options given checked in C
+    (:mod:`.guards`: type, dtype, device, sizes, strides, requires_grad), the
+    selection, the options' types (which tensors are given), the scalar
+    options' values and the grad mode."""
+    m = _memo[1]
+    if (m is not None and m[1] == selection and m[3] == tuple(map(type, o))
+            and m[2] == o[TENSOR_OPTIONS:] and m[0](q, k, v, *[o[i] for i in m[4]])
+            and (m[5] is None or m[5] == _grad_enabled())):
+        return m[6], m[7]
+    return None
+
+
+def _remember(key: tuple, plan: Plan, selection: tuple[str, ...], q: Tensor, k: Tensor,
+              v: Tensor, o: CallOptions) -> None:  # the one _general_hit checks first
+    given = [i for i in range(TENSOR_OPTIONS) if o[i] is not None]
+    check = _checks.get(key)
+    if check is None:
+        check = _checks[key] = tensor_check(q, k, v, *[o[i] for i in given]) or _never
+    if check is _never:
+        return
+    needs = any(t.requires_grad for t in (q, k, v, o.mask, o.sinks) if t is not None)
+    _memo[1] = (check, selection, o[TENSOR_OPTIONS:], tuple(map(type, o)), given,
+                _grad_enabled() if needs else None, key, plan)
 
 
 def _call_planned(selection: tuple[str, ...], key: Optional[tuple], plan: Optional[Plan],
@@ -262,15 +270,36 @@ def _call_planned(selection: tuple[str, ...], key: Optional[tuple], plan: Option
         plan = plan_call(key, selection, q, k, v, o)
     if _verify_budget():  # verify mode (off by default: one context-variable read)
         return _verified(plan, key, q, k, v, o)
-    direct = plan.direct
-    if (direct is not None and o.layout == "bhsd" and not o.return_lse  # the common case
-            and not (plan.align and (q.data_ptr() | k.data_ptr() | v.data_ptr()) % plan.align)):
+    if plan.cut:  # key padding that ends at one place: the plain call on fewer keys
+        bshd = o.layout == "bshd"
+        qb, kb, vb = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)) if bshd else (
+            q, k, v)
         try:
-            return direct(q, k, v, spec=plan.spec, mask=o.mask,
-                          key_padding_mask=o.key_padding_mask, dropout_p=plan.dropout_p,
-                          scale=plan.scale)[0]
+            out = cut_call(plan, qb, kb, vb, o.key_padding_mask, _plain_call)
         except Exception as exc:
             return _run(plan, q, k, v, o, failure=exc)
+        if out is not None:
+            return out.transpose(1, 2) if bshd else out
+    direct = plan.direct
+    if (direct is not None  # the common case: nothing but the kernel call
+            and not (plan.align and (q.data_ptr() | k.data_ptr() | v.data_ptr()) % plan.align)):
+        bshd = o.layout == "bshd"
+        qb, kb, vb = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)) if bshd else (
+            q, k, v)
+        try:
+            if plan.plain is not None:  # no mask, no lse: the plain kernel call
+                out, lse = plan.plain(qb, kb, vb), None
+            else:
+                out, lse = direct(qb, kb, vb, spec=plan.spec, mask=o.mask,
+                                  key_padding_mask=o.key_padding_mask,
+                                  dropout_p=plan.dropout_p, scale=plan.scale)
+        except Exception as exc:
+            return _run(plan, q, k, v, o, failure=exc)
+        if plan.fix_rows:
+            out, lse = zero_empty_rows(out, lse, alive_rows(plan.spec, o.mask, None), (qb, kb, vb))
+        if bshd:
+            out = out.transpose(1, 2)
+        return (out, lse.detach()) if o.return_lse else out
     return _run(plan, q, k, v, o)
 
 
@@ -395,7 +424,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
     if _compiling():  # torch.compile: decided at trace time, nothing left per call
         o = CallOptions(mask, key_padding_mask, alibi_slopes, sinks, causal, dropout_p, scale,
                         layout, return_lse, window, softcap, deterministic, max_extra_bytes)
-        plan = getattr(_compile, _compile.plan_name(_decide_constant(
+        plan = getattr(_compile, _compile.plan_name(_compile.decide_constant(
             _compile.constant_key(q, k, v, o, backend))))
         return _run(plan, q, k, v, o)
     deterministic, max_extra_bytes = _effective(deterministic, max_extra_bytes)
@@ -436,27 +465,37 @@ def _verified(plan: Plan, key: Optional[tuple], q: Tensor, k: Tensor, v: Tensor,
     return _run(ran, q, k, v, o, failure=_verify.WrongResultError(why))
 
 
-def _forward(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions
-             ) -> tuple[Tensor, Any]:
+def _forward(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions,
+             cut: Union[None, bool, tuple[int, CallSpec]] = None) -> tuple[Tensor, Any]:
     """The kernel call (bhsd views): tensor options beyond the masks as keywords,
     only when given; key padding through ``forward_varlen`` for a varlen backend
     without key_padding.  First the copies the memory plan names (strides,
-    pointers, key-padding slots)."""
-    mask, kpm = o.mask, o.key_padding_mask
+    pointers, key-padding slots).  Key padding that ends every row's real keys
+    at one place (``maskvalues.cut_padding``) is the call on the keys before
+    it, without key padding: nothing to zero, no mask to build (``cut``: that
+    cut when the caller looked already, False for none)."""
+    mask, kpm, spec = o.mask, o.key_padding_mask, plan.spec
     mp = plan.memory
     if mp is None:
-        mp = _memory_for(plan.backend, plan.spec, q, k, v, mask)
-    if not mp.idle or mp.req.checks_pointers:
+        mp = _memory_for(plan.backend, spec, q, k, v, mask)
+    if cut is None and kpm is not None:
+        cut = cut_padding(spec, kpm)
+    if cut:
+        n, spec = cut  # type: ignore[misc]
+        k, v, kpm = k.narrow(2, 0, n), v.narrow(2, 0, n), None
+        if mask is not None and mask.shape[-1] != 1:
+            mask = mask.narrow(-1, 0, n)
+    if mp.req.checks_pointers or not (mp.idle if kpm is not None else mp.copies_nothing):
         q, k, v, mask = apply_memory(mp, q, k, v, mask, kpm)
     if kpm is not None and not kpm.is_contiguous():  # (B, Sk) bools: a tiny copy
         kpm = kpm.contiguous()
     if kpm is not None and not plan.backend.capabilities.key_padding:
         from .packing import dense_via_varlen
 
-        return dense_via_varlen(plan.backend, q, k, v, kpm, spec=plan.spec,
+        return dense_via_varlen(plan.backend, q, k, v, kpm, spec=spec,
                                 dropout_p=plan.dropout_p, scale=plan.scale,
                                 **keyword_tensors(o))
-    return plan.backend.forward(q, k, v, spec=plan.spec, mask=mask, key_padding_mask=kpm,
+    return plan.backend.forward(q, k, v, spec=spec, mask=mask, key_padding_mask=kpm,
                                 dropout_p=plan.dropout_p, scale=plan.scale,
                                 **keyword_tensors(o))
 
@@ -468,15 +507,18 @@ def _run(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions,
     spec = plan.spec
     q, k, v = _bhsd(o, q, k, v)
     if plan.empty:
-        out, lse = _empty(q, k, v, spec)
+        out, lse = empty_result(q, k, v, spec)
     else:
+        kpm = o.key_padding_mask
+        cut = (kpm is not None and cut_padding(spec, kpm)) or False
         try:
             if failure is not None:
                 raise failure
-            out, lse = _forward(plan, q, k, v, o)
+            out, lse = _forward(plan, q, k, v, o, cut)
         except Exception as exc:
             plan, out, lse = _fallback(plan, exc, q, k, v, o)
-        if plan.fix_rows:
+        # a cut leaves no row without a key unless a mask does
+        if plan.fix_rows and not (cut and o.mask is None):
             out, lse = zero_empty_rows(out, lse, alive_rows(spec, o.mask, o.key_padding_mask),
                                        (q, k, v))
     if o.layout == "bshd":
@@ -486,39 +528,3 @@ def _run(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions,
             lse = sink_lse(lse, o.sinks.detach()[:, None])  # type: ignore[arg-type]
         return out, lse.detach()  # type: ignore[union-attr]  # no kernel differentiates it
     return out
-
-
-def explain(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
-            key_padding_mask: Optional[Tensor] = None, causal: bool = False,
-            dropout_p: float = 0.0, scale: Optional[float] = None, layout: str = "bhsd",
-            backend: BackendArg = "auto", return_lse: bool = False,
-            window: Optional[tuple[int, int]] = None, softcap: Optional[float] = None,
-            alibi_slopes: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
-            deterministic: Optional[bool] = None, max_extra_bytes: Optional[int] = None
-            ) -> Decision:
-    """Which backend :func:`attention` would run for these arguments, and, for
-    every registered backend, whether it accepts the call or the exact reasons
-    why not, and (``Decision.copies``) which tensors the chosen backend gets
-    as copies (memory layout, key-padding slots zeroed) and why, and
-    (``Decision.extra_bytes``/``buffers``) the extra memory the chosen path
-    allocates.  The policies (``deterministic``, ``max_extra_bytes``) resolve as
-    in :func:`attention`.  Nothing runs; the decision cache is not touched."""
-    deterministic, max_extra_bytes = _effective(deterministic, max_extra_bytes)
-    o = CallOptions(mask, key_padding_mask, alibi_slopes, sinks, causal, dropout_p, scale,
-                    layout, return_lse, window, softcap, deterministic, max_extra_bytes)
-    return explain_options(backend, q, k, v, o)
-
-
-def explain_options(backend: BackendArg, q: Tensor, k: Tensor, v: Tensor, o: CallOptions
-                    ) -> Decision:
-    """:func:`explain` for a :class:`CallOptions` (its policies already effective)."""
-    selection, source = resolve(backend)
-    spec = validate(q, k, v, o)
-    decision = explain_spec(spec, selection, source, copies_for(spec, q, k, v, o))
-    if decision.backend is None:
-        return decision
-    inst, _ = REGISTRY.load(decision.backend)
-    q, k, v = _bhsd(o, q, k, v)
-    notes = _memory_for(inst, spec, q, k, v, o.mask).notes  # type: ignore[arg-type]
-    return dataclasses.replace(decision, copies=notes) if notes else decision
-

@@ -46,13 +46,33 @@ def tensor_check(*ts: torch.Tensor) -> Optional[Check]:
     """``check(*others) -> bool``: True iff each of ``others`` has the type,
     dispatch keys, dtype, device, requires_grad, sizes and strides of the
     tensor in the same place of ``ts`` (storage offsets and values are not
-    compared).  None where unavailable."""
+    compared); a tensor given twice in ``ts`` (``q is k``) must be given twice
+    in the same places.  None where unavailable."""
     ok = _state.get("ok")
     if ok is None:
         ok = _state["ok"] = _self_test()
     if not ok:
         return None
+    firsts = [next(i for i, u in enumerate(ts) if u is t) for t in ts]
     try:
-        return _make(ts)
+        inner = _make(tuple(t for i, t in enumerate(ts) if firsts[i] == i))
     except Exception:
         return None
+    if firsts == list(range(len(ts))):
+        return inner
+    # torch's checker refuses one tensor passed twice (q is k is v in
+    # self-attention): check each tensor once, and the same aliasing
+    keep = [i for i, f in enumerate(firsts) if f == i]
+    same = [(i, f) for i, f in enumerate(firsts) if f != i]
+
+    count = len(ts)
+
+    def check(*others: torch.Tensor) -> bool:
+        if len(others) != count:
+            return False
+        for i, f in same:
+            if others[i] is not others[f]:
+                return False
+        return inner(*[others[i] for i in keep])
+
+    return check

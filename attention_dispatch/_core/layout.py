@@ -23,6 +23,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .maskvalues import padded_slots
+
 Tensor = torch.Tensor
 
 
@@ -138,7 +140,7 @@ def clean_padded(t: Tensor, key_padding_mask: Tensor, fresh: bool) -> Tensor:
     """``t`` (B, H, Sk, D) with the slots ``key_padding_mask`` (B, Sk) excludes
     set to 0, so that NaN or Inf stored there cannot reach the result; the
     gradient there is 0.  ``fresh``: ``t`` is a copy of our own, zeroed in place."""
-    pad = ~key_padding_mask[:, None, :, None]
+    pad = padded_slots(key_padding_mask)
     if fresh:
         return t.masked_fill_(pad, 0)
     return t.masked_fill(pad, 0)
@@ -167,6 +169,11 @@ class MemoryPlan(NamedTuple):
     def idle(self) -> bool:
         """Nothing to do for tensors with these strides (pointers aside)."""
         return not (any(self.copies) or self.clean or self.mask)
+
+    @property
+    def copies_nothing(self) -> bool:
+        """Nothing to do without key padding (pointers aside)."""
+        return not (any(self.copies) or self.mask)
 
 
 def plan_memory(req: StrideRequirements, native: str, clean: bool, q: Tensor, k: Tensor,

@@ -8,6 +8,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .maskvalues import derived, value_key
 from .spec import CallSpec
 
 Tensor = torch.Tensor
@@ -111,9 +112,24 @@ def additive_bias(spec: CallSpec, mask: Optional[Tensor], key_padding_mask: Opti
 def alive_rows(spec: CallSpec, mask: Optional[Tensor],
                key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
     """Bool (B|1, Hq|1, Sq), True where the query row has at least one key it may
-    attend; None when every row does (known from the shapes alone)."""
+    attend; None when every row does (known from the shapes alone, or from
+    the values of small bool CPU masks: see :mod:`.maskvalues`)."""
     if not spec.may_have_empty_rows:
         return None
+    km, kk = value_key(mask), value_key(key_padding_mask)
+    if km is None or kk is None or spec.device_type != "cpu":
+        return _alive_rows(spec, mask, key_padding_mask)
+    return derived(("alive", km, kk, spec.seq_q, spec.seq_k, spec.causal, spec.window,
+                    spec.device_type), lambda: _unless_all(
+                        _alive_rows(spec, mask, key_padding_mask)))
+
+
+def _unless_all(alive: Optional[Tensor]) -> Optional[Tensor]:
+    return None if alive is None or bool(alive.all()) else alive
+
+
+def _alive_rows(spec: CallSpec, mask: Optional[Tensor],
+                key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
     if mask is None and key_padding_mask is not None and spec.causal and spec.window is None:
         # first real key per batch row; row i is alive iff first <= i + offset
         idx = torch.arange(spec.seq_k, device=spec.device)
@@ -205,3 +221,13 @@ def expand_kv(t: Tensor, heads_q: int) -> Tensor:
     if groups == 1:
         return t
     return t.repeat_interleave(groups, dim=1)
+
+
+def empty_result(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec) -> tuple[Tensor, Tensor]:
+    """The result of a call with Sq == 0 or Sk == 0: zeros (zero, finite
+    gradients) and lse -inf, without a kernel."""
+    shape = (spec.batch, spec.heads_q, spec.seq_q)
+    out = q.new_zeros(shape + (spec.head_dim_v,))
+    if spec.requires_grad:  # zero, finite gradients
+        out = out + 0.0 * (q.sum() + k.sum() + v.sum())
+    return out, q.new_full(shape, float("-inf"), dtype=torch.float32)

@@ -167,6 +167,8 @@ def options_key(o: CallOptions) -> tuple:
 
 def keyword_tensors(o: CallOptions) -> dict[str, torch.Tensor]:
     """The tensor options ``Backend.forward`` gets as keywords (those given)."""
+    if o[2] is None and o[3] is None:  # the common case
+        return {}
     return {n: t for n, t in zip(KEYWORD_TENSORS, o[2:TENSOR_OPTIONS]) if t is not None}
 
 

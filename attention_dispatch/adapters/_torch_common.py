@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .._core.maskvalues import derived, value_key
 from .._core.masks import additive_bias, expand_kv
 from .._core.layout import Buffer
 from .._core.spec import CallSpec
@@ -39,6 +40,17 @@ def torch_bias(spec: CallSpec, mask: Optional[Tensor], kpm: Optional[Tensor],
     if (mask is None and kpm is None and not causal_in_bias and spec.window is None
             and alibi_slopes is None):
         return None
+    if alibi_slopes is None and spec.device_type == "cpu":
+        km, kk = value_key(mask), value_key(kpm)
+        if km is not None and kk is not None:  # small bool CPU masks: once per value
+            return derived(("bias", km, kk, dtype, causal_in_bias, spec.seq_q, spec.seq_k,
+                            spec.window, spec.device_type),
+                           lambda: _bias(spec, mask, kpm, dtype, causal_in_bias, None))
+    return _bias(spec, mask, kpm, dtype, causal_in_bias, alibi_slopes)
+
+
+def _bias(spec: CallSpec, mask: Optional[Tensor], kpm: Optional[Tensor], dtype: torch.dtype,
+          causal_in_bias: bool, alibi_slopes: Optional[Tensor]) -> Optional[Tensor]:
     bias = additive_bias(spec, mask, kpm, dtype, causal=causal_in_bias,
                          alibi_slopes=alibi_slopes)
     # torch's kernels take 2-D or 4-D masks only; the contract allows any

@@ -29,6 +29,7 @@ from .._core.backend import AttentionResult, Backend
 from .._core.capabilities import Capabilities
 from .._core.layout import CUDA_ALIGNED, StrideRequirements
 from .._core.layout import Buffer
+from .._core.maskvalues import padding_end, shorter
 from .._core.spec import CallSpec
 from . import _estimates as est
 from ._sinks import sinks_via_lse
@@ -144,7 +145,10 @@ class SdpaFlashBackend(Backend):
         if sinks is not None:
             out, lse = _cpu_with_sinks(q, k, v, sinks, is_causal, bias, scale)
             return out, (lse.float() if spec.return_lse else None)
-        out, lse = _cpu_kernel(q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale)
+        if bias is None:  # keyword parsing costs host time: only what is given
+            out, lse = _cpu_kernel(q, k, v, 0.0, is_causal, scale=scale)
+        else:
+            out, lse = _cpu_kernel(q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale)
         return out, (lse.float() if spec.return_lse else None)
 
 
@@ -195,14 +199,17 @@ def _drop_padded_tail(k: Tensor, v: Tensor, mask: Optional[Tensor], kpm: Tensor,
     the mask's values (a data-dependent shape), so a traced call keeps all keys."""
     if spec.causal or spec.window is not None or spec.alibi or torch.compiler.is_compiling():
         return k, v, mask, kpm, spec
-    real = kpm.any(0)
-    n = int(real.nonzero().max()) + 1 if bool(real.any()) else 1
+    end = padding_end(kpm)  # remembered per value for small masks
+    if end is None:
+        real = kpm.any(0)
+        n = int(real.nonzero().max()) + 1 if bool(real.any()) else 1
+    else:
+        n = max(end[0], 1)
     if n >= spec.seq_k:
         return k, v, mask, kpm, spec
     if mask is not None and mask.shape[-1] != 1:
-        mask = mask[..., :n]
-    return (k[:, :, :n], v[:, :, :n], mask, kpm[:, :n],
-            dataclasses.replace(spec, seq_k=n))
+        mask = mask.narrow(-1, 0, n)
+    return k.narrow(2, 0, n), v.narrow(2, 0, n), mask, kpm.narrow(1, 0, n), shorter(spec, n, True)
 
 
 def _cuda_kernel(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec, *, dropout_p: float,
