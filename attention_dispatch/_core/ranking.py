@@ -177,6 +177,16 @@ def ranked(device: torch.device, registered: list[str], spec: Optional[CallSpec]
     outside it placed as it declares.  Built-in backends named by no table of
     any family stay out unless they declare a placement for this family."""
     family = device_family(device)
+    order = _order(family, registered, spec)
+    if spec is None:
+        return order
+    cold = [n for n in order if _cold(n, spec)]
+    return _held_back(order, _order(family, registered, None), cold) if cold else order
+
+
+def _order(family: str, registered: list[str], spec: Optional[CallSpec]) -> list[str]:
+    """The table of ``family`` (and the call's shape class, when ``spec`` is
+    given), then every registered backend outside it placed as it declares."""
     cls = shape_class(spec) if spec is not None else None
     order = [n for n in table(family, spec) if n in registered]
     for name in registered:
@@ -187,6 +197,38 @@ def ranked(device: torch.device, registered: list[str], spec: Optional[CallSpec]
             continue  # a built-in kernel this family's table leaves out
         _place(order, name, where)
     return order
+
+
+def _cold(name: str, spec: CallSpec) -> bool:
+    """Backend ``name`` compiles per shape and has not compiled ``spec`` yet."""
+    inst, _ = REGISTRY.load(name)
+    if inst is None or not getattr(inst, "compiles_per_shape", False):
+        return False
+    try:
+        return not inst.compiled(spec)
+    except Exception:  # a plugin's answer never breaks a decision
+        return True
+
+
+def _held_back(order: list[str], family_order: list[str], cold: list[str]) -> list[str]:
+    """``order`` with each backend of ``cold`` moved behind the backends that
+    the family's own order (no shape class) places ahead of it, where the
+    class still ranks them ahead of its successor there (a backend the class
+    itself moves down does not count): a shape class promotes a backend that
+    compiles per shape only for calls it has compiled."""
+    out = list(order)
+    for name in cold:
+        if name not in family_order:
+            continue
+        i = family_order.index(name)
+        after = next((n for n in family_order[i + 1:] if n in out), None)
+        limit = out.index(after) if after is not None else len(out)
+        last = max((out.index(n) for n in family_order[:i] if n in out and out.index(n) < limit),
+                   default=-1)
+        if out.index(name) < last:
+            out.remove(name)  # the backend at ``last`` moves to last - 1
+            out.insert(last, name)
+    return out
 
 
 _ALL_RANKED = frozenset(n for r in RANKINGS.values() for n in r)
