@@ -29,6 +29,19 @@ CPU: torch's CPU flash kernel is 4-7x faster than math (bench/overhead.py
 and the conformance timings); flex (inference only there, compiled per
 signature) comes next: it takes the softcapped and different-Dv calls the
 CPU flash kernel refuses, ~10x faster than math at 1k tokens once compiled.
+No CPU shape class: on a 2-core AMD EPYC, torch 2.13.0+cpu, 2026-12-03
+(``bench --quick --include-compiling``, fp32, d64, 256 and 1024 tokens,
+causal or not, key padding or not), sdpa-flash was the fastest backend in
+all 8 cases; flex, warm, took 1.2-1.9x its time (an earlier run on
+2026-11-26 had flex 10-15 % ahead in causal cases: hosts differ, autotune
+measures the one it runs on).
+
+Backends that compile per shape (``Backend.compiles_per_shape``, e.g. flex):
+a shape-class table (built in or registered) promotes one only for calls it
+has compiled in this process (``Backend.compiled(spec)``); for the others it
+keeps its place in the family's own table (:func:`_held_back`), so auto
+never pays a compile the ranking guessed would pay off.  Autotune, which
+measures the compile's result, is not bound by this.
 
 Shape classes (``SHAPE_RANKINGS``), measured on the same H100 on 2026-11-26 with
 bench/gpu_bench.py (bf16, hdim 128, interleaved CUDA-event timing):
