@@ -30,11 +30,12 @@ and the conformance timings); flex (inference only there, compiled per
 signature) comes next: it takes the softcapped and different-Dv calls the
 CPU flash kernel refuses, ~10x faster than math at 1k tokens once compiled.
 No CPU shape class: on a 2-core AMD EPYC, torch 2.13.0+cpu, 2026-12-03
-(``bench --quick --include-compiling``, fp32, d64, 256 and 1024 tokens,
-causal or not, key padding or not), sdpa-flash was the fastest backend in
-all 8 cases; flex, warm, took 1.2-1.9x its time (an earlier run on
-2026-11-26 had flex 10-15 % ahead in causal cases: hosts differ, autotune
-measures the one it runs on).
+(the cases of ``bench --quick``: fp32, d64, 256 and 1024 tokens, causal or
+not, key padding or not; flex warm, interleaved rounds, best of 3, load
+average about 1), sdpa-flash was the fastest backend in all 8 cases; flex
+took 1.16-1.85x its time.  An earlier run (2026-11-26, load average about
+4) had flex 10-15 % ahead in causal cases: under load the order changes
+from run to run, and autotune measures the host it runs on.
 
 Backends that compile per shape (``Backend.compiles_per_shape``, e.g. flex):
 a shape-class table (built in or registered) promotes one only for calls it
