@@ -21,7 +21,7 @@ from .cases import DTYPES, MASKS, MODES, BenchCase, case_key, parse_shapes
 from .run import Row, run
 
 BENCH_EPILOG = """examples:
-  attention-dispatch bench --quick                  # a small grid (2-core CPU, cold: ~30-40 s)
+  attention-dispatch bench --quick                  # a small grid (2-core CPU, cold: ~20 s)
   attention-dispatch bench --quick --include-compiling   # CPU: flex too (+4-12 s per case, cold)
   attention-dispatch bench --device cuda --out results --max-seconds 540
   attention-dispatch bench --device cuda --out results --max-seconds 540 --resume
