@@ -26,10 +26,41 @@ from attention_dispatch.cli import main
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench")
-    # flex compiles a kernel per case on the CPU (seconds each): benched elsewhere
-    assert main(["bench", "--quick", "--device", "cpu", "--out", str(out),
-                 "--backends", "math,sdpa-flash"]) == 0
+    # every backend but flex, which --quick leaves out on the CPU (a compile per case)
+    assert main(["bench", "--quick", "--device", "cpu", "--out", str(out)]) == 0
     return out
+
+
+def _flex_on_cpu() -> bool:
+    return not ad.get_backend("flex").probe(torch.device("cpu"))
+
+
+def test_quick_on_the_cpu_leaves_out_compiling_backends(quick: Path) -> None:
+    data = json.loads((quick / "results.json").read_text())
+    if _flex_on_cpu():
+        assert data["environment"]["left_out"] == ["flex"]
+    assert "flex" not in {r["backend"] for r in data["rows"]}
+    assert {r["chosen"] for r in data["rows"] if r["backend"] == "auto"} == {"sdpa-flash"}
+
+
+@pytest.mark.parametrize("device, argv, left_out", [
+    ("cpu", ["--quick"], ["flex"]),
+    ("cpu", ["--quick", "--include-compiling"], []),
+    ("cpu", ["--quick", "--backends", "math,flex"], []),
+    ("cpu", ["--shapes", "1,2,64,16"], []),
+    ("cuda", ["--quick"], []),
+])
+def test_which_backends_the_quick_grid_leaves_out(device: str, argv: list[str],
+                                                  left_out: list[str]) -> None:
+    from attention_dispatch.bench import command
+    from attention_dispatch.cli import build_parser
+
+    a = build_parser().parse_args(["bench", "--device", "cpu"] + argv)
+    a.device = torch.device(device)
+    expected = left_out if _flex_on_cpu() else []
+    assert command._left_out(a, ad.list_backends()) == expected
+    resume = command._resume_command(a)
+    assert ("--include-compiling" in resume) == ("--include-compiling" in argv)
 
 
 def test_quick_writes_json_csv_png(quick: Path) -> None:
@@ -51,6 +82,12 @@ def test_quick_writes_json_csv_png(quick: Path) -> None:
                                                             == "auto"), rel=1e-3)
     for r in rows:
         assert r["ms"] > 0 and r["tflops"] > 0 and r["first_call_ms"] > 0
+    for auto in (r for r in rows if r["backend"] == "auto"):  # best / auto's choice, own row
+        same = [r for r in ours if r["case"] == auto["case"] and r["backend"] != "auto"]
+        chosen = next(r for r in same if r["backend"] == auto["chosen"])
+        assert auto["choice_over_best"] == pytest.approx(
+            min(r["ms"] for r in same) / chosen["ms"], rel=1e-3)
+    assert "auto's choice within 3 % of the best in " in report.summary(rows)
     with open(quick / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert (quick / "results.png").read_bytes()[:4] == b"\x89PNG"
@@ -257,7 +294,7 @@ def fast(monkeypatch: pytest.MonkeyPatch) -> None:
     """A short timing budget per case: these tests are about the files, not the times."""
     real = bench_run.time_interleaved
     monkeypatch.setattr(bench_run, "time_interleaved",
-                        lambda fns, dev, budget_s=0.0: real(fns, dev, 0.01, 3))
+                        lambda fns, dev, **budget: real(fns, dev, 0.01, 3))
 
 
 def _results(out: Path) -> dict:

@@ -51,7 +51,11 @@ def test_steady_state_reuses_kernels_and_block_masks():
     flex = _flex_module()
     inputs = testing.make_inputs(STRUCTURED)
     kw = {n: inputs[n] for n in ("causal", "window", "softcap", "alibi_slopes")}
+    spec = ad.explain(inputs["q"], inputs["k"], inputs["v"], backend="flex", **kw).spec
     ad.attention(inputs["q"], inputs["k"], inputs["v"], backend="flex", **kw)
+    backend = ad.get_backend("flex")
+    assert backend.compiles_per_shape and backend.compiled(spec)  # auto may promote it
+    assert not backend.compiled(replace(spec, batch=spec.batch + 7))  # asks, compiles nothing
     compiled, masks = dict(flex._compiled), dict(flex._block_masks)
     for _ in range(3):
         ad.attention(inputs["q"], inputs["k"], inputs["v"], backend="flex", **kw)

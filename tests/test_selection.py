@@ -405,3 +405,36 @@ def test_shape_classes_of_the_ranking() -> None:
     assert shape_class(d64) == "long"  # FA4's backward at head dim 64
     assert shape_class(dataclasses.replace(d64, seq_q=1024, seq_k=1024)) == "short"
     assert SHAPE_RANKINGS[("sm90", "decode")][0] == "sdpa-cudnn"
+
+
+def test_a_shape_class_promotes_a_compiling_backend_only_once_compiled(register_temp,
+                                                                        spy_class) -> None:
+    """A backend that compiles per shape, put first by a shape-class ranking,
+    runs only the signatures it has compiled; elsewhere it keeps the place the
+    family's table gives it (here: before math, behind sdpa-flash)."""
+    from attention_dispatch._core import ranking
+
+    class Compiling(spy_class):
+        compiles_per_shape = True
+
+        def compiled(self, spec):  # compiled once a call of ``spec`` ran
+            return any(s == spec for _, s in self.calls)
+
+    register_temp("compiling", Compiling)
+    names = ad.list_backends()
+    family = ranking.ranked(torch.device("cpu"), names)
+    assert family.index("sdpa-flash") < family.index("compiling") < family.index("math")
+    q, q2 = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 32, 16)
+    ad.register_ranking("cpu", ("compiling", "sdpa-flash", "math"), shape_class="short")
+    try:
+        spec = ad.explain(q, q, q).spec
+        assert ad.explain(q, q, q).backend == "sdpa-flash"  # not compiled yet
+        order = ranking.ranked(torch.device("cpu"), names, spec)
+        assert order.index("sdpa-flash") < order.index("compiling") < order.index("math")
+        ad.attention(q, q, q, backend="compiling")  # compiles this signature
+        assert ad.explain(q, q, q).backend == "compiling"
+        assert ranking.ranked(torch.device("cpu"), names, spec)[0] == "compiling"
+        assert ad.explain(q2, q2, q2).backend == "sdpa-flash"  # another signature
+    finally:
+        ad.register_ranking("cpu", (), shape_class="short")
+    assert ad.explain(q, q, q).backend == "sdpa-flash"

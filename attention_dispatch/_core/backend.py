@@ -56,6 +56,17 @@ class Backend:
     #: so those slots must hold finite values; False: it never reads them.
     #: Blocks a row does not use are never read either way.
     paged_reads_tail: ClassVar[bool] = False
+    #: The first call of each new signature compiles a kernel (seconds; e.g.
+    #: flex).  A shape-class ranking may then promote this backend only for
+    #: calls it has already compiled (:meth:`compiled`); elsewhere it keeps its
+    #: place in the device family's table (see ``_core/ranking.py``).
+    compiles_per_shape: ClassVar[bool] = False
+
+    def compiled(self, spec: CallSpec) -> bool:
+        """Whether a kernel for ``spec`` is ready in this process, so the next
+        call compiles nothing.  Always True unless ``compiles_per_shape``; a
+        backend that compiles per shape overrides it."""
+        return True
 
     def probe(self, device: torch.device) -> list[str]:
         """Reasons this backend cannot run on ``device`` at all; [] if it can.

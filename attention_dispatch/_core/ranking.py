@@ -29,6 +29,20 @@ CPU: torch's CPU flash kernel is 4-7x faster than math (bench/overhead.py
 and the conformance timings); flex (inference only there, compiled per
 signature) comes next: it takes the softcapped and different-Dv calls the
 CPU flash kernel refuses, ~10x faster than math at 1k tokens once compiled.
+No CPU shape class: on a 2-core AMD EPYC, torch 2.13.0+cpu, 2026-12-03
+(the cases of ``bench --quick``: fp32, d64, 256 and 1024 tokens, causal or
+not, key padding or not; flex warm, interleaved rounds, best of 3, load
+average about 1), sdpa-flash was the fastest backend in all 8 cases; flex
+took 1.16-1.85x its time.  An earlier run (2026-11-26, load average about
+4) had flex 10-15 % ahead in causal cases: under load the order changes
+from run to run, and autotune measures the host it runs on.
+
+Backends that compile per shape (``Backend.compiles_per_shape``, e.g. flex):
+a shape-class table (built in or registered) promotes one only for calls it
+has compiled in this process (``Backend.compiled(spec)``); for the others it
+keeps its place in the family's own table (:func:`_held_back`), so auto
+never pays a compile the ranking guessed would pay off.  Autotune, which
+measures the compile's result, is not bound by this.
 
 Shape classes (``SHAPE_RANKINGS``), measured on the same H100 on 2026-11-26 with
 bench/gpu_bench.py (bf16, hdim 128, interleaved CUDA-event timing):
@@ -186,6 +200,16 @@ def ranked(device: torch.device, registered: list[str], spec: Optional[CallSpec]
     outside it placed as it declares.  Built-in backends named by no table of
     any family stay out unless they declare a placement for this family."""
     family = device_family(device)
+    order = _order(family, registered, spec)
+    if spec is None:
+        return order
+    cold = [n for n in order if _cold(n, spec)]
+    return _held_back(order, _order(family, registered, None), cold) if cold else order
+
+
+def _order(family: str, registered: list[str], spec: Optional[CallSpec]) -> list[str]:
+    """The table of ``family`` (and the call's shape class, when ``spec`` is
+    given), then every registered backend outside it placed as it declares."""
     cls = shape_class(spec) if spec is not None else None
     order = [n for n in table(family, spec) if n in registered]
     for name in registered:
@@ -196,6 +220,38 @@ def ranked(device: torch.device, registered: list[str], spec: Optional[CallSpec]
             continue  # a built-in kernel this family's table leaves out
         _place(order, name, where)
     return order
+
+
+def _cold(name: str, spec: CallSpec) -> bool:
+    """Backend ``name`` compiles per shape and has not compiled ``spec`` yet."""
+    inst, _ = REGISTRY.load(name)
+    if inst is None or not getattr(inst, "compiles_per_shape", False):
+        return False
+    try:
+        return not inst.compiled(spec)
+    except Exception:  # a plugin's answer never breaks a decision
+        return True
+
+
+def _held_back(order: list[str], family_order: list[str], cold: list[str]) -> list[str]:
+    """``order`` with each backend of ``cold`` moved behind the backends that
+    the family's own order (no shape class) places ahead of it, where the
+    class still ranks them ahead of its successor there (a backend the class
+    itself moves down does not count): a shape class promotes a backend that
+    compiles per shape only for calls it has compiled."""
+    out = list(order)
+    for name in cold:
+        if name not in family_order:
+            continue
+        i = family_order.index(name)
+        after = next((n for n in family_order[i + 1:] if n in out), None)
+        limit = out.index(after) if after is not None else len(out)
+        last = max((out.index(n) for n in family_order[:i] if n in out and out.index(n) < limit),
+                   default=-1)
+        if out.index(name) < last:
+            out.remove(name)  # the backend at ``last`` moves to last - 1
+            out.insert(last, name)
+    return out
 
 
 _ALL_RANKED = frozenset(n for r in RANKINGS.values() for n in r)

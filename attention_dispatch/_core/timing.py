@@ -34,15 +34,16 @@ def once_ms(fn: Callable[[], Any], device: torch.device) -> float:
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device,
                      budget_s: float = 0.6, max_reps: int = 60,
-                     rounds: Optional[int] = None) -> dict[str, float]:
+                     rounds: Optional[int] = None, min_reps: int = 3) -> dict[str, float]:
     """Milliseconds per call of each function, measured in interleaved rounds
     in a random order each round (so drifting clocks, a busy host or the power state a
     heavy kernel leaves behind hit all alike): the median of the rounds
     on CUDA (events), the minimum on CPU (wall clock; interference only adds).
-    The number of rounds fits ``budget_s`` (3 to ``max_reps``) unless ``rounds``
-    fixes it; one untimed call of each function comes first."""
+    The number of rounds fits ``budget_s`` (``min_reps`` to ``max_reps``) unless
+    ``rounds`` fixes it; one untimed call of each function comes first."""
     once = {n: once_ms(f, device) for n, f in fns.items()}
-    reps = rounds or int(min(max_reps, max(3, budget_s * 1e3 / max(sum(once.values()), 1e-3))))
+    fit = budget_s * 1e3 / max(sum(once.values()), 1e-3)
+    reps = rounds or int(max(min_reps, min(max_reps, fit)))
     samples: dict[str, list[float]] = {n: [] for n in fns}
     names = list(fns)
     rng = random.Random(0)

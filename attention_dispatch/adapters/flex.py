@@ -72,6 +72,8 @@ _lock = threading.Lock()
 _compiled: "OrderedDict[tuple, Callable[..., Any]]" = OrderedDict()
 _block_masks: "OrderedDict[tuple, Any]" = OrderedDict()
 _doc_masks: "OrderedDict[tuple, Any]" = OrderedDict()
+#: call signature -> key of the compiled kernel its last call ran (see compiled())
+_warm: "OrderedDict[CallSpec, tuple]" = OrderedDict()
 _MAX_COMPILED = 128
 _MAX_BLOCK_MASKS = 256
 _MAX_DOC_MASKS = 8  # O(T) tables + O(T^2 / 128^2) blocks each: keep few
@@ -118,6 +120,15 @@ def _compiled_for(key: tuple) -> Callable[..., Any]:
         return fn
 
 
+def _remember_warm(spec: CallSpec, key: tuple) -> None:
+    """``spec`` has run the compiled kernel ``key`` (bounded like _compiled)."""
+    with _lock:
+        _warm[spec] = key
+        _warm.move_to_end(spec)
+        if len(_warm) > 2 * _MAX_COMPILED:
+            _warm.popitem(last=False)
+
+
 def _cached_block_mask(key: tuple, build: Callable[[], Any],
                        cache: "Optional[OrderedDict[tuple, Any]]" = None,
                        limit: int = _MAX_BLOCK_MASKS) -> Any:
@@ -142,6 +153,7 @@ def clear_caches() -> None:
         _compiled.clear()
         _block_masks.clear()
         _doc_masks.clear()
+        _warm.clear()
 
 
 # ------------------------------------------------------------ mask and score
@@ -337,6 +349,15 @@ class FlexBackend(Backend):
             out.append("triton is not installed (flex_attention compiles with it on CUDA)")
         return out
 
+    compiles_per_shape = True
+
+    def compiled(self, spec: CallSpec) -> bool:
+        """A call of ``spec`` ran here and its compiled kernel is still cached
+        (in this process; inductor's on-disk cache is not consulted)."""
+        with _lock:
+            key = _warm.get(spec)
+            return key is not None and key in _compiled
+
     #: On the CPU, calls with fewer scores than this (Sq * Sk, max lengths for
     #: varlen) are refused: compiling a flex kernel takes seconds there, and
     #: sdpa-flash or math finish such calls in microseconds.
@@ -397,9 +418,11 @@ class FlexBackend(Backend):
         else:
             k, v, gqa = _gqa(q, k, v)
         aux = self._aux(spec)
-        fn = _compiled_for(key + (tuple(q.shape), tuple(k.shape), tuple(v.shape), gqa, scale,
-                                  aux is not None))
+        key = key + (tuple(q.shape), tuple(k.shape), tuple(v.shape), gqa, scale, aux is not None)
+        fn = _compiled_for(key)
         res = fn(q, k, v, score_mod, block_mask, scale, gqa, aux)
+        if _warm.get(spec) != key:  # compiled now: auto may promote flex for spec
+            _remember_warm(spec, key)
         if aux is None:
             return res, None
         out, lse = res[0], (res[1].lse if hasattr(res[1], "lse") else res[1]).float()

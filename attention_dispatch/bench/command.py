@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from .._core import clear_cache, list_backends, normalize
+from .._core import clear_cache, get_backend, list_backends, normalize
 from .._core import autotuning as _autotune
 from .._cli.args import (CommandError, default_dtype, device_arg, float_arg, int_arg, list_arg,
     shapes_arg)
@@ -21,11 +21,14 @@ from .cases import DTYPES, MASKS, MODES, BenchCase, case_key, parse_shapes
 from .run import Row, run
 
 BENCH_EPILOG = """examples:
-  attention-dispatch bench --quick                  # every backend, a small grid (CPU: ~1 min)
+  attention-dispatch bench --quick                  # a small grid (2-core CPU, cold: ~20 s)
+  attention-dispatch bench --quick --include-compiling   # CPU: flex too (+4-12 s per case, cold)
   attention-dispatch bench --device cuda --out results --max-seconds 540
   attention-dispatch bench --device cuda --out results --max-seconds 540 --resume
   attention-dispatch bench --shapes "4,16,2048,64;1,16,8192,128" --causal true --mode fwd,fwd+bwd
 
+On the CPU, --quick leaves out backends that compile a kernel per shape (flex) unless
+--include-compiling is given or --backends names them.
 Stored tuning decisions do not apply here: bench uses a temporary, empty autotune cache
 (ATTENTION_DISPATCH_AUTOTUNE=1 makes auto time each case's backends afresh)."""
 
@@ -74,6 +77,9 @@ def add_parser(sub: Any) -> None:
                    help="comma list of backends (default: every registered one)")
     b.add_argument("--quick", action="store_true",
                    help="the quick preset (overrides --shapes; CPU: 8 fp32 cases)")
+    b.add_argument("--include-compiling", action="store_true",
+                   help="CPU --quick: also time backends that compile a kernel per shape "
+                   "(flex: seconds per case on a cold cache); left out otherwise")
     b.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     b.add_argument("--out", default="bench-results", metavar="DIR",
                    help="folder for results.json, .csv and .png (default: bench-results)")
@@ -139,10 +145,26 @@ def _resume_command(a: argparse.Namespace) -> str:
             ("--kv-heads", str(a.kv_heads) if a.kv_heads else None), ("--causal", a.causal),
             ("--mask", a.mask), ("--mode", a.mode), ("--backends", a.backends), ("--out", a.out)]
     parts = ["attention-dispatch", "bench"] + [x for flag, v in opts if v for x in (flag, v)]
-    parts += ["--quick"] * a.quick + ["--no-check"] * a.no_check + ["--resume"]
+    parts += ["--quick"] * a.quick + ["--include-compiling"] * a.include_compiling
+    parts += ["--no-check"] * a.no_check + ["--resume"]
     if a.max_seconds:
         parts += ["--max-seconds", f"{a.max_seconds:g}"]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def _compiles_per_shape(name: str) -> bool:
+    try:
+        return bool(get_backend(name).compiles_per_shape)
+    except Exception:  # a backend that fails to load is reported by the run itself
+        return False
+
+
+def _left_out(a: argparse.Namespace, backends: list[str]) -> list[str]:
+    """Backends the CPU quick grid leaves out: those that compile a kernel per
+    shape, unless --include-compiling or --backends asks for them."""
+    if not a.quick or a.device.type != "cpu" or a.backends or a.include_compiling:
+        return []
+    return [b for b in backends if _compiles_per_shape(b)]
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
@@ -152,12 +174,18 @@ def cmd_bench(a: argparse.Namespace) -> int:
     a.dtype = a.dtype or default_dtype(a.device)
     cases = _cases(a, "quick" if a.quick else a.shapes)
     backends = list(normalize("--backends", a.backends)) if a.backends else list_backends()
+    left_out = _left_out(a, backends)
+    backends = [b for b in backends if b not in left_out]
     try:
         os.makedirs(a.out, exist_ok=True)
     except OSError as exc:
         raise CommandError(f"attention-dispatch bench: error: argument --out: cannot create "
                            f"{a.out}: {exc.strerror or exc}") from None
     env = report.environment(a.device)
+    if left_out:
+        env["left_out"] = left_out
+        print(f"quick grid on the CPU: leaving out {', '.join(left_out)} (compiles a kernel per "
+              "shape: seconds per case on a cold cache); --include-compiling times it")
     rows = _previous_rows(a, env)
     done = {case_key(r) for r in rows}
     pending = [c for c in cases if case_key(c) not in done]

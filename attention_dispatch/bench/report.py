@@ -18,7 +18,7 @@ from .._cli.args import CommandError
 
 Row = dict[str, Any]
 COLUMNS = ["case", "backend", "chosen", "ms", "tflops", "first_call_ms", "peak_mb", "correct",
-           "auto_over_best", "auto_over_torch", "check"]
+           "auto_over_best", "choice_over_best", "auto_over_torch", "check"]
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -59,6 +59,10 @@ def summary(rows: list[Row]) -> str:
     if not ratios:
         return "auto/best: no case timed"
     good = sum(1 for v in ratios.values() if v >= 0.97)
+    picks = {r["case"]: r["choice_over_best"] for r in rows if r.get("choice_over_best")}
+    pick_part = (f"; auto's choice within 3 % of the best in "
+                 f"{sum(1 for v in picks.values() if v >= 0.97)}/{len(picks)} cases"
+                 if picks else "")
     bad = sum(1 for r in rows if r.get("correct") is False)
     vs_torch = {r["case"]: r["auto_over_torch"] for r in rows if r.get("auto_over_torch")}
     torch_part = ""
@@ -67,7 +71,7 @@ def summary(rows: list[Row]) -> str:
         torch_part = (f"; auto/torch-default >= 1 in {faster}/{len(vs_torch)} cases "
                       f"(min {min(vs_torch.values()):.3f})")
     return (f"auto/best >= 0.97 in {good}/{len(ratios)} cases (min {min(ratios.values()):.3f})"
-            f"{torch_part}; {bad} incorrect rows")
+            f"{pick_part}{torch_part}; {bad} incorrect rows")
 
 
 def status(cases_done: int, cases_total: int) -> dict[str, Any]:

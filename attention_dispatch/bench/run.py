@@ -104,6 +104,14 @@ def accepted(kw: dict[str, Any], backends: list[str]) -> tuple[list[str], Decisi
     return [b for b in backends if b in ok], d
 
 
+def timing_budget(device: torch.device) -> dict[str, Any]:
+    """Seconds and rounds per case: CUDA 1.0 s; CPU 1.0 s and at least 10
+    rounds (the minimum of few rounds of a slow backend is noisy on a shared host)."""
+    if device.type == "cuda":
+        return {"budget_s": 1.0}
+    return {"budget_s": 1.0, "min_reps": 10}
+
+
 def run_case(case: BenchCase, backends: list[str], device: torch.device, check: bool,
              meta: dict[str, Any]) -> list[Row]:
     """Every accepting backend and auto on one case; auto_over_best on every row."""
@@ -128,22 +136,37 @@ def run_case(case: BenchCase, backends: list[str], device: torch.device, check: 
         except (BackendUnavailable, RuntimeError) as exc:
             row.update(correct=False, check=f"{type(exc).__name__}: {exc}"[:200])
     _add_torch_default(case, kw, device, meta, rows, fns)
-    budget = 1.0 if device.type == "cuda" else 0.6
-    for name, ms in time_interleaved(fns, device, budget_s=budget).items():
+    for name, ms in time_interleaved(fns, device, **timing_budget(device)).items():
         # 4 significant digits: a slow CPU call keeps a TFLOP/s above 0
         rows[name].update(ms=round(ms, 4), tflops=float(f"{case.flops / (ms * 1e-3) / 1e12:.4g}"))
-    timed = [r["ms"] for n, r in rows.items()
-             if n not in ("auto", TORCH_DEFAULT) and r["ms"] and r["correct"]]
-    auto = rows["auto"]["ms"]
-    ratio = round(min(timed) / auto, 4) if timed and auto else None
-    torch_ms = rows[TORCH_DEFAULT]["ms"] if TORCH_DEFAULT in rows else None
-    vs_torch = round(torch_ms / auto, 4) if torch_ms and auto else None
+    ratios = _ratios(rows)
     for r in rows.values():
-        r["auto_over_best"] = ratio
-        r["auto_over_torch"] = vs_torch
+        r.update(ratios)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return list(rows.values())
+
+
+def _ratios(rows: dict[str, Row]) -> dict[str, Optional[float]]:
+    """A case's figures for every row.  "Best" is the fastest correct backend
+    row in steady state (first call, and with it any compilation, excluded; it
+    is in ``first_call_ms``).  ``auto_over_best``: best / auto's time;
+    ``choice_over_best``: best / the time of the backend auto chose, timed in
+    its own row (auto's choice, without the noise of a second timing of one
+    kernel); ``auto_over_torch``: torch's default call / auto's time."""
+    timed = [r["ms"] for n, r in rows.items()
+             if n not in ("auto", TORCH_DEFAULT) and r["ms"] and r["correct"]]
+    best = min(timed) if timed else None
+    auto = rows["auto"]["ms"]
+    pick = rows.get(rows["auto"]["chosen"]) if rows["auto"]["chosen"] != "auto" else None
+    pick_ms = pick["ms"] if pick is not None and pick["correct"] else None
+    torch_ms = rows[TORCH_DEFAULT]["ms"] if TORCH_DEFAULT in rows else None
+
+    def over(a: Optional[float], b: Optional[float]) -> Optional[float]:
+        return round(a / b, 4) if a and b else None
+
+    return {"auto_over_best": over(best, auto), "choice_over_best": over(best, pick_ms),
+            "auto_over_torch": over(torch_ms, auto)}
 
 
 def _add_torch_default(case: BenchCase, kw: dict[str, Any], device: torch.device,
