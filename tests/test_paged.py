@@ -224,6 +224,24 @@ def test_bad_values():
                        cache_seqlens=c.cache_seqlens)
 
 
+def test_table_checks_remembered_by_value():
+    """The table's checks are remembered by its values and each row's block count:
+    a table (or lengths) changed in place between calls is checked again."""
+    c = make_case([5, 9], 2, 4, 2, 8, 4)
+    kw = dict(block_table=c.block_table, cache_seqlens=c.cache_seqlens)
+    ad.attention_paged(c.q, c.k_cache, c.v_cache, **kw)  # checked, remembered
+    saved = c.block_table[1, 2].item()
+    c.block_table[1, 2] = c.k_cache.shape[0]  # in place: same tensor, new values
+    with pytest.raises(ad.AttentionInputError, match="block_table.*at row 1, column 2"):
+        ad.attention_paged(c.q, c.k_cache, c.v_cache, **kw)
+    c.block_table[1, 2] = saved
+    c.block_table[0, 2] = 10 ** 6  # row 0 uses 2 blocks: column 2 unused ...
+    ad.attention_paged(c.q, c.k_cache, c.v_cache, **kw)
+    c.cache_seqlens[0] = 9  # ... until row 0 grows into it
+    with pytest.raises(ad.AttentionInputError, match="block_table.*at row 0, column 2"):
+        ad.attention_paged(c.q, c.k_cache, c.v_cache, **kw)
+
+
 def test_gradients_are_refused():
     c = make_case([5, 9], 2, 4, 2, 8, 4)
     for name in ("q", "k_cache", "v_cache"):

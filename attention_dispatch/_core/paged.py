@@ -35,6 +35,7 @@ from .decide import RoutePlan, candidates, reasons
 from .decision import ACCEPTED, CHOSEN, REFUSED, SKIPPED, BackendVerdict, Decision
 from .errors import AttentionInputError, AttentionTypeError, BackendUnavailable
 from .layout import StrideRequirements
+from .pagedvalues import check_paged_values
 from .registry import REGISTRY
 from .select import BackendArg, resolve
 from .spec import FLOAT_DTYPES, CallOptions, CallSpec, _check_scalars, keyword_tensors
@@ -100,38 +101,6 @@ def _check_shapes(q: Any, kc: Any, vc: Any, bt: Any, sl: Any) -> None:
                                   "max_blocks >= 1", _shape(bt))
     if tuple(sl.shape) != (B,):
         raise AttentionInputError("cache_seqlens", f"shape (B,) = ({B},) (as q)", _shape(sl))
-
-
-def check_paged_values(block_table: Tensor, cache_seqlens: Tensor, seq_q: int,
-                       num_blocks: int, block_size: int) -> None:
-    """The values (one host read of the two int tensors): Sq <= cache_seqlens[b]
-    <= max_blocks * block_size, and each row's used blocks (the first
-    ceil(cache_seqlens[b] / block_size)) in [0, num_blocks) and distinct."""
-    # one device-to-host copy (one synchronisation) for both tensors
-    both = torch.cat([cache_seqlens, block_table.reshape(-1)]).cpu().long()
-    lengths, table = both[: cache_seqlens.numel()], both[cache_seqlens.numel():].view(
-        block_table.shape)
-    cap = table.shape[1] * block_size
-    bad = ((lengths < seq_q) | (lengths > cap)).nonzero()
-    if bad.numel():
-        b = int(bad[0, 0])
-        raise AttentionInputError("cache_seqlens", f"Sq = {seq_q} <= length <= max_blocks * "
-                                  f"block_size = {cap} in every row",
-                                  f"{int(lengths[b])} in row {b}")
-    cols = torch.arange(table.shape[1])
-    used = cols < (lengths[:, None] + block_size - 1) // block_size
-    out = used & ((table < 0) | (table >= num_blocks))
-    if out.any():
-        b, c = (int(x) for x in out.nonzero()[0])
-        raise AttentionInputError("block_table", f"used block indices in [0, num_blocks = "
-                                  f"{num_blocks})", f"{int(table[b, c])} at row {b}, "
-                                  f"column {c}")
-    marked = torch.where(used, table, -1 - cols).sort(-1).values
-    dup = (marked[:, 1:] == marked[:, :-1]).nonzero()
-    if dup.numel():
-        b = int(dup[0, 0])
-        raise AttentionInputError("block_table", "distinct blocks among a row's used ones",
-                                  f"block {int(marked[b, int(dup[0, 1])])} twice in row {b}")
 
 
 def validate_paged(q: Any, k_cache: Any, v_cache: Any, block_table: Any, cache_seqlens: Any,
