@@ -223,3 +223,36 @@ def test_left_padding_with_causal_leaves_rows_without_a_key() -> None:
         _check(q, k, v, key_padding_mask=kpm, causal=True)
         out = ad.attention(q, k, v, key_padding_mask=kpm, causal=True)
         assert torch.equal(out[1, :, :6], torch.zeros_like(out[1, :, :6]))
+
+
+def test_facts_remembered_in_inference_mode_serve_calls_with_gradients() -> None:
+    """A bias or padded-slot index remembered during torch.inference_mode() must
+    not be an inference tensor: a later call's backward saves it."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 2, 4, 8, generator=g)
+    k, v = (torch.randn(2, 2, 8, 8, generator=g) for _ in range(2))
+    kpm = torch.ones(2, 8, dtype=torch.bool)
+    kpm[0, 3] = False
+    mask = torch.rand(4, 8, generator=g) > 0.3
+    maskvalues._derived.clear()
+    with torch.inference_mode():
+        ad.attention(q, k, v, key_padding_mask=kpm)
+        ad.attention(q, k, v, mask=mask)
+    for kw in (dict(key_padding_mask=kpm), dict(mask=mask)):
+        for name in ("auto", "math", "sdpa-flash"):
+            qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
+            out = ad.attention(qg, kg, v, backend=name, **kw)
+            out.sum().backward()
+            ref, _ = reference_attention(qg.double(), kg.double(), v.double(), **kw)
+            assert_close(out, ref, tol=1e-5)
+
+
+def test_large_derived_tensors_are_not_remembered() -> None:
+    """A bias with causal folded in grows as (B, 1, Sq, Sk): past MAX_TENSOR
+    elements it is made per call, so the cache stays small."""
+    maskvalues._derived.clear()
+    big = maskvalues.derived(("test", 1), lambda: torch.zeros(maskvalues.MAX_TENSOR + 1))
+    small = maskvalues.derived(("test", 2), lambda: (torch.zeros(4), 3))
+    assert big.numel() == maskvalues.MAX_TENSOR + 1
+    assert ("test", 1) not in maskvalues._derived and ("test", 2) in maskvalues._derived
+    assert maskvalues.derived(("test", 2), lambda: None) is small

@@ -24,7 +24,9 @@ from .spec import CallSpec
 Tensor = torch.Tensor
 #: the most elements a mask may have for its derived facts to be remembered
 LIMIT = 4096
-_MAX_ENTRIES = 256  # biases of at most LIMIT elements: a few MiB at most
+#: the most elements of a remembered tensor (a bias may be (B, 1, Sq, Sk))
+MAX_TENSOR = 1 << 16
+_MAX_ENTRIES = 256  # of at most MAX_TENSOR elements each: a few tens of MiB at most
 _MISS = object()
 _derived: dict[tuple, Any] = {}
 register_cache("masks.values", _derived.clear)
@@ -48,14 +50,30 @@ def value_key(t: Optional[Tensor]) -> Optional[tuple]:
 def derived(key: tuple, make: Callable[[], Any]) -> Any:
     """The value remembered under ``key`` (computed by ``make`` the first time).
     ``make`` must return what depends on nothing but the key: tensors it returns
-    are shared by every call with this key and never written."""
+    are shared by every call with this key and never written.  ``make`` runs
+    outside inference mode (a tensor made there could not be saved for a later
+    call's backward), and a result holding a tensor of more than
+    :data:`MAX_TENSOR` elements (e.g. a bias with causal folded in) is returned
+    but not remembered, so the cache stays a few MiB."""
     hit = _derived.get(key, _MISS)
     if hit is _MISS:
-        hit = make()
+        with torch.inference_mode(False):
+            hit = make()
+        if _size(hit) > MAX_TENSOR:
+            return hit
         if len(_derived) >= _MAX_ENTRIES:
             _derived.clear()
         _derived[key] = hit
     return hit
+
+
+def _size(value: Any) -> int:
+    """The elements of the largest tensor in ``value`` (a tensor or a tuple)."""
+    if isinstance(value, Tensor):
+        return value.numel()
+    if isinstance(value, tuple):
+        return max((_size(x) for x in value), default=0)
+    return 0
 
 
 def padding_end(kpm: Tensor) -> Optional[tuple[int, bool]]:
