@@ -196,3 +196,21 @@ def test_explain_names_it_and_its_refusal_on_the_cpu() -> None:
     q = torch.randn(1, 4, 1, 16)
     text = str(ad.explain(q, q, q, backend=["triton-decode", "math"]))
     assert "triton-decode" in text and "cuda" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_offsets_past_two_to_the_31_elements() -> None:
+    """A K/V view whose head stride times the head index passes 2^31 elements
+    (offsets must be int64 in the kernel)."""
+    sk, h, d = 16, 3, 16
+    store = torch.empty(2 * 2 ** 30 + sk * d, dtype=torch.float16, device="cuda")
+    kv = torch.as_strided(store, (1, sk, h, d), (0, d, 2 ** 30, 1))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for i in range(h):
+        kv[0, :, i] = torch.randn(sk, d, device="cuda", generator=g).half()
+    q = torch.randn(1, 1, h, d, device="cuda", generator=g).half()
+    out, _ = tk.split_kv_attention(q, kv, kv, scale=d ** -0.5, causal=False, splits=1)
+    kc = kv.contiguous().transpose(1, 2).double()
+    ref, _ = reference_attention(q.transpose(1, 2).double(), kc, kc)
+    assert max_err(out.transpose(1, 2), ref.cpu()) < 1e-2

@@ -50,8 +50,8 @@ def kernel() -> Any:
                  PAGED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                  SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr):
-        b = tl.program_id(0).to(tl.int64)
-        hk = tl.program_id(1)
+        b = tl.program_id(0).to(tl.int64)  # offsets in int64: caches may pass 2^31 elements
+        hk = tl.program_id(1).to(tl.int64)
         sp = tl.program_id(2)
         if PAGED:
             L = tl.load(LENS + b)
@@ -73,7 +73,7 @@ def kernel() -> Any:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for n0 in range(lo, hi, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
+            cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
             n_ok = cols < hi
             if PAGED:  # a tile lies in one block: BLOCK_N divides PAGE, n0 aligned
                 blk = tl.load(BT + b * sbt_b + n0 // PAGE).to(tl.int64)
@@ -122,7 +122,7 @@ def combine_kernel() -> Any:
                 so_b, so_s, so_h, so_d, HAS_SINKS: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_D: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
-        hk = tl.program_id(1)
+        hk = tl.program_id(1).to(tl.int64)
         nh = tl.num_programs(1)
         rows = tl.arange(0, BLOCK_M)
         d = tl.arange(0, BLOCK_D)
