@@ -256,3 +256,38 @@ def test_large_derived_tensors_are_not_remembered() -> None:
     assert big.numel() == maskvalues.MAX_TENSOR + 1
     assert ("test", 1) not in maskvalues._derived and ("test", 2) in maskvalues._derived
     assert maskvalues.derived(("test", 2), lambda: None) is small
+
+
+class _LongKeysOnly(ad.Backend):
+    """math's answer; refuses calls with fewer than 16 keys, records what it got."""
+
+    name = "long-keys-only"
+    capabilities = ad.Capabilities(device_types=frozenset({"cpu"}),
+                                   dtypes=frozenset({torch.float32}), dropout=True)
+    seen: list[int] = []
+
+    def check(self, spec: Any) -> list[str]:
+        return [f"seq_k={spec.seq_k}; allowed: >= 16"] if spec.seq_k < 16 else []
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> Any:
+        self.seen.append(k.shape[2])
+        return ad.get_backend("math").forward(q, k, v, **kw)
+
+
+def test_key_padding_cut_only_where_the_backend_takes_the_shorter_call() -> None:
+    """The cut (right padding of one length run on the real keys only) is a call
+    the backend was not asked about: it must accept that shorter call too."""
+    ad.register_backend(_LongKeysOnly.name)(_LongKeysOnly)
+    try:
+        g = torch.Generator().manual_seed(6)
+        q, k, v = (torch.randn(2, 2, n, 8, generator=g) for n in (4, 32, 32))
+        for n, expect in ((20, 20), (5, 32)):  # 5 keys: refused, so no cut
+            kpm = torch.arange(32)[None, :].expand(2, 32) < n
+            _LongKeysOnly.seen.clear()
+            out = ad.attention(q, k, v, key_padding_mask=kpm, backend=_LongKeysOnly.name)
+            assert _LongKeysOnly.seen == [expect]
+            ref, _ = reference_attention(q.double(), k.double(), v.double(),
+                                         key_padding_mask=kpm)
+            assert_close(out, ref, tol=1e-5)
+    finally:
+        ad.unregister_backend(_LongKeysOnly.name)

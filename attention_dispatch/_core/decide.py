@@ -240,3 +240,16 @@ def _with_memory(d: Decision, copies: Copies) -> Decision:
                                buffers=tuple(f"{b.what}: {describe_bytes(b.nbytes)}"
                                              + (" (O(Sq*Sk))" if b.quadratic else "")
                                              for b in bufs))
+
+
+def takes_cut(backend: Backend, spec: CallSpec) -> bool:
+    """Whether ``backend`` takes the key-padding cut's shorter call ``spec`` as
+    it took the call it was chosen for: its capabilities and checks (limits may
+    depend on Sk), no new kernel to compile (a backend that compiles per
+    shape), no demotion or quarantine record (``maskvalues.cut_padding``)."""
+    if backend.supports(spec):
+        return False
+    if backend.compiles_per_shape and not backend.compiled(spec):
+        return False
+    return (_reliability.demotion_reason(backend.name, spec) is None
+            and _quarantine.reason(backend, spec) is None)

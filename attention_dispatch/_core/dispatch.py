@@ -22,7 +22,7 @@ from . import policy as _policy, quarantine as _quarantine
 from . import reliability as _reliability, verification as _verify
 from .backend import Backend
 from .caches import clear_all, register_cache
-from .decide import Plan, decide, tuned
+from .decide import Plan, decide, takes_cut, tuned
 from .errors import BackendRuntimeError, BackendUnavailable
 from .guards import tensor_check
 from .layout import MemoryPlan, apply_memory, plan_memory
@@ -275,7 +275,7 @@ def _call_planned(selection: tuple[str, ...], key: Optional[tuple], plan: Option
         qb, kb, vb = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)) if bshd else (
             q, k, v)
         try:
-            out = cut_call(plan, qb, kb, vb, o.key_padding_mask, _plain_call)
+            out = cut_call(plan, qb, kb, vb, o.key_padding_mask, _plain_call, takes_cut)
         except Exception as exc:
             return _run(plan, q, k, v, o, failure=exc)
         if out is not None:
@@ -479,7 +479,7 @@ def _forward(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions,
     if mp is None:
         mp = _memory_for(plan.backend, spec, q, k, v, mask)
     if cut is None and kpm is not None:
-        cut = cut_padding(spec, kpm)
+        cut = cut_padding(spec, kpm, plan.backend, takes_cut)
     if cut:
         n, spec = cut  # type: ignore[misc]
         k, v, kpm = k.narrow(2, 0, n), v.narrow(2, 0, n), None
@@ -510,7 +510,7 @@ def _run(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions,
         out, lse = empty_result(q, k, v, spec)
     else:
         kpm = o.key_padding_mask
-        cut = (kpm is not None and cut_padding(spec, kpm)) or False
+        cut = (kpm is not None and cut_padding(spec, kpm, plan.backend, takes_cut)) or False
         try:
             if failure is not None:
                 raise failure

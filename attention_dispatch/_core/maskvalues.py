@@ -111,35 +111,43 @@ def padded_slots(kpm: Tensor) -> Tensor:
     return derived(("slots", vk), lambda: ~kpm[:, None, :, None])
 
 
-def cut_padding(spec: CallSpec, kpm: Tensor) -> Optional[tuple[int, CallSpec]]:
+def cut_padding(spec: CallSpec, kpm: Tensor, backend: object = None,
+                takes: Optional[Callable[[Any, CallSpec], bool]] = None
+                ) -> Optional[tuple[int, CallSpec]]:
     """Where every key before the last real key of any batch row is real and
     nothing depends on Sk's value (no causal, window, ALiBi; a dense call):
     ``(n, spec)``, the call on the first ``n`` keys without key padding - the
     same result, and no key padding slot is read or needs zeroing.  None
-    otherwise (and for a batch without any real key: rows with no key)."""
+    otherwise (and for a batch without any real key: rows with no key), and
+    where ``takes(backend, shorter spec)`` is False (the dispatcher's test that
+    the backend takes the shorter call as it took the longer one)."""
     if (spec.causal or spec.window is not None or spec.alibi or spec.varlen or spec.paged
             or not spec.key_padding):
         return None
     vk = value_key(kpm)
     if vk is None:
         return None
-    got = _derived.get(("cut", id(spec), vk))  # the entry holds spec: its id stays its own
-    if got is None or got[0] is not spec:
+    key = ("cut", id(spec), vk, id(backend))
+    got = _derived.get(key)  # the entry holds spec and backend: their ids stay theirs
+    if got is None or got[0] is not spec or got[1] is not backend:
         n, dense = derived(("end", vk), lambda: _padding_end(kpm))
-        got = (spec, (n, shorter(spec, n, False)) if dense and n else None)
-        derived(("cut", id(spec), vk), lambda: got)
-    return got[1]
+        cut = (n, shorter(spec, n, False)) if dense and n else None
+        if cut is not None and takes is not None and not takes(backend, cut[1]):
+            cut = None
+        got = (spec, backend, cut)
+        derived(key, lambda: got)
+    return got[2]
 
 
 def cut_call(plan: Any, q: Tensor, k: Tensor, v: Tensor, kpm: Tensor,
-             make: Callable[..., Callable[[Tensor, Tensor, Tensor], Tensor]]
-             ) -> Optional[Tensor]:
+             make: Callable[..., Callable[[Tensor, Tensor, Tensor], Tensor]],
+             takes: Optional[Callable[[Any, CallSpec], bool]] = None) -> Optional[Tensor]:
     """``out`` of a key-padding call with nothing else to do (``Plan.cut``: no
     copies, mask, lse or tensor option) as the plain kernel call on the keys
     before its cut (:func:`cut_padding`), q, k, v bhsd views; None where the
     call has no cut.  ``make(backend, spec, scale, dropout_p, q, k, v)`` gives
     the plain call, built once per plan and cut."""
-    cut = cut_padding(plan.spec, kpm)
+    cut = cut_padding(plan.spec, kpm, plan.backend, takes)
     if cut is None:
         return None
     n, spec = cut
