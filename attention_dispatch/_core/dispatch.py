@@ -24,7 +24,7 @@ from .backend import Backend
 from .caches import clear_all, register_cache
 from .decide import Plan, decide, takes_cut, tuned
 from .errors import BackendRuntimeError, BackendUnavailable
-from .guards import tensor_check
+from .guards import never, tensor_check
 from .layout import MemoryPlan, apply_memory, plan_memory
 from .masks import alive_rows, empty_result, sink_lse, zero_empty_rows
 from .maskvalues import cut_call, cut_padding
@@ -254,12 +254,15 @@ def _remember(key: tuple, plan: Plan, selection: tuple[str, ...], q: Tensor, k: 
     given = [i for i in range(TENSOR_OPTIONS) if o[i] is not None]
     check = _checks.get(key)
     if check is None:
-        check = _checks[key] = tensor_check(q, k, v, *[o[i] for i in given]) or _never
-    if check is _never:
+        check = _checks[key] = tensor_check(q, k, v, *[o[i] for i in given]) or never
+    if check is never:
         return
     needs = any(t.requires_grad for t in (q, k, v, o.mask, o.sinks) if t is not None)
-    _memo[1] = (check, selection, o[TENSOR_OPTIONS:], tuple(map(type, o)), given,
-                _grad_enabled() if needs else None, key, plan)
+    memo = (check, selection, o[TENSOR_OPTIONS:], tuple(map(type, o)), given,
+            _grad_enabled() if needs else None, key, plan)
+    with _lock:  # not a plan another thread just dropped (a fallback, a demotion)
+        if _plans.get(key) is plan:
+            _memo[1] = memo
 
 
 def _call_planned(selection: tuple[str, ...], key: Optional[tuple], plan: Optional[Plan],
@@ -305,14 +308,12 @@ def _call_planned(selection: tuple[str, ...], key: Optional[tuple], plan: Option
 
 def _plain(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float,
            scale: Optional[float]) -> Union[Tensor, tuple[Tensor, Tensor]]:
-    """:func:`attention` for the plain call (auto selection, no tensor option,
-    bhsd, no lse, no window or softcap; ``causal`` a bool, ``dropout_p`` a
-    float, ``scale`` None or a float): the last plain signature's plan when
-    q, k, v, the selection and the scalars match it (a C-level check, see
-    :mod:`.guards`), else a shorter cache key (the same facts: the options it
-    leaves out are known); then the plan's ``plain`` kernel call.  A miss,
-    verify mode, an unaligned pointer or a plan without a plain call take
-    :func:`_call_planned`."""
+    """:func:`attention` for the plain call (auto, no tensor option, bhsd, no
+    lse, window or softcap; bool ``causal``, float ``dropout_p``, ``scale``
+    None or a float): the last plain signature's plan when q, k, v, the
+    selection and the scalars match it (a C-level check, :mod:`.guards`), else
+    a shorter cache key; then the plan's ``plain`` kernel call.  A miss, verify
+    mode, an unaligned pointer or a plan without a plain call: _call_planned."""
     selection = _context.get() or env_selection() or AUTO
     m = _memo[0]
     if (m is not None and m[0](q, k, v) and m[1] == selection and m[2] is causal
@@ -348,15 +349,14 @@ def _plain_lookup(selection: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor, c
     if plan is not None and plan.plain is not None:
         check = _checks.get(key)
         if check is None:
-            check = _checks[key] = tensor_check(q, k, v) or _never
-        if check is not _never:
-            _memo[0] = (check, selection, causal, dropout_p, scale,
-                        grad if needs else None, key, plan)
+            check = _checks[key] = tensor_check(q, k, v) or never
+        if check is not never:
+            memo = (check, selection, causal, dropout_p, scale, grad if needs else None,
+                    key, plan)
+            with _lock:  # not a plan another thread just dropped
+                if _plans.get(key) is plan:
+                    _memo[0] = memo
     return key, plan
-
-
-def _never(*ts: Tensor) -> bool:
-    return False
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,

@@ -76,3 +76,8 @@ def tensor_check(*ts: torch.Tensor) -> Optional[Check]:
         return inner(*[others[i] for i in keep])
 
     return check
+
+
+def never(*ts: "torch.Tensor") -> bool:
+    """The check of a signature that cannot be remembered (no C-level check)."""
+    return False
