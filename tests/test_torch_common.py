@@ -63,6 +63,8 @@ def test_native_gqa_on_cuda_from_torch_2_11(monkeypatch: pytest.MonkeyPatch, ver
     assert not _torch_common.native_gqa_cuda(cpu_spec)
     native_here = _torch_common.native_gqa_cuda(spec)
     assert (gqa_buffers(spec, native_here) == []) is native
+    grad_spec = dataclasses.replace(spec, requires_grad=True)  # the backward's dK/dV
+    assert gqa_buffers(grad_spec, native_here)[0].nbytes == 2 * 2 * 8 * 11 * 16 * 8
     assert gqa_buffers(cpu_spec, False) != []
     got: list[tuple] = []
 

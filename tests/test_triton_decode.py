@@ -192,6 +192,12 @@ def test_limits_are_reasons(kw: dict, words: str) -> None:
     assert TritonDecodeBackend().check(_spec()) == []
 
 
+def test_buffers_count_the_partial_outputs() -> None:
+    (buf,) = TritonDecodeBackend().buffers(_spec(seq_k=131072, batch=1))
+    splits = tk.num_splits(1, 2, 131072, 64, 132)
+    assert buf.nbytes == 1 * 2 * splits * 16 * (64 + 1) * 4 and not buf.quadratic
+
+
 def test_explain_names_it_and_its_refusal_on_the_cpu() -> None:
     q = torch.randn(1, 4, 1, 16)
     text = str(ad.explain(q, q, q, backend=["triton-decode", "math"]))

@@ -116,8 +116,13 @@ def _torch_version() -> tuple[int, int]:
 
 
 def gqa_buffers(spec: CallSpec, native: bool) -> list[Buffer]:
-    """The K/V copy :func:`with_gqa` makes for ``spec`` (none when native or folded)."""
-    if native or _folded_spec(spec) is not None:
+    """The K/V copy :func:`with_gqa` makes for ``spec`` (none when folded); when
+    native, with gradients, the dK/dV the backward keeps at Hq heads before
+    summing each group (FA2's backward does; counted for cuDNN too, unmeasured)."""
+    if native:
+        return [est.kv_copy(spec, spec.heads_q, f"dK/dV at {spec.heads_q} heads in the "
+                            "backward (GQA)")] if spec.gqa and spec.requires_grad else []
+    if _folded_spec(spec) is not None:
         return []
     return est.gqa_expansion(spec)
 

@@ -157,7 +157,8 @@ def combine_kernel() -> Any:
     return combine
 
 
-def _pow2(n: int, low: int = 16) -> int:
+def pow2(n: int, low: int = 16) -> int:
+    """The tile size for ``n`` rows or dims: the next power of two, at least ``low``."""
     return max(low, 1 << max(0, n - 1).bit_length())
 
 
@@ -199,7 +200,7 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal:
     page = k.shape[1] if paged else 0
     max_len = block_table.shape[1] * page if paged else k.shape[1]
     block_n = min(block_n, page) if paged else block_n
-    bm, bd = _pow2(G * Sq), _pow2(D)
+    bm, bd = pow2(G * Sq), pow2(D)
     S = splits or num_splits(B, Hkv, max_len, block_n, _sms(q.device))
     chunk = -(-max(1, max_len) // S)
     chunk = -(-chunk // block_n) * block_n
