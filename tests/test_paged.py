@@ -304,3 +304,40 @@ def test_flex_paged_limits_as_data():
                                            "seq_q": 256, "heads_q": 6})) == []
     assert "block_size=48" in " ".join(paged_reasons(spec.__class__(
         **{**spec.__dict__, "block_size": 48})))
+
+
+class _BrokenPaged(ad.Backend):
+    """A paged kernel that raises at run time, ranked first for paged CPU calls."""
+
+    name = "broken-paged"
+    ranking = {"cpu/paged": "first"}
+    capabilities = ad.Capabilities(device_types=frozenset({"cpu"}),
+                                   dtypes=frozenset({torch.float32}), backward=False,
+                                   extras=frozenset({"paged"}))
+
+    def forward(self, q, k, v, **kw):  # type: ignore[no-untyped-def]
+        raise RuntimeError("dense calls are not under test")
+
+    def forward_paged(self, q, k_cache, v_cache, **kw):  # type: ignore[no-untyped-def]
+        raise RuntimeError("kernel launch failed")
+
+
+def test_a_native_route_failing_at_run_time_falls_back():
+    """auto: the failing backend is demoted for the signature (warned once) and the
+    next route runs; a forced selection raises BackendRuntimeError."""
+    ad.register_backend(_BrokenPaged.name)(_BrokenPaged)
+    try:
+        c = make_case([5, 9], 2, 4, 2, 8, 4)
+        kw = dict(block_table=c.block_table, cache_seqlens=c.cache_seqlens)
+        assert ad.explain_paged(c.q, c.k_cache, c.v_cache, **kw).backend == _BrokenPaged.name
+        with pytest.warns(ad.FallbackWarning, match="kernel launch failed"):
+            out = ad.attention_paged(c.q, c.k_cache, c.v_cache, **kw)
+        ref, _ = paged_reference(c)
+        assert max_err(out, ref) <= 1e-5
+        again = ad.attention_paged(c.q, c.k_cache, c.v_cache, **kw)  # the new plan, no retry
+        assert torch.equal(again, out)
+        with pytest.raises(ad.BackendRuntimeError, match="kernel launch failed"):
+            ad.attention_paged(c.q, c.k_cache, c.v_cache, backend=_BrokenPaged.name, **kw)
+    finally:
+        ad.unregister_backend(_BrokenPaged.name)
+        ad.clear_cache()

@@ -24,16 +24,18 @@ hands the options to the dense call unchanged.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Optional, Union
 
 import torch
 
-from . import eventlog as _events
+from . import eventlog as _events, reliability as _reliability
 from .backend import Backend
 from .caches import PlanCache
 from .decide import RoutePlan, candidates, reasons
 from .decision import ACCEPTED, CHOSEN, REFUSED, SKIPPED, BackendVerdict, Decision
-from .errors import AttentionInputError, AttentionTypeError, BackendUnavailable
+from .errors import AttentionInputError, AttentionTypeError, BackendRuntimeError
+from .errors import BackendUnavailable
 from .layout import StrideRequirements
 from .pagedvalues import check_paged_values
 from .registry import REGISTRY
@@ -242,17 +244,46 @@ def paged_call(selection: tuple[str, ...], q: Tensor, k_cache: Tensor, v_cache: 
         out = q.new_zeros(q.shape[:-1] + (v_cache.shape[-1],))
         lse = torch.full((spec.batch, spec.heads_q, spec.seq_q), float("-inf"),
                          device=q.device)
-    elif plan.native:
-        q, k_cache, v_cache = _conform(plan.backend.stride_requirements(spec), q, k_cache,
-                                       v_cache)
-        out, lse = plan.backend.forward_paged(
-            q, k_cache, v_cache, spec=spec, block_table=block_table.contiguous(),
-            cache_seqlens=cache_seqlens.contiguous(), scale=plan.scale, **keyword_tensors(o))
     else:
-        out, lse = _run_gathered(plan, q, k_cache, v_cache, block_table, cache_seqlens, o)
+        args = (q, k_cache, v_cache, block_table, cache_seqlens, o)
+        while True:
+            try:
+                out, lse = _run_plan(plan, spec, *args)
+                break
+            except Exception as exc:  # demote it for this signature, run the next one
+                plan = _fallen_back(key, plan, spec, selection, o.scale, exc)
     if o.return_lse:
         return out, lse.detach()  # type: ignore[union-attr]
     return out
+
+
+def _run_plan(plan: RoutePlan, spec: CallSpec, q: Tensor, k_cache: Tensor,
+              v_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor, o: CallOptions
+              ) -> tuple[Tensor, Any]:
+    if not plan.native:
+        return _run_gathered(plan, q, k_cache, v_cache, block_table, cache_seqlens, o)
+    q, k_cache, v_cache = _conform(plan.backend.stride_requirements(spec), q, k_cache, v_cache)
+    return plan.backend.forward_paged(
+        q, k_cache, v_cache, spec=spec, block_table=block_table.contiguous(),
+        cache_seqlens=cache_seqlens.contiguous(), scale=plan.scale, **keyword_tensors(o))
+
+
+def _fallen_back(key: tuple, plan: RoutePlan, spec: CallSpec, selection: tuple[str, ...],
+                 scale: Optional[float], exc: Exception) -> RoutePlan:
+    """The plan's backend raised: as for dense calls, bad input, out-of-memory
+    and a forced selection raise; otherwise the backend is demoted for this
+    signature (warned once) and the next eligible route is decided and kept."""
+    name = plan.backend.name
+    if not _reliability.may_fall_back(exc):
+        raise exc
+    if "auto" not in selection:
+        raise BackendRuntimeError(name, selection, exc) from exc
+    _reliability.demote(name, spec, exc)
+    _plans.pop(key, None)
+    new = _plan(key, spec, selection, scale)
+    _events.emit(_events.FALLBACK, new.backend.name, f"{name} raised {type(exc).__name__}: "
+                 f"{str(exc)[:200]}", spec, level=logging.INFO)
+    return new
 
 
 def _conform(req: StrideRequirements, *ts: Tensor) -> tuple[Tensor, ...]:
