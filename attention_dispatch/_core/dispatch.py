@@ -23,7 +23,7 @@ from . import reliability as _reliability, verification as _verify
 from .backend import Backend
 from .caches import clear_all, register_cache
 from .decide import Plan, decide, takes_cut, tuned
-from .errors import BackendRuntimeError, BackendUnavailable
+from .errors import BackendUnavailable
 from .guards import never, tensor_check
 from .layout import MemoryPlan, apply_memory, plan_memory
 from .masks import alive_rows, empty_result, sink_lse, zero_empty_rows
@@ -180,11 +180,7 @@ def _fallback(plan: Plan, exc: Exception, q: Tensor, k: Tensor, v: Tensor,
     stale: list[tuple] = []
     while True:
         name = plan.backend.name
-        if not _reliability.may_fall_back(exc):
-            raise exc
-        if "auto" not in plan.selection:
-            raise BackendRuntimeError(name, plan.selection, exc) from exc
-        _reliability.demote(name, plan.spec, exc)
+        _reliability.demote_or_raise(name, plan.selection, plan.spec, exc)
         with _lock:
             dropped = [k_ for k_, p in _plans.items() if p.backend is plan.backend
                        and p.spec == plan.spec]

@@ -34,8 +34,7 @@ from .backend import Backend
 from .caches import PlanCache
 from .decide import RoutePlan, candidates, reasons
 from .decision import ACCEPTED, CHOSEN, REFUSED, SKIPPED, BackendVerdict, Decision
-from .errors import AttentionInputError, AttentionTypeError, BackendRuntimeError
-from .errors import BackendUnavailable
+from .errors import AttentionInputError, AttentionTypeError, BackendUnavailable
 from .layout import StrideRequirements
 from .pagedvalues import check_paged_values
 from .registry import REGISTRY
@@ -270,15 +269,10 @@ def _run_plan(plan: RoutePlan, spec: CallSpec, q: Tensor, k_cache: Tensor,
 
 def _fallen_back(key: tuple, plan: RoutePlan, spec: CallSpec, selection: tuple[str, ...],
                  scale: Optional[float], exc: Exception) -> RoutePlan:
-    """The plan's backend raised: as for dense calls, bad input, out-of-memory
-    and a forced selection raise; otherwise the backend is demoted for this
-    signature (warned once) and the next eligible route is decided and kept."""
+    """The plan's backend raised: as for dense calls (``demote_or_raise``), then
+    the next eligible route is decided and kept."""
     name = plan.backend.name
-    if not _reliability.may_fall_back(exc):
-        raise exc
-    if "auto" not in selection:
-        raise BackendRuntimeError(name, selection, exc) from exc
-    _reliability.demote(name, spec, exc)
+    _reliability.demote_or_raise(name, selection, spec, exc)
     _plans.pop(key, None)
     new = _plan(key, spec, selection, scale)
     _events.emit(_events.FALLBACK, new.backend.name, f"{name} raised {type(exc).__name__}: "

@@ -21,7 +21,7 @@ import torch
 
 from . import eventlog as _events
 from .backend import Backend
-from .errors import AttentionInputError
+from .errors import AttentionInputError, BackendRuntimeError
 from .spec import CallSpec
 from .caches import register_cache
 
@@ -57,6 +57,19 @@ def may_fall_back(exc: BaseException) -> bool:
     """Bad input and out-of-memory are never hidden by a fallback."""
     return isinstance(exc, Exception) and not isinstance(exc, AttentionInputError) \
         and not is_oom(exc)
+
+
+def demote_or_raise(name: str, selection: tuple[str, ...], spec: CallSpec,
+                    exc: Exception) -> None:
+    """The rule when backend ``name`` raised at run time: bad input and
+    out-of-memory re-raise ``exc``, a forced selection (no "auto") raises
+    :class:`BackendRuntimeError`; otherwise ``name`` is demoted for ``spec``
+    (warned once) and the caller runs the next eligible backend."""
+    if not may_fall_back(exc):
+        raise exc
+    if "auto" not in selection:
+        raise BackendRuntimeError(name, selection, exc) from exc
+    demote(name, spec, exc)
 
 
 def demotion_reason(name: str, spec: CallSpec) -> Optional[str]:
