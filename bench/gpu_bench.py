@@ -100,6 +100,21 @@ def time_one(fn: Callable[[], Any], flush: bool) -> float:
     return time_ms(fn, 0, 1)
 
 
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, flush: bool
+                ) -> dict[str, float]:
+    """Median milliseconds of each function over ``repeats`` rounds, in a fresh
+    random order per round (no entry always follows the same, e.g. power-hungry,
+    kernel), the L2 flushed before each call when ``flush``."""
+    samples: dict[str, list[float]] = {n: [] for n in fns}
+    order = list(fns)
+    rng = random.Random(0)
+    for _ in range(repeats):
+        rng.shuffle(order)
+        for n in order:
+            samples[n].append(time_one(fns[n], flush))
+    return {n: statistics.median(t) for n, t in samples.items()}
+
+
 def measure(names: list[str], q: Tensor, k: Tensor, v: Tensor, kw: dict, bwd: bool,
             args: argparse.Namespace, torch_default: Optional[Callable[[], Any]] = None,
             extra: Optional[dict[str, Callable[[], Any]]] = None, flush: bool = False
@@ -127,14 +142,7 @@ def measure(names: list[str], q: Tensor, k: Tensor, v: Tensor, kw: dict, bwd: bo
         except Exception as exc:  # e.g. out of memory for a dense mask
             res["torch-default"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     fns.update(extra or {})
-    samples: dict[str, list[float]] = {n: [] for n in fns}
-    order = list(fns)
-    rng = random.Random(0)
-    for _ in range(args.repeats):  # a fresh random order per round: no entry always
-        rng.shuffle(order)         # follows the same (e.g. a power-hungry) kernel
-        for n in order:
-            samples[n].append(time_one(fns[n], flush))
-    res.update({n: statistics.median(t) for n, t in samples.items()})
+    res.update(interleaved(fns, args.repeats, flush))
     torch.cuda.empty_cache()
     res["auto_choice"] = ad.explain(q, k, v, **kw).backend
     best = [res[n] for n in names if isinstance(res.get(n), float)]

@@ -105,20 +105,19 @@ def measure(device: str, repeats: int, modes: list[str]) -> dict[str, Any]:
                 out["compile"] = _pair(ca, cd, ct, max(repeats // 4, 100), sync)
             except Exception as exc:  # a kernel dynamo cannot trace (e.g. FA4's CuTe DSL)
                 out["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        out["kernels_us"] = _kernels(q, k, v, repeats, sync)
+        out["kernels_us"] = _kernels(decision, q, k, v, repeats, sync)
         if "cudagraph" in modes and device == "cuda":
             out["cudagraph"] = _pair(_graphed(auto), _graphed(direct), _graphed(torch_sdpa),
                                      repeats, sync)
     return out
 
 
-def _kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: int,
+def _kernels(dec: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: int,
              sync: Callable[[], None]) -> dict[str, float]:
     """Eager microseconds of each accepting backend's forward() on the same call
     (the host cost of its kernel call, which decides tiny calls): the data
     behind the "tiny" shape class of the ranking."""
     out = {}
-    dec = ad.explain(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1])
     for verdict in dec.verdicts:
         if verdict.reasons or verdict.name in ("math", "chunked"):

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import random
-import statistics
 import sys
 from typing import Any, Callable
 
@@ -27,7 +25,7 @@ import torch.nn.functional as F
 
 import attention_dispatch as ad
 from attention_dispatch.adapters import _triton_splitkv as tk
-from gpu_bench import time_one
+from gpu_bench import interleaved
 
 Tensor = torch.Tensor
 
@@ -94,13 +92,7 @@ def run_shape(b: int, sk: int, paged_bs: int, args: argparse.Namespace) -> dict[
         except Exception as exc:  # a configuration that does not compile or fit
             errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             del fns[name]
-    samples: dict[str, list[float]] = {n: [] for n in fns}
-    order, rng = list(fns), random.Random(0)
-    for _ in range(args.repeats):
-        rng.shuffle(order)
-        for n in order:
-            samples[n].append(time_one(fns[n], True))
-    us = {n: statistics.median(t) * 1e3 for n, t in samples.items()}
+    us = {n: t * 1e3 for n, t in interleaved(fns, args.repeats, True).items()}
     return dict(B=b, Sk=sk, paged_block_size=paged_bs, kv_GB=nbytes / 1e9, us=us,
                 of_ceiling={n: us["ceiling"] / t for n, t in us.items()}, errors=errors)
 
