@@ -49,11 +49,14 @@ def test_with_gqa_matches_reference(sq: int, causal: bool, padded: bool) -> None
 
 @pytest.mark.parametrize("version, native", [("2.11.0+cu130", True), ("2.13.0", True),
                                              ("2.10.1", False), ("2.4.0", False)])
-def test_native_gqa_on_cuda_from_torch_2_11(monkeypatch: pytest.MonkeyPatch, version: str,
+def test_native_gqa_on_cuda_from_torch_2_11(monkeypatch: pytest.MonkeyPatch,
+                                           request: pytest.FixtureRequest, version: str,
                                            native: bool) -> None:
     """On CUDA with torch >= 2.11 the kernel gets K/V unexpanded (no copy, no fold,
     no buffer estimate); on older torch or the CPU the fold / expansion stays."""
     monkeypatch.setattr(torch, "__version__", version)
+    _torch_common._torch_version.cache_clear()
+    request.addfinalizer(_torch_common._torch_version.cache_clear)
     g = torch.Generator().manual_seed(1)
     q = torch.randn(2, 8, 5, 16, generator=g, dtype=torch.float64)
     k, v = (torch.randn(2, 2, 11, 16, generator=g, dtype=torch.float64) for _ in range(2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -110,6 +111,7 @@ def native_gqa_cuda(spec: CallSpec) -> bool:
     return spec.device_type == "cuda" and _torch_version() >= NATIVE_GQA_TORCH
 
 
+@functools.lru_cache(maxsize=None)  # read on every CUDA call: parsed once
 def _torch_version() -> tuple[int, int]:
     major, minor = torch.__version__.split(".")[:2]
     return int(major), int(minor)

@@ -34,6 +34,7 @@ import torch
 
 Tensor = torch.Tensor
 MAX_ROWS = 64  # query rows of one kv head's group (Sq * Hq / Hkv) in one tile
+BLOCK_N = 64  # keys per tile (capped at a paged cache's block size)
 _OPEN = 1 << 30  # an open window side
 
 
@@ -180,7 +181,7 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal:
                        softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
                        block_table: Optional[Tensor] = None,
                        cache_seqlens: Optional[Tensor] = None,
-                       splits: Optional[int] = None, block_n: int = 64, num_warps: int = 4,
+                       splits: Optional[int] = None, block_n: int = BLOCK_N, num_warps: int = 4,
                        num_stages: int = 2) -> tuple[Tensor, Tensor]:
     """Short-query attention, dense or paged; q (B, Sq, Hq, D) (any strides).
 
