@@ -366,12 +366,18 @@ def run_backends(i: int, spec: Spec, inp: dict[str, Any], ref: list[Optional[Ten
         t0 = time.perf_counter()
         try:
             got = run(name, spec, inp)
+            if cfg.device.type == "cuda":  # a kernel fault is reported at this backend
+                torch.cuda.synchronize()
         except ad.BackendUnavailable as exc:
             tally.counts[name]["refused"] += 1
             for r in exc.reasons.get(name, ["?"]):
                 tally.reasons[name][r[:120]] += 1
             continue
         except Exception as exc:  # accepted the call, then broke: a violation
+            if "CUDA error" in describe(exc):  # the context is lost: say where, stop the worker
+                print(f"CUDA FAULT in {name} at example {i}: {describe(exc)}\n  {spec}",
+                      file=sys.stderr, flush=True)
+                raise SystemExit(3) from exc
             tally.counts[name]["run"] += 1
             crashed[name] = describe(exc)
             continue

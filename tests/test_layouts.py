@@ -29,9 +29,9 @@ from attention_dispatch.testing import atol, memory_view, packed_qkv, reference_
 Tensor = torch.Tensor
 CUDA = torch.cuda.is_available()
 
-CPU_BACKENDS = ("math", "sdpa-flash", "chunked", "flex")
+CPU_BACKENDS = ("math", "sdpa-flash", "chunked", "flex", "sdpa")
 CUDA_BACKENDS = ("math", "sdpa-flash", "sdpa-mem-efficient", "sdpa-cudnn", "flash-attn",
-                 "xformers", "flex")
+                 "xformers", "flex", "sdpa")
 
 # (which tensors, memory kind, axis): the layouts of the contract's promise
 VIEWS = [

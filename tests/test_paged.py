@@ -242,6 +242,30 @@ def test_table_checks_remembered_by_value():
         ad.attention_paged(c.q, c.k_cache, c.v_cache, **kw)
 
 
+def test_check_values_false_skips_the_host_read(monkeypatch):
+    """check_values=False: the same answer on valid values, and the table and
+    lengths are never read on the host (no synchronisation in a decode loop);
+    shapes are still checked."""
+    from attention_dispatch._core import paged as core_paged
+
+    c = make_case([5, 1, 33, 16], 1, 4, 2, 16, 16)
+    want, _ = paged_reference(c)
+    checked = _run(c, backend="math")
+
+    def read(*a, **k):
+        raise AssertionError("the values were read")
+
+    monkeypatch.setattr(core_paged, "check_paged_values", read)
+    got = _run(c, backend="math", check_values=False)
+    assert torch.equal(got, checked)
+    assert max_err(got, want) <= atol(torch.float32)
+    with pytest.raises(AssertionError, match="values were read"):
+        _run(c, backend="math")
+    with pytest.raises(ad.AttentionInputError, match="cache_seqlens"):
+        ad.attention_paged(c.q, c.k_cache, c.v_cache, block_table=c.block_table,
+                           cache_seqlens=c.cache_seqlens[:2], check_values=False)
+
+
 def test_gradients_are_refused():
     c = make_case([5, 9], 2, 4, 2, 8, 4)
     for name in ("q", "k_cache", "v_cache"):

@@ -229,12 +229,13 @@ def _plan(key: tuple, spec: CallSpec, selection: tuple[str, ...],
 
 
 def paged_call(selection: tuple[str, ...], q: Tensor, k_cache: Tensor, v_cache: Tensor,
-               block_table: Tensor, cache_seqlens: Tensor, o: CallOptions
-               ) -> Union[Tensor, tuple[Tensor, Tensor]]:
+               block_table: Tensor, cache_seqlens: Tensor, o: CallOptions,
+               check_values: bool = True) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """A paged call (``attention_paged``'s arguments, the selection resolved):
-    validated, decided once per signature, run."""
+    validated (the table's and lengths' values too, if ``check_values``),
+    decided once per signature, run."""
     spec = validate_paged(q, k_cache, v_cache, block_table, cache_seqlens, o,
-                          check_values=not torch.compiler.is_compiling())
+                          check_values=check_values and not torch.compiler.is_compiling())
     key = (selection, spec, o.scale, type(o.scale))
     plan = _plans.get(key)
     if plan is None:

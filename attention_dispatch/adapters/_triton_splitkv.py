@@ -34,7 +34,17 @@ import torch
 
 Tensor = torch.Tensor
 MAX_ROWS = 64  # query rows of one kv head's group (Sq * Hq / Hkv) in one tile
-BLOCK_N = 64  # keys per tile (capped at a paged cache's block size)
+# keys per tile: dense K/V and a paged cache (capped at its block size).  Measured
+# with bench/triton_decode_tune.py on an H200 (2026-12-03, B=32 Sk=8k, B=8 Sk=32k,
+# B=1 Sk=32k/128k): 128 with 4 warps was the fastest dense configuration in all
+# four shapes; 64 for the paged cache (block size 128)
+BLOCK_N = 128
+PAGED_BLOCK_N = 64
+
+
+def block_n_for(paged: bool) -> int:
+    """The default key tile of a dense or paged call."""
+    return PAGED_BLOCK_N if paged else BLOCK_N
 _OPEN = 1 << 30  # an open window side
 
 
@@ -47,15 +57,15 @@ def kernel() -> Any:
     @triton.jit
     def split_kv(Q, K, V, BT, LENS, O, LSE,  # noqa: N803 (pointers)
                  sq_b, sq_s, sq_h, sq_d, sk_b, sk_n, sk_h, sk_d, sv_b, sv_n, sv_h, sv_d,
-                 sbt_b, SQ, G, HEAD_DIM, PAGE, CHUNK, SK, scale, softcap, left, right,
+                 sbt_b, SQ, G, HEAD_DIM, PAGE, CHUNK, SK, NB, scale, softcap, left, right,
                  PAGED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                  SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)  # offsets in int64: caches may pass 2^31 elements
         hk = tl.program_id(1).to(tl.int64)
         sp = tl.program_id(2)
-        if PAGED:
-            L = tl.load(LENS + b)
+        if PAGED:  # SK: the table's capacity; lengths past it are not read past it
+            L = tl.minimum(tl.load(LENS + b), SK)
         else:
             L = SK
         rows = tl.arange(0, BLOCK_M)
@@ -78,6 +88,7 @@ def kernel() -> Any:
             n_ok = cols < hi
             if PAGED:  # a tile lies in one block: BLOCK_N divides PAGE, n0 aligned
                 blk = tl.load(BT + b * sbt_b + n0 // PAGE).to(tl.int64)
+                blk = tl.minimum(tl.maximum(blk, 0), NB - 1)  # unchecked tables stay in the cache
                 kofs, vofs = blk * sk_b + (cols % PAGE) * sk_n, blk * sv_b + (cols % PAGE) * sv_n
             else:
                 kofs, vofs = b * sk_b + cols * sk_n, b * sv_b + cols * sv_n
@@ -181,7 +192,8 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal:
                        softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
                        block_table: Optional[Tensor] = None,
                        cache_seqlens: Optional[Tensor] = None,
-                       splits: Optional[int] = None, block_n: int = BLOCK_N, num_warps: int = 4,
+                       splits: Optional[int] = None, block_n: Optional[int] = None,
+                       num_warps: int = 4,
                        num_stages: int = 2) -> tuple[Tensor, Tensor]:
     """Short-query attention, dense or paged; q (B, Sq, Hq, D) (any strides).
 
@@ -189,7 +201,8 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal:
     max_blocks) int32 and ``cache_seqlens`` (B,) int32 given): k/v the caches
     (num_blocks, block_size, Hkv, D), block_size a power of two >= 16.
     Sq * Hq / Hkv <= :data:`MAX_ROWS`.  ``splits`` (default: :func:`num_splits`),
-    ``block_n`` (keys per tile, capped at the block size), ``num_warps`` and
+    ``block_n`` (keys per tile, default :func:`block_n_for`, capped at the block
+    size), ``num_warps`` and
     ``num_stages``: launch parameters (bench/triton_decode_tune.py times them).
     Returns out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) float32 (see
     the module docstring): two launches, the split kernel and the combination.
@@ -200,6 +213,7 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal:
     paged = block_table is not None
     page = k.shape[1] if paged else 0
     max_len = block_table.shape[1] * page if paged else k.shape[1]
+    block_n = block_n or block_n_for(paged)
     block_n = min(block_n, page) if paged else block_n
     bm, bd = pow2(G * Sq), pow2(D)
     S = splits or num_splits(B, Hkv, max_len, block_n, _sms(q.device))
@@ -213,7 +227,8 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal:
         q, k, v, block_table if paged else dummy, cache_seqlens if paged else dummy,
         o_part, lse_part, q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         *k.stride(), *v.stride(), block_table.stride(0) if paged else 0,
-        Sq, G, D, max(page, 1), chunk, k.shape[1], float(scale), float(softcap or 1.0),
+        Sq, G, D, max(page, 1), chunk, max_len, k.shape[0], float(scale),
+        float(softcap or 1.0),
         _OPEN if left < 0 else left, _OPEN if right < 0 else right,
         PAGED=paged, CAUSAL=bool(causal), WINDOW=window is not None,
         SOFTCAP=softcap is not None, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_D=bd,

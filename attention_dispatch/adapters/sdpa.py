@@ -9,7 +9,9 @@ it is reached there by name (``backend="sdpa"``).
 Translation to torch's semantics: causal is passed as ``is_causal`` only
 where torch's top-left alignment equals the contract's bottom-right one
 (Sq == Sk, no other mask); otherwise masks, key padding, causal, a window and
-ALiBi become one additive bias (materialised, O(Sq * Sk)).  GQA through
+ALiBi become one additive bias (materialised, O(Sq * Sk); off the CPU on rows
+padded to 16 elements, and q/k/v copied where their memory breaks the fused
+kernels' rule, as torch's own call does not refuse views it reads wrong).  GQA through
 ``enable_gqa`` (torch >= 2.5), else K/V expanded.  Rows with no key are set
 to 0 by the dispatcher; key-padding slots are zeroed first (torch's kernels
 read them).  No LSE, no softcap.
@@ -28,12 +30,11 @@ import torch.nn.functional as F
 
 from .._core.backend import AttentionResult, Backend
 from .._core.capabilities import Capabilities
-from .._core.layout import ANY_STRIDES
+from .._core.layout import ANY_STRIDES, CUDA_ALIGNED, Buffer, StrideRequirements
 from .._core.masks import expand_kv
-from .._core.layout import Buffer
 from .._core.spec import CallSpec
 from . import _estimates as est
-from ._torch_common import top_left_causal_flag, torch_bias
+from ._torch_common import aligned_bias, top_left_causal_flag, torch_bias
 
 Tensor = torch.Tensor
 #: torch's function as it was when this module was imported (``patch_sdpa``
@@ -54,7 +55,8 @@ class SdpaBackend(Backend):
     capabilities = Capabilities(
         device_types=frozenset({"cpu", "cuda", "mps", "xpu"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
-        strides=ANY_STRIDES,  # torch checks strides itself and picks a kernel that takes them
+        # CPU: torch's CPU kernels read any strides.  Elsewhere see stride_requirements
+        strides=ANY_STRIDES,
         lse=False,
         window=True,  # materialised into the bias
         alibi=True,   # likewise
@@ -73,10 +75,22 @@ class SdpaBackend(Backend):
 
     def capabilities_on(self, device: torch.device) -> Capabilities:
         """Off the CPU torch may choose a kernel whose backward accumulates with
-        atomics: not deterministic there."""
+        atomics (not deterministic there), and the fused kernels' memory rule
+        applies (see :meth:`stride_requirements`)."""
         if device.type == "cpu":
             return self.capabilities
-        return dataclasses.replace(self.capabilities, deterministic_backward=False)
+        return dataclasses.replace(self.capabilities, deterministic_backward=False,
+                                   strides=CUDA_ALIGNED)
+
+    def stride_requirements(self, spec: CallSpec) -> StrideRequirements:
+        """CPU: any strides.  Elsewhere the rule of the fused kernels torch may
+        pick (unit last stride, 16-byte aligned strides and data pointers, no
+        stride 0): measured on an H200 (torch 2.11, bench/gpu_fuzz.py,
+        2026-12-03), torch's own call gave wrong answers for views with a
+        storage offset off that alignment, and did not refuse them."""
+        if spec.device_type == "cpu":
+            return self.capabilities.strides
+        return CUDA_ALIGNED
 
     def nondeterminism_note(self, spec: CallSpec, backward: bool) -> str:
         return ("(torch may choose its flash, memory-efficient or cuDNN kernel, whose "
@@ -109,6 +123,8 @@ class SdpaBackend(Backend):
         other = mask is not None or key_padding_mask is not None or alibi_slopes is not None
         is_causal, in_bias = top_left_causal_flag(spec, other_masks=other)
         bias = torch_bias(spec, mask, key_padding_mask, q.dtype, in_bias, alibi_slopes)
+        if bias is not None and spec.device_type != "cpu":  # rows on 16-element storage
+            bias = aligned_bias(bias, spec, 16)
         kw = {}
         if spec.gqa and self._gqa:
             kw["enable_gqa"] = True

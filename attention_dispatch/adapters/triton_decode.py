@@ -29,7 +29,7 @@ from .._core.backend import AttentionResult, Backend
 from .._core.capabilities import Capabilities
 from .._core.layout import Buffer
 from .._core.spec import CallSpec
-from ._triton_splitkv import BLOCK_N, MAX_ROWS, num_splits, pow2, split_kv_attention
+from ._triton_splitkv import MAX_ROWS, block_n_for, num_splits, pow2, split_kv_attention
 
 Tensor = torch.Tensor
 _PAGED_FIRST = {f"{family}/paged": "first" for family in ("sm80", "sm90", "sm100", "cuda")}
@@ -62,7 +62,8 @@ class TritonDecodeBackend(Backend):
         """The splits' partial outputs (float32, padded to the kernel's tiles)
         and their LSEs, for up to two programs per SM of a 132-SM device."""
         rows = spec.seq_q * (spec.heads_q // max(1, spec.heads_kv))
-        splits = num_splits(spec.batch, spec.heads_kv, spec.seq_k, BLOCK_N, 132)
+        block_n = min(block_n_for(spec.paged), spec.block_size or 1 << 30)
+        splits = num_splits(spec.batch, spec.heads_kv, spec.seq_k, block_n, 132)
         per = spec.batch * spec.heads_kv * splits * pow2(rows)
         return (Buffer("partial outputs of the key splits (float32)",
                        per * (pow2(spec.head_dim) + 1) * 4),)

@@ -38,7 +38,7 @@ def attention_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, block_table:
                     window: Optional[tuple[int, int]] = None, softcap: Optional[float] = None,
                     sinks: Optional[Tensor] = None, return_lse: bool = False,
                     backend: BackendArg = "auto", deterministic: Optional[bool] = None,
-                    max_extra_bytes: Optional[int] = None
+                    max_extra_bytes: Optional[int] = None, check_values: bool = True
                     ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention of new queries over a paged KV cache (forward only).
 
@@ -64,7 +64,14 @@ def attention_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, block_table:
 
     Validation reads block_table and cache_seqlens on the host once per call
     (Sq <= L <= max_blocks * block_size; used blocks in [0, num_blocks) and
-    distinct within a row); skipped while torch.compile traces.
+    distinct within a row): one device-to-host copy, so one synchronisation
+    per call; skipped while torch.compile traces.  ``check_values=False``
+    skips that read (shapes, dtypes and devices are still checked): for
+    decode loops whose table and lengths come from code that keeps them in
+    range (a check per layer and step would stall the host on the GPU).  The
+    caller then vouches for the values: with an index outside the cache or a
+    length past the table a kernel may read outside the cache (triton-decode
+    clamps the block index; FA4 and flex do not).
 
     Backends: those that page natively (``"paged"`` in their capabilities'
     extras: math, flex, flash-attn FA4) are tried first, in rank order; then
@@ -89,7 +96,8 @@ def attention_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, block_table:
     """
     o = _options(causal, scale, window, softcap, sinks, return_lse, deterministic,
                  max_extra_bytes)
-    return paged_call(selection_of(backend), q, k_cache, v_cache, block_table, cache_seqlens, o)
+    return paged_call(selection_of(backend), q, k_cache, v_cache, block_table, cache_seqlens, o,
+                      check_values=check_values)
 
 
 def explain_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, block_table: Tensor,
