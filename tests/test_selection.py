@@ -387,6 +387,13 @@ def test_shape_classes_of_the_ranking() -> None:
                     head_dim_v=128)
     assert shape_class(base) == "long"
     assert shape_class(dataclasses.replace(base, seq_q=1)) == "decode"
+    tiny = dataclasses.replace(base, seq_q=8, seq_k=8, head_dim=16, head_dim_v=16, heads_q=2,
+                               heads_kv=2)
+    assert shape_class(tiny) == "tiny"  # host-bound: torch's flash operator first on sm90
+    assert SHAPE_RANKINGS[("sm90", "tiny")][:2] == ("sdpa-flash", "sdpa-cudnn")
+    assert shape_class(dataclasses.replace(tiny, device_type="cpu")) == "short"
+    assert shape_class(dataclasses.replace(base, seq_q=1, seq_k=8192, heads_q=32,
+                                           heads_kv=8)) == "decode"
     assert shape_class(dataclasses.replace(base, seq_q=1024, seq_k=1024)) == "short"
     assert shape_class(dataclasses.replace(base, seq_q=4096, seq_k=4096)) == "short"
     assert shape_class(dataclasses.replace(base, seq_q=4096, seq_k=4096,

@@ -59,6 +59,12 @@ bench/gpu_bench.py (bf16, hdim 128, interleaved CUDA-event timing):
   sdpa-flash 496 us, sdpa-mem-efficient 526 us, FA4 598 us, xformers 771 us.
 * "paged" (attention_paged calls): ``triton-decode`` first (declared by the
   backend for every CUDA family, in the sm90 table here), then the decode order.
+* "tiny" (CUDA; 4 * B * Hq * Sq * Sk * D <= 2**26 FLOPs, not paged: microseconds of
+  compute, so the host's cost per call decides): torch's flash operator
+  first.  bench/overhead.py on an H200 (torch 2.11, B=1, H=2, S=8, D=16, bf16,
+  2026-12-03, docs/results/overhead-cuda-h200-2026-12-03-run2.json): one
+  call through each adapter, sdpa-flash 19.5 us, sdpa-cudnn 23.0 us (torch's
+  own F.sdpa 18.2 us); the other kernels 45-310 us there.
 """
 
 from __future__ import annotations
@@ -101,12 +107,16 @@ _SM90_DECODE = ("sdpa-cudnn", "sdpa-flash", "sdpa-mem-efficient", "flash-attn", 
 # 0.33x of dense decode on an H200, docs/results/paged-full-h200-2026-12-03.json;
 # triton-decode's place here is not measured yet), then the decode order
 _SM90_PAGED = ("triton-decode",) + tuple(n for n in _SM90_DECODE if n != "triton-decode")
+_SM90_TINY = ("sdpa-flash",) + tuple(n for n in _SM90_SHORT if n != "sdpa-flash")
+#: 4 * B * Hq * Sq * Sk * D at or below this is a "tiny" call (host-bound)
+TINY_FLOPS = 1 << 26
 SHAPE_RANKINGS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("sm90", "tiny"): _SM90_TINY,
     ("sm90", "short"): _SM90_SHORT,
     ("sm90", "decode"): _SM90_DECODE,
     ("sm90", "paged"): _SM90_PAGED,
 }
-SHAPE_CLASSES = ("decode", "short", "long", "paged")
+SHAPE_CLASSES = ("decode", "short", "long", "paged", "tiny")
 
 _lock = threading.Lock()
 _registered: dict[tuple[str, Optional[str]], tuple[str, ...]] = {}
@@ -143,9 +153,12 @@ def table(family: str, spec: Optional[CallSpec]) -> tuple[str, ...]:
 
 
 def shape_class(spec: CallSpec) -> str:
-    """"paged", "decode", "short" or "long" (see the module docstring)."""
+    """"paged", "tiny", "decode", "short" or "long" (see the module docstring)."""
     if spec.paged:
         return "paged"
+    if spec.device_type == "cuda" and (4 * spec.batch * spec.heads_q * spec.seq_q
+                                       * spec.seq_k * spec.head_dim <= TINY_FLOPS):
+        return "tiny"
     if spec.seq_q == 1:
         return "decode"
     if spec.key_padding or spec.varlen:
