@@ -398,6 +398,11 @@ def test_shape_classes_of_the_ranking() -> None:
     assert shape_class(dataclasses.replace(base, seq_q=4096, seq_k=4096)) == "short"
     assert shape_class(dataclasses.replace(base, seq_q=4096, seq_k=4096,
                                            requires_grad=True)) == "long"
+    # host-bound with gradients (B=1, H=16, causal 4096, D=128): cuDNN's host cost wins
+    assert shape_class(dataclasses.replace(base, seq_q=4096, seq_k=4096, causal=True,
+                                           requires_grad=True)) == "short"
+    assert shape_class(dataclasses.replace(base, seq_q=8192, seq_k=8192, causal=True,
+                                           requires_grad=True)) == "long"
     assert shape_class(dataclasses.replace(base, seq_q=1024, seq_k=1024,
                                            key_padding=True)) == "long"
     h128 = dataclasses.replace(base, head_dim=128, head_dim_v=128, seq_q=8192, seq_k=8192)
@@ -408,8 +413,9 @@ def test_shape_classes_of_the_ranking() -> None:
     assert shape_class(gqa) == "short"
     assert shape_class(dataclasses.replace(gqa, causal=True)) == "long"  # FA4 for causal GQA
     d64 = dataclasses.replace(base, seq_q=2048, seq_k=2048, head_dim=64, head_dim_v=64,
-                              requires_grad=True)
-    assert shape_class(d64) == "long"  # FA4's backward at head dim 64
+                              requires_grad=True, batch=8, heads_q=32, heads_kv=32)
+    assert shape_class(d64) == "long"  # FA4's backward at head dim 64 (as measured)
+    assert shape_class(dataclasses.replace(d64, batch=1, heads_q=16, heads_kv=16)) == "short"
     assert shape_class(dataclasses.replace(d64, seq_q=1024, seq_k=1024)) == "short"
     assert SHAPE_RANKINGS[("sm90", "decode")][0] == "sdpa-cudnn"
 

@@ -59,6 +59,15 @@ bench/gpu_bench.py (bf16, hdim 128, interleaved CUDA-event timing):
   sdpa-flash 496 us, sdpa-mem-efficient 526 us, FA4 598 us, xformers 771 us.
 * "paged" (attention_paged calls): ``triton-decode`` first (declared by the
   backend for every CUDA family, in the sm90 table here), then the decode order.
+  Calls with gradients whose forward needs under 2**37 FLOPs (halved for
+  causal; e.g. B=1, H=16, causal S=4096, D=128) are "short" too: there the
+  host's cost per call decides, and FA4's (0.2-0.3 ms per forward call,
+  bench/decode_profile.py, H200) is above cuDNN's.  Measured with
+  bench/hf_llama_bench.py (H200, 2026-12-03, docs/results/hf-llama-h200-
+  2026-12-03-run4.json, -run5.json): a Llama-style model's fwd+bwd at S=4096,
+  B=1, on FA4 took 0.95x / 0.85x the time of transformers' sdpa (cuDNN) while its
+  attention kernels took 3.9 vs 4.6 ms of device time; at 8192 and 16384 FA4
+  was 1.03x / 1.04x faster (device-bound).
 * "tiny" (CUDA; 4 * B * Hq * Sq * Sk * D <= 2**26 FLOPs, not paged: microseconds of
   compute, so the host's cost per call decides): torch's flash operator
   first.  bench/overhead.py on an H200 (torch 2.11, B=1, H=2, S=8, D=16, bf16,
@@ -110,6 +119,9 @@ _SM90_PAGED = ("triton-decode",) + tuple(n for n in _SM90_DECODE if n != "triton
 _SM90_TINY = ("sdpa-flash",) + tuple(n for n in _SM90_SHORT if n != "sdpa-flash")
 #: 4 * B * Hq * Sq * Sk * D at or below this is a "tiny" call (host-bound)
 TINY_FLOPS = 1 << 26
+#: a call with gradients whose forward FLOPs (halved for causal) are
+#: under this is "short" (see the module docstring)
+HOST_BOUND_GRAD_FLOPS = 1 << 37
 SHAPE_RANKINGS: dict[tuple[str, str], tuple[str, ...]] = {
     ("sm90", "tiny"): _SM90_TINY,
     ("sm90", "short"): _SM90_SHORT,
@@ -152,6 +164,12 @@ def table(family: str, spec: Optional[CallSpec]) -> tuple[str, ...]:
     return RANKINGS.get(family, RANKINGS["other"])
 
 
+def _flops(spec: CallSpec) -> int:
+    """Forward FLOPs, 4 * B * Hq * Sq * Sk * D, halved for causal."""
+    work = 4 * spec.batch * spec.heads_q * spec.seq_q * spec.seq_k * spec.head_dim
+    return work // 2 if spec.causal else work
+
+
 def shape_class(spec: CallSpec) -> str:
     """"paged", "tiny", "decode", "short" or "long" (see the module docstring)."""
     if spec.paged:
@@ -163,6 +181,8 @@ def shape_class(spec: CallSpec) -> str:
         return "decode"
     if spec.key_padding or spec.varlen:
         return "long"
+    if spec.requires_grad and _flops(spec) < HOST_BOUND_GRAD_FLOPS:
+        return "short"  # FA4's host cost per call outweighs its faster kernels
     longest = max(spec.seq_q, spec.seq_k)
     if longest <= (2048 if spec.head_dim >= 128 or not spec.requires_grad else 1024):
         return "short"
