@@ -71,6 +71,17 @@ def _graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
     return g.replay
 
 
+def _where(exc: BaseException) -> str:
+    """"Type: message" and the innermost frames of the traceback (an empty
+    AssertionError says nothing without them)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    at = "; ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}" for f in frames)
+    first = str(exc).splitlines()[0][:200] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first} (at {at})"
+
+
 def measure(device: str, repeats: int, modes: list[str]) -> dict[str, Any]:
     torch.manual_seed(0)
     dt = torch.float16 if device == "cuda" else torch.float32
@@ -104,7 +115,7 @@ def measure(device: str, repeats: int, modes: list[str]) -> dict[str, Any]:
                 ct = torch.compile(torch_sdpa, fullgraph=True)
                 out["compile"] = _pair(ca, cd, ct, max(repeats // 4, 100), sync)
             except Exception as exc:  # a kernel dynamo cannot trace (e.g. FA4's CuTe DSL)
-                out["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                out["compile_error"] = _where(exc)
         out["kernels_us"] = _kernels(decision, q, k, v, repeats, sync)
         if "cudagraph" in modes and device == "cuda":
             out["cudagraph"] = _pair(_graphed(auto), _graphed(direct), _graphed(torch_sdpa),
