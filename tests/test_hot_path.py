@@ -235,3 +235,63 @@ def test_prefix_kv_gathers_only_up_to_the_longest_row() -> None:
     right = torch.arange(12)[None, :] < torch.tensor([[12], [7], [3]])
     k3, _, _ = prefix_kv(k, v, right)
     assert k3.shape == k.shape and k3.data_ptr() == k.data_ptr()  # right padding: no copy
+
+
+def _recorded(monkeypatch: pytest.MonkeyPatch, op_name: str) -> list:
+    """torch.<op_name> replaced by a recorder: each call's arguments, bound to
+    the operator's schema (positional and keyword spellings compare equal)."""
+    calls: list = []
+    names = {"_scaled_dot_product_flash_attention": (
+                 "query", "key", "value", "dropout_p", "is_causal", "return_debug_mask"),
+             "_scaled_dot_product_cudnn_attention": (
+                 "query", "key", "value", "attn_bias", "compute_log_sumexp", "dropout_p",
+                 "is_causal", "return_debug_mask")}[op_name]
+    defaults = dict(dropout_p=0.0, is_causal=False, return_debug_mask=False, scale=None)
+
+    def op(*args: Any, **kw: Any) -> tuple:
+        bound = dict(defaults, **dict(zip(names, args)), **kw)
+        calls.append({n: (id(a) if isinstance(a, Tensor) else a) for n, a in bound.items()})
+        return (args[0], None)
+
+    monkeypatch.setattr(torch, op_name, op)
+    return calls
+
+
+@pytest.mark.parametrize("name, op_name", [
+    ("sdpa-flash", "_scaled_dot_product_flash_attention"),
+    ("sdpa-cudnn", "_scaled_dot_product_cudnn_attention")])
+@pytest.mark.parametrize("case", [dict(), dict(causal=True), dict(scale=0.3),
+                                  dict(requires_grad=True), dict(heads_kv=1),
+                                  dict(causal=True, seq_q=4)], ids=str)
+def test_cuda_plain_calls_pass_what_forward_passes(monkeypatch: pytest.MonkeyPatch, name: str,
+                                                   op_name: str, case: dict) -> None:
+    """The CUDA plain calls of torch's flash and cuDNN adapters hand the operator
+    exactly the arguments their forward does (the operators recorded on the CPU:
+    a CUDA spec, CPU tensors); where forward needs more (a bias, folded GQA) the
+    plain call is None."""
+    import dataclasses
+
+    from attention_dispatch._core.spec import CallSpec
+
+    from attention_dispatch.adapters import _torch_common
+
+    monkeypatch.setattr(_torch_common, "_torch_version", lambda: (2, 11))
+    scale = case.pop("scale", 0.25)
+    spec = dataclasses.replace(
+        CallSpec(device_type="cuda", device_index=0, dtype=torch.float16, batch=2, heads_q=2,
+                 heads_kv=2, seq_q=8, seq_k=8, head_dim=16, head_dim_v=16), **case)
+    q, k, v = _qkv(hq=spec.heads_q, hkv=spec.heads_kv, sq=spec.seq_q)
+    backend = ad.get_backend(name)
+    calls = _recorded(monkeypatch, op_name)
+    plain = backend.plain_call(spec, scale, 0.0, q, k, v)
+    if spec.causal and spec.seq_q != spec.seq_k and name == "sdpa-cudnn":
+        assert plain is None  # causal goes into a bias there
+        return
+    assert plain is not None
+    plain(q, k, v)
+    backend.forward(q, k, v, spec=spec, mask=None, key_padding_mask=None, dropout_p=0.0,
+                    scale=scale)
+    assert len(calls) == 2
+    if calls[1]["scale"] == 1.0 / math.sqrt(16):  # the kernel's default, left out
+        calls[1]["scale"] = None
+    assert calls[0] == calls[1]

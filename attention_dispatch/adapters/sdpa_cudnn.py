@@ -13,7 +13,8 @@ Equivalent math: see :mod:`attention_dispatch.adapters.math`.
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Callable, Optional
 
 import torch
 
@@ -79,6 +80,20 @@ class SdpaCudnnBackend(Backend):
             out.append("gradients at Sq = 1 with a mask or key padding; cuDNN's backward "
                        "gives non-finite gradients for a fully masked row there")
         return out
+
+    def plain_call(self, spec: CallSpec, scale: float, dropout_p: float, q: Tensor, k: Tensor,
+                   v: Tensor) -> Optional[Callable[[Tensor, Tensor, Tensor], Tensor]]:
+        """:func:`_kernel` alone where nothing goes into a bias and GQA needs no
+        folding or expansion, arguments passed positionally (keyword parsing is
+        host time); None otherwise."""
+        is_causal, in_bias = top_left_causal_flag(spec, False)
+        if (dropout_p != 0.0 or in_bias or spec.mask_kind != "none" or spec.key_padding
+                or spec.return_lse or (spec.gqa and not native_gqa_cuda(spec))):
+            return None
+        kernel, lse = torch._scaled_dot_product_cudnn_attention, spec.requires_grad
+        if scale == 1.0 / math.sqrt(spec.head_dim):
+            return lambda q, k, v: kernel(q, k, v, None, lse, 0.0, is_causal)[0]
+        return lambda q, k, v: kernel(q, k, v, None, lse, 0.0, is_causal, False, scale=scale)[0]
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
                 mask: Optional[Tensor], key_padding_mask: Optional[Tensor],

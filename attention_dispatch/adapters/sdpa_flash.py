@@ -124,8 +124,13 @@ class SdpaFlashBackend(Backend):
 
     def plain_call(self, spec: CallSpec, scale: float, dropout_p: float, q: Tensor, k: Tensor,
                    v: Tensor) -> Optional[Callable[[Tensor, Tensor, Tensor], Tensor]]:
-        """CPU: the kernel alone where no bias is needed (see :meth:`forward`)."""
-        return _plain_cpu(spec, scale) if dropout_p == 0.0 else None
+        """The kernel alone where no bias is needed (see :meth:`forward`): CPU,
+        and CUDA where GQA needs no folding."""
+        if dropout_p != 0.0:
+            return None
+        if spec.device_type == "cuda":
+            return _plain_cuda(spec, scale)
+        return _plain_cpu(spec, scale)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
                 mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
@@ -188,6 +193,19 @@ def _plain_cpu(spec: CallSpec, scale: float) -> Optional[Callable[[Tensor, Tenso
             return lambda q, k, v: kernel(q, k, v)[0]
         return lambda q, k, v: kernel(q, k, v, 0.0, True)[0]
     return lambda q, k, v: kernel(q, k, v, 0.0, is_causal, scale=scale)[0]
+
+
+def _plain_cuda(spec: CallSpec, scale: float) -> Optional[Callable[[Tensor, Tensor, Tensor],
+                                                                    Tensor]]:
+    """:func:`_cuda_kernel` without masks, dropout or LSE, arguments passed
+    positionally (keyword parsing is host time); None where GQA is folded."""
+    if (spec.mask_kind != "none" or spec.key_padding or spec.window is not None or spec.alibi
+            or spec.return_lse or spec.sinks or (spec.gqa and not native_gqa_cuda(spec))):
+        return None
+    kernel, causal = torch._scaled_dot_product_flash_attention, spec.causal
+    if scale == 1.0 / math.sqrt(spec.head_dim):
+        return lambda q, k, v: kernel(q, k, v, 0.0, causal)[0]
+    return lambda q, k, v: kernel(q, k, v, 0.0, causal, False, scale=scale)[0]
 
 
 def _drop_padded_tail(k: Tensor, v: Tensor, mask: Optional[Tensor], kpm: Tensor,
