@@ -12,7 +12,7 @@
 #   bash bench/gpu_run.sh paged              # paged KV cache: GPU tests (FA4, flex), paged vs dense decode
 #   bash bench/gpu_run.sh sinks              # attention sinks: GPU tests (FA4, flex), 16k speed
 #   bash bench/gpu_run.sh policies           # deterministic=True: bitwise-equal backward passes
-#   bash bench/gpu_run.sh perf               # host cost vs F.sdpa, decode + torch-default bench
+#   bash bench/gpu_run.sh perf               # host cost vs F.sdpa, decode profile, decode bench
 #   bash bench/gpu_run.sh scattered          # scattered key padding: peak memory and time vs torch
 #   bash bench/gpu_run.sh gpu-tests          # every test marked gpu, in three concurrent shards
 #   bash bench/gpu_run.sh decode-tune        # triton-decode's tests and launch parameters, decode shapes
@@ -109,6 +109,8 @@ for stage in "$@"; do
       env_on
       step overhead; python3 bench/overhead.py --device cuda --repeats 5000 \
         --json "$OUT/overhead-cuda.json" 2>&1 | tee -a "$LOG"
+      step decode-profile; python3 bench/decode_profile.py --out "$OUT/decode-profile.json" \
+        2>&1 | grep -v Warn | tee -a "$LOG"
       step decode-bench; python3 bench/gpu_bench.py --sections decode,padding \
         --out "$OUT/gpu-bench-decode.json" 2>&1 | tee -a "$LOG" ;;
     scattered)
