@@ -266,6 +266,44 @@ def test_check_values_false_skips_the_host_read(monkeypatch):
                            cache_seqlens=c.cache_seqlens[:2], check_values=False)
 
 
+def test_the_remembered_signature_keeps_every_check():
+    """After a call is remembered (its metadata checked in C on the next call),
+    a call that differs in any checked fact is validated again: bad shapes,
+    dtypes and grad mode still raise typed errors, and other options get their
+    own plan and the right answer."""
+    from attention_dispatch._core import paged as core_paged
+
+    c = make_case([5, 1, 33, 16], 1, 4, 2, 16, 16)
+    want, _ = paged_reference(c)
+    for _ in range(2):  # the second call is the remembered one
+        got = _run(c)
+    assert core_paged._last[0] is not None
+    assert max_err(got, want) <= atol(torch.float32)
+    kw = dict(block_table=c.block_table, cache_seqlens=c.cache_seqlens)
+    with pytest.raises(ad.AttentionTypeError, match="block_table"):
+        ad.attention_paged(c.q, c.k_cache, c.v_cache, block_table=c.block_table.long(),
+                           cache_seqlens=c.cache_seqlens)
+    with pytest.raises(ad.AttentionInputError, match="cache_seqlens"):
+        ad.attention_paged(c.q, c.k_cache, c.v_cache, block_table=c.block_table,
+                           cache_seqlens=c.cache_seqlens[:2])
+    with pytest.raises(ad.AttentionInputError, match="q"):
+        ad.attention_paged(c.q.clone().requires_grad_(), c.k_cache, c.v_cache, **kw)
+    with torch.no_grad():  # the same tensors are fine without grad mode ...
+        ad.attention_paged(c.q.clone().requires_grad_(), c.k_cache, c.v_cache, **kw)
+        ad.attention_paged(c.q.clone().requires_grad_(), c.k_cache, c.v_cache, **kw)
+    with pytest.raises(ad.AttentionInputError, match="q"):  # ... and refused again with it
+        ad.attention_paged(c.q.clone().requires_grad_(), c.k_cache, c.v_cache, **kw)
+    want_w, _ = paged_reference(c, window=(4, 0))
+    assert max_err(_run(c, window=(4, 0)), want_w) <= atol(torch.float32)
+    bad = c.block_table.clone()
+    bad[1, 0] = c.k_cache.shape[0]  # values are checked on every call
+    with pytest.raises(ad.AttentionInputError, match="block_table"):
+        ad.attention_paged(c.q, c.k_cache, c.v_cache, block_table=bad,
+                           cache_seqlens=c.cache_seqlens)
+    ad.clear_cache()
+    assert core_paged._last[0] is None
+
+
 def test_gradients_are_refused():
     c = make_case([5, 9], 2, 4, 2, 8, 4)
     for name in ("q", "k_cache", "v_cache"):

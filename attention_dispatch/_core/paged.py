@@ -31,7 +31,7 @@ import torch
 
 from . import eventlog as _events, reliability as _reliability
 from .backend import Backend
-from .caches import PlanCache
+from .caches import PlanCache, register_cache
 from .decide import RoutePlan, candidates, reasons
 from .decision import ACCEPTED, CHOSEN, REFUSED, SKIPPED, BackendVerdict, Decision
 from .errors import AttentionInputError, AttentionTypeError, BackendUnavailable
@@ -39,7 +39,9 @@ from .layout import StrideRequirements
 from .pagedvalues import check_paged_values
 from .registry import REGISTRY
 from .select import BackendArg, resolve
-from .spec import FLOAT_DTYPES, CallOptions, CallSpec, _check_scalars, keyword_tensors
+from .guards import tensor_check
+from .spec import (FLOAT_DTYPES, TENSOR_OPTIONS, CallOptions, CallSpec, _check_scalars,
+                   keyword_tensors)
 from .spec import effective_scale, structured_fields
 
 Tensor = torch.Tensor
@@ -169,7 +171,16 @@ def gather_dense(k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
 
 
 _plans = PlanCache("paged.plans", 1024)
-clear_plans = _plans.clear
+# the last call's (check, selection, scalar options, option types, given tensor
+# options, grad mode or None, key, plan): a decode loop's next call with the
+# same metadata skips validation's Python and the key (see _remembered)
+_last: list[Optional[tuple]] = [None]
+register_cache("paged.remembered", lambda: _last.__setitem__(0, None))
+
+
+def clear_plans() -> None:
+    _plans.clear()
+    _last[0] = None
 
 
 def dense_spec(spec: CallSpec) -> CallSpec:
@@ -234,12 +245,24 @@ def paged_call(selection: tuple[str, ...], q: Tensor, k_cache: Tensor, v_cache: 
     """A paged call (``attention_paged``'s arguments, the selection resolved):
     validated (the table's and lengths' values too, if ``check_values``),
     decided once per signature, run."""
-    spec = validate_paged(q, k_cache, v_cache, block_table, cache_seqlens, o,
-                          check_values=check_values and not torch.compiler.is_compiling())
-    key = (selection, spec, o.scale, type(o.scale))
-    plan = _plans.get(key)
-    if plan is None:
-        plan = _plan(key, spec, selection, o.scale)
+    compiling = torch.compiler.is_compiling()
+    ts = (q, k_cache, v_cache, block_table, cache_seqlens)
+    hit = None if compiling else _remembered(selection, ts, o)
+    if hit is not None:
+        key, plan = hit
+        spec = plan.spec
+        if check_values:
+            check_paged_values(block_table, cache_seqlens, spec.seq_q, k_cache.shape[0],
+                               spec.block_size)
+    else:
+        spec = validate_paged(q, k_cache, v_cache, block_table, cache_seqlens, o,
+                              check_values=check_values and not compiling)
+        key = (selection, spec, o.scale, type(o.scale))
+        plan = _plans.get(key)
+        if plan is None:
+            plan = _plan(key, spec, selection, o.scale)
+        if not compiling:
+            _remember(key, plan, selection, ts, o)
     if spec.batch == 0 or spec.seq_q == 0:
         out = q.new_zeros(q.shape[:-1] + (v_cache.shape[-1],))
         lse = torch.full((spec.batch, spec.heads_q, spec.seq_q), float("-inf"),
@@ -255,6 +278,36 @@ def paged_call(selection: tuple[str, ...], q: Tensor, k_cache: Tensor, v_cache: 
     if o.return_lse:
         return out, lse.detach()  # type: ignore[union-attr]
     return out
+
+
+def _remembered(selection: tuple[str, ...], ts: tuple[Tensor, ...], o: CallOptions
+                ) -> Optional[tuple[tuple, RoutePlan]]:
+    """The last call's key and plan when this call has the same metadata: the
+    five tensors and the tensor options given checked in C (:mod:`.guards`:
+    type, dtype, device, sizes, strides, requires_grad), the selection, which
+    options are given, the scalar options and (where a tensor requires grad)
+    the grad mode, which together decide everything validation checks but the
+    values of block_table and cache_seqlens."""
+    m = _last[0]
+    if (m is not None and m[1] == selection and m[3] == tuple(map(type, o))
+            and m[2] == o[TENSOR_OPTIONS:] and m[0](*ts, *[o[i] for i in m[4]])
+            and (m[5] is None or m[5] == torch.is_grad_enabled())):
+        return m[6], m[7]
+    return None
+
+
+def _remember(key: tuple, plan: RoutePlan, selection: tuple[str, ...], ts: tuple[Tensor, ...],
+              o: CallOptions) -> None:
+    given = [i for i in range(TENSOR_OPTIONS) if o[i] is not None]
+    check = tensor_check(*ts, *[o[i] for i in given])
+    if check is None:
+        return
+    needs = any(t.requires_grad for t in ts + tuple(o[i] for i in given))
+    memo = (check, selection, o[TENSOR_OPTIONS:], tuple(map(type, o)), given,
+            torch.is_grad_enabled() if needs else None, key, plan)
+    with _plans._lock:  # not a plan a fallback has just dropped
+        if _plans.get(key) is plan:
+            _last[0] = memo
 
 
 def _run_plan(plan: RoutePlan, spec: CallSpec, q: Tensor, k_cache: Tensor,
@@ -275,6 +328,7 @@ def _fallen_back(key: tuple, plan: RoutePlan, spec: CallSpec, selection: tuple[s
     name = plan.backend.name
     _reliability.demote_or_raise(name, selection, spec, exc)
     _plans.pop(key, None)
+    _last[0] = None
     new = _plan(key, spec, selection, scale)
     _events.emit(_events.FALLBACK, new.backend.name, f"{name} raised {type(exc).__name__}: "
                  f"{str(exc)[:200]}", spec, level=logging.INFO)
