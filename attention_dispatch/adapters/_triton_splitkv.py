@@ -89,7 +89,8 @@ def kernel() -> Any:
             if PAGED:  # a tile lies in one block: BLOCK_N divides PAGE, n0 aligned
                 blk = tl.load(BT + b * sbt_b + n0 // PAGE).to(tl.int64)
                 blk = tl.minimum(tl.maximum(blk, 0), NB - 1)  # unchecked tables stay in the cache
-                kofs, vofs = blk * sk_b + (cols % PAGE) * sk_n, blk * sv_b + (cols % PAGE) * sv_n
+                slot = (n0 % PAGE) + tl.arange(0, BLOCK_N).to(tl.int64)  # one modulo a tile
+                kofs, vofs = blk * sk_b + slot * sk_n, blk * sv_b + slot * sv_n
             else:
                 kofs, vofs = b * sk_b + cols * sk_n, b * sv_b + cols * sv_n
             kt = tl.load(K + kofs[None, :] + hk * sk_h + d[:, None] * sk_d,
@@ -182,9 +183,13 @@ def num_splits(batch: int, heads_kv: int, max_len: int, block_n: int, sms: int) 
 
 
 def _sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_count(device.index) if device.type == "cuda" else 4
+
+
+@functools.lru_cache(maxsize=None)  # read on every call: asked once per device
+def _sm_count(index: Optional[int]) -> int:
+    return torch.cuda.get_device_properties(
+        index if index is not None else torch.cuda.current_device()).multi_processor_count
 
 
 def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool,
