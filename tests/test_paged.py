@@ -149,14 +149,47 @@ def test_decision_cached_per_signature_and_native_first():
     _run(case)
     _run(case)
     plans = list(paged._plans.values())
-    assert len(plans) == 1 and plans[0].native and plans[0].backend.name == "math"
+    # math's native route gathers too (paged_gathers): it ranks among the gathered
+    # routes, so sdpa-flash (first on the CPU, through the copy) runs the call
+    assert len(plans) == 1 and not plans[0].native and plans[0].backend.name == "sdpa-flash"
     d = ad.explain_paged(case.q, case.k_cache, case.v_cache, block_table=case.block_table,
                          cache_seqlens=case.cache_seqlens)
-    # sdpa-flash ranks first on the CPU but pages only through a copy: math runs natively
-    assert d.backend == "math" and d.verdicts[0].note == "route: gathered to a dense batch"
+    assert d.backend == "sdpa-flash" and d.verdicts[0].note == "route: gathered to a dense batch"
     assert "paged block_size=16" in str(d)
     ad.clear_cache()
     assert not paged._plans
+
+
+class SpyPaged(ad.Backend):
+    """Pages "in place" (math's computation underneath), ranked last; counts
+    its paged calls."""
+
+    ranking = {"*": "last"}
+    capabilities = ad.get_backend("math").capabilities
+
+    def __init__(self) -> None:
+        self.math = ad.get_backend("math")
+        self.paged_calls = 0
+
+    def forward(self, q, k, v, **kw):
+        return self.math.forward(q, k, v, **kw)
+
+    def forward_paged(self, q, k_cache, v_cache, **kw):
+        self.paged_calls += 1
+        return self.math.forward_paged(q, k_cache, v_cache, **kw)
+
+
+def test_a_native_route_reading_the_cache_in_place_goes_first(register_temp):
+    """A backend that pages in place (not ``paged_gathers``) is chosen ahead of
+    every gathered route, even ranked last; math's own native route is not."""
+    register_temp("spy-paged", SpyPaged)
+    case = make_case([5, 19], 1, 4, 2, 16, 16)
+    d = ad.explain_paged(case.q, case.k_cache, case.v_cache, block_table=case.block_table,
+                         cache_seqlens=case.cache_seqlens)
+    assert d.backend == "spy-paged"
+    want, _ = paged_reference(case)
+    assert max_err(_run(case), want) <= atol(torch.float32)
+    assert ad.get_backend("spy-paged").paged_calls == 1
 
 
 def test_empty_batch():

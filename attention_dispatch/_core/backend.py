@@ -56,6 +56,9 @@ class Backend:
     #: so those slots must hold finite values; False: it never reads them.
     #: Blocks a row does not use are never read either way.
     paged_reads_tail: ClassVar[bool] = False
+    #: ``forward_paged`` itself gathers the used blocks to a dense batch (math):
+    #: its native route is ranked among the gathered routes, not ahead of them.
+    paged_gathers: ClassVar[bool] = False
     #: The first call of each new signature compiles a kernel (seconds; e.g.
     #: flex).  A shape-class ranking may then promote this backend only for
     #: calls it has already compiled (:meth:`compiled`); elsewhere it keeps its

@@ -145,6 +145,8 @@ class MathBackend(Backend):
         out = torch.cat(outs, 0)
         return out, (torch.cat(lses, -1).float() if spec.return_lse else None)
 
+    paged_gathers = True  # forward_paged gathers, as the gathered route does
+
     def forward_paged(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, *, spec: CallSpec,
                       block_table: Tensor, cache_seqlens: Tensor, scale: float,
                       sinks: Optional[Tensor] = None) -> AttentionResult:
