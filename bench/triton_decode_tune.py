@@ -4,7 +4,9 @@ For each shape (GQA 32/8, head dim 128, bfloat16; dense K/V in bshd, and the
 paged cache of ``bench/paged_bench.py``), every configuration of keys per tile
 (``--block-n``), warps, pipeline stages and key splits (the default heuristic,
 half and double) is timed in interleaved rounds with the L2 flushed before
-each call (CUDA events, medians), beside ``sdpa-cudnn`` through
+each call (CUDA events, medians; "alone": host latency included) and by its
+device time alone (captured in a CUDA graph and replayed back to back; and the
+bytes of K+V read per second of it), beside ``sdpa-cudnn`` through
 ``ad.attention``, torch's default ``F.scaled_dot_product_attention(...,
 enable_gqa=True)`` and the read-bandwidth ceiling (one pass over the same
 number of bytes).  Prints a table per shape and writes JSON.
@@ -93,8 +95,42 @@ def run_shape(b: int, sk: int, paged_bs: int, args: argparse.Namespace) -> dict[
             errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             del fns[name]
     us = {n: t * 1e3 for n, t in interleaved(fns, args.repeats, True).items()}
+    with torch.no_grad():  # device time alone (host time does not count here)
+        device_us = {n: t for n, t in ((n, graphed_us(fn)) for n, fn in fns.items()
+                                       if n != "paged:auto")  # it synchronises: no graph
+                     if t is not None}
     return dict(B=b, Sk=sk, paged_block_size=paged_bs, kv_GB=nbytes / 1e9, us=us,
+                device_us=device_us, device_TBps={n: nbytes / t / 1e6 for n, t in
+                                                  device_us.items() if t},
                 of_ceiling={n: us["ceiling"] / t for n, t in us.items()}, errors=errors)
+
+
+def graphed_us(fn: Callable[[], Any], n: int = 20) -> "float | None":
+    """Device microseconds per call: ``fn`` captured in a CUDA graph, replayed
+    ``n`` times back to back (no host cost between kernels).  None for a call
+    that cannot be captured (one that synchronises, e.g. a checked paged call)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        torch.cuda.synchronize()
+    except Exception:  # not capturable: no device-only figure
+        torch.cuda.synchronize()
+        return None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / n
 
 
 def main(argv: Any = None) -> int:
@@ -117,8 +153,12 @@ def main(argv: Any = None) -> int:
         rows.append(row)
         print(f"\nB={b} Sk={sk} {'paged bs=' + str(bs) if bs else 'dense'}: "
               f"ceiling {row['us']['ceiling']:.1f} us")
-        for n, t in sorted(row["us"].items(), key=lambda kv: kv[1])[:12]:
-            print(f"  {n:<36} {t:9.1f} us  {row['of_ceiling'][n]:6.1%} of ceiling")
+        print(f"  {'call':<36} {'alone':>9}  {'of ceiling':>10} {'device':>9} {'TB/s':>6}")
+        order = sorted(row["us"], key=lambda n: row["device_us"].get(n, float("inf")))
+        for n in order[:14]:
+            t = row["device_us"].get(n)
+            dev = f"{t:9.1f} {row['device_TBps'][n]:6.2f}" if t else f"{'-':>9} {'-':>6}"
+            print(f"  {n:<36} {row['us'][n]:9.1f}  {row['of_ceiling'][n]:10.1%} {dev}")
         for n, e in row["errors"].items():
             print(f"  {n:<36} {e}")
         torch.cuda.empty_cache()
