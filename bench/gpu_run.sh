@@ -16,6 +16,7 @@
 #   bash bench/gpu_run.sh scattered          # scattered key padding: peak memory and time vs torch
 #   bash bench/gpu_run.sh gpu-tests          # every test marked gpu, in three concurrent shards
 #   bash bench/gpu_run.sh decode-tune        # triton-decode's tests and launch parameters, decode shapes
+#   bash bench/gpu_run.sh followup           # Llama 2k-8k, host cost, decode profile, paged, tune
 # Logs and results go to $OUT (default ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -125,6 +126,22 @@ for stage in "$@"; do
         | tee -a "$LOG"
       step decode-tune; python3 bench/triton_decode_tune.py --out "$OUT/triton-decode-tune.json" \
         2>&1 | tail -80 | tee -a "$LOG" ;;
+    followup)
+      # what the last changes need measured, in about 6 minutes: the Llama step at
+      # 2k-8k, host cost with the CUDA plain calls, the decode profile, paged vs
+      # dense, and triton-decode's launch parameters by device time
+      env_on
+      step hf-llama; ATTENTION_DISPATCH_CACHE_DIR=$(mktemp -d) python3 bench/hf_llama_bench.py \
+        --lengths 2048,4096,8192 --out "$OUT/hf-llama.json" 2>&1 | tail -6 | tee -a "$LOG"
+      step overhead; python3 bench/overhead.py --device cuda --repeats 3000 \
+        --json "$OUT/overhead-cuda.json" 2>&1 | tail -5 | tee -a "$LOG"
+      step decode-profile; python3 bench/decode_profile.py --out "$OUT/decode-profile.json" \
+        2>&1 | grep -v Warn | tee -a "$LOG"
+      step paged-bench; python3 bench/paged_bench.py --lengths full --rounds 30 \
+        --out "$OUT/paged-full.json" 2>&1 | tail -22 | tee -a "$LOG"
+      step decode-tune; python3 bench/triton_decode_tune.py --block-n 64 128 --warps 4 8 \
+        --stages 2 3 --repeats 10 --out "$OUT/triton-decode-tune.json" 2>&1 | tail -90 \
+        | tee -a "$LOG" ;;
     gpu-tests)
       env_on
       step "gpu-tests (3 shards)"
