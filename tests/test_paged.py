@@ -436,3 +436,25 @@ def test_a_native_route_failing_at_run_time_falls_back():
     finally:
         ad.unregister_backend(_BrokenPaged.name)
         ad.clear_cache()
+
+
+def test_paged_host_cost_script_runs_on_cpu(tmp_path):
+    """bench/paged_host_cost.py (in its own process: it registers a backend) runs
+    and reports all three calls; the GPU decode scripts at least import."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    out = tmp_path / "host.json"
+    run = subprocess.run([sys.executable, str(bench / "paged_host_cost.py"), "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    us = json.loads(out.read_text())["us"]
+    assert set(us) == {"paged, checked", "paged, check_values=False", "dense (same keys, bshd)"}
+    assert all(t > 0 for t in us.values())
+    code = "import decode_profile, triton_decode_tune"
+    imp = subprocess.run([sys.executable, "-c", code], cwd=bench, capture_output=True,
+                         text=True, timeout=120)
+    assert imp.returncode == 0, imp.stderr[-2000:]
