@@ -458,3 +458,37 @@ def test_paged_host_cost_script_runs_on_cpu(tmp_path):
     imp = subprocess.run([sys.executable, "-c", code], cwd=bench, capture_output=True,
                          text=True, timeout=120)
     assert imp.returncode == 0, imp.stderr[-2000:]
+
+
+def test_no_route_runs_twice_in_one_call(tmp_path):
+    """Should a failing backend's demotion not exclude it (demotion disabled
+    here), a paged call raises the kernel's error instead of retrying the same
+    route forever (in a subprocess with a timeout: a loop would hang)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"""
+import sys
+sys.path[:0] = [{str(Path(__file__).parent)!r}]
+import torch, attention_dispatch as ad
+from attention_dispatch._core import reliability
+from test_paged import _BrokenPaged, make_case
+reliability.demote = lambda *a, **k: None
+ad.register_backend(_BrokenPaged.name)(_BrokenPaged)
+c = make_case([5, 9], 2, 4, 2, 8, 4)
+try:
+    ad.attention_paged(c.q, c.k_cache, c.v_cache, block_table=c.block_table,
+                       cache_seqlens=c.cache_seqlens, backend="broken-paged,auto")
+except RuntimeError as exc:
+    print("RAISED", type(exc).__name__, exc)
+"""
+    env = dict(os.environ, ATTENTION_DISPATCH_CANARY="0")  # so the broken backend runs
+    try:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=60, env=env)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the paged call retried one route without end") from None
+    assert "RAISED RuntimeError kernel launch failed" in run.stdout, (
+        run.stdout[-1000:] + run.stderr[-2000:])
