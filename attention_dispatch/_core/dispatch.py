@@ -24,14 +24,14 @@ from .backend import Backend
 from .caches import clear_all, register_cache
 from .decide import Plan, decide, takes_cut, tuned
 from .errors import BackendUnavailable
-from .guards import never, tensor_check
+from .guards import memo, never, recall, tensor_check
 from .layout import MemoryPlan, apply_memory, plan_memory
 from .masks import alive_rows, empty_result, sink_lse, zero_empty_rows
 from .maskvalues import cut_call, cut_padding
 from .registry import REGISTRY
 from .selfcheck import check_call
 from .select import AUTO, BackendArg, _context, env_selection, resolve
-from .spec import (TENSOR_OPTIONS, CallOptions, CallSpec, keyword_tensors, options_key,
+from .spec import (CallOptions, CallSpec, keyword_tensors, options_key,
                    validate)
 
 logger = logging.getLogger("attention_dispatch")
@@ -233,32 +233,18 @@ def call(selection: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor, o: CallOpt
 def _general_hit(selection: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor,
                  o: CallOptions) -> Optional[tuple[tuple, Plan]]:
     """The last call's key and plan (see :func:`_remember`) when this call has
-    the same cache key: q, k, v and the tensor options given checked in C
-    (:mod:`.guards`: type, dtype, device, sizes, strides, requires_grad), the
-    selection, the options' types (which tensors are given), the scalar
-    options' values and the grad mode."""
-    m = _memo[1]
-    if (m is not None and m[1] == selection and m[3] == tuple(map(type, o))
-            and m[2] == o[TENSOR_OPTIONS:] and m[0](q, k, v, *[o[i] for i in m[4]])
-            and (m[5] is None or m[5] == _grad_enabled())):
-        return m[6], m[7]
-    return None
+    the same cache key (:func:`.guards.recall`)."""
+    return recall(_memo[1], selection, (q, k, v), o)
 
 
 def _remember(key: tuple, plan: Plan, selection: tuple[str, ...], q: Tensor, k: Tensor,
               v: Tensor, o: CallOptions) -> None:  # the one _general_hit checks first
-    given = [i for i in range(TENSOR_OPTIONS) if o[i] is not None]
-    check = _checks.get(key)
-    if check is None:
-        check = _checks[key] = tensor_check(q, k, v, *[o[i] for i in given]) or never
-    if check is never:
+    m = memo(_checks, key, plan, selection, (q, k, v), o)
+    if m is None:
         return
-    needs = any(t.requires_grad for t in (q, k, v, o.mask, o.sinks) if t is not None)
-    memo = (check, selection, o[TENSOR_OPTIONS:], tuple(map(type, o)), given,
-            _grad_enabled() if needs else None, key, plan)
     with _lock:  # not a plan another thread just dropped (a fallback, a demotion)
         if _plans.get(key) is plan:
-            _memo[1] = memo
+            _memo[1] = m
 
 
 def _call_planned(selection: tuple[str, ...], key: Optional[tuple], plan: Optional[Plan],

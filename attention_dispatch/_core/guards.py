@@ -11,9 +11,11 @@ builds the full key.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
+
+from .spec import TENSOR_OPTIONS, CallOptions
 
 Check = Callable[..., bool]
 _state: dict[str, bool] = {}
@@ -81,3 +83,41 @@ def tensor_check(*ts: torch.Tensor) -> Optional[Check]:
 def never(*ts: "torch.Tensor") -> bool:
     """The check of a signature that cannot be remembered (no C-level check)."""
     return False
+
+
+# ------------------------------------------- the last call of an entry point
+#
+# A memo is (check, selection, scalar options, option types, given tensor
+# options, grad mode or None, key, plan): ``attention``'s general calls and
+# ``attention_paged`` remember their last call's so, and the next call with the
+# same metadata skips validation's Python and the cache key.
+
+
+def memo(checks: dict[Any, Check], key: Any, plan: Any, selection: tuple[str, ...],
+         ts: tuple[torch.Tensor, ...], o: CallOptions) -> Optional[tuple]:
+    """The memo of a call (tensors ``ts`` and options ``o``) decided as
+    ``plan`` under ``key``; None where no C-level check exists.  The check is
+    made once per key and kept in ``checks`` (the caller clears it with its
+    plans)."""
+    given = [i for i in range(TENSOR_OPTIONS) if o[i] is not None]
+    check = checks.get(key)
+    if check is None:
+        check = checks[key] = tensor_check(*ts, *[o[i] for i in given]) or never
+    if check is never:
+        return None
+    needs = any(t.requires_grad for t in ts) or any(o[i].requires_grad for i in given)
+    return (check, selection, o[TENSOR_OPTIONS:], tuple(map(type, o)), given,
+            torch.is_grad_enabled() if needs else None, key, plan)
+
+
+def recall(m: Optional[tuple], selection: tuple[str, ...], ts: tuple[torch.Tensor, ...],
+           o: CallOptions) -> Optional[tuple[Any, Any]]:
+    """(key, plan) of memo ``m`` when this call has its metadata: the tensors
+    and the tensor options given checked in C (type, dtype, device, sizes,
+    strides, requires_grad), the selection, which options are given, the
+    scalar options' values and, where a tensor requires grad, the grad mode."""
+    if (m is not None and m[1] == selection and m[3] == tuple(map(type, o))
+            and m[2] == o[TENSOR_OPTIONS:] and m[0](*ts, *[o[i] for i in m[4]])
+            and (m[5] is None or m[5] == torch.is_grad_enabled())):
+        return m[6], m[7]
+    return None

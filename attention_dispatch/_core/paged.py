@@ -39,8 +39,8 @@ from .layout import StrideRequirements
 from .pagedvalues import check_paged_values
 from .registry import REGISTRY
 from .select import BackendArg, resolve
-from .guards import tensor_check
-from .spec import (FLOAT_DTYPES, TENSOR_OPTIONS, CallOptions, CallSpec, _check_scalars,
+from .guards import memo, recall
+from .spec import (FLOAT_DTYPES, CallOptions, CallSpec, _check_scalars,
                    keyword_tensors)
 from .spec import effective_scale, structured_fields
 
@@ -183,16 +183,19 @@ def _rows(cache: Tensor, blocks: Tensor, slots: Tensor) -> Tensor:
 
 
 _plans = PlanCache("paged.plans", 1024)
-# the last call's (check, selection, scalar options, option types, given tensor
-# options, grad mode or None, key, plan): a decode loop's next call with the
-# same metadata skips validation's Python and the key (see _remembered)
+# the last call's memo (.guards.memo): a decode loop's next call with the same
+# metadata skips validation's Python and the key; the C-level checks per key
 _last: list[Optional[tuple]] = [None]
-register_cache("paged.remembered", lambda: _last.__setitem__(0, None))
+_checks: dict[tuple, Any] = {}
 
 
 def clear_plans() -> None:
     _plans.clear()
+    _checks.clear()
     _last[0] = None
+
+
+register_cache("paged.remembered", clear_plans)
 
 
 def dense_spec(spec: CallSpec) -> CallSpec:
@@ -269,7 +272,7 @@ def paged_call(selection: tuple[str, ...], q: Tensor, k_cache: Tensor, v_cache: 
     decided once per signature, run."""
     compiling = torch.compiler.is_compiling()
     ts = (q, k_cache, v_cache, block_table, cache_seqlens)
-    hit = None if compiling else _remembered(selection, ts, o)
+    hit = None if compiling else recall(_last[0], selection, ts, o)
     if hit is not None:
         key, plan = hit
         spec = plan.spec
@@ -306,34 +309,17 @@ def paged_call(selection: tuple[str, ...], q: Tensor, k_cache: Tensor, v_cache: 
     return out
 
 
-def _remembered(selection: tuple[str, ...], ts: tuple[Tensor, ...], o: CallOptions
-                ) -> Optional[tuple[tuple, RoutePlan]]:
-    """The last call's key and plan when this call has the same metadata: the
-    five tensors and the tensor options given checked in C (:mod:`.guards`:
-    type, dtype, device, sizes, strides, requires_grad), the selection, which
-    options are given, the scalar options and (where a tensor requires grad)
-    the grad mode, which together decide everything validation checks but the
-    values of block_table and cache_seqlens."""
-    m = _last[0]
-    if (m is not None and m[1] == selection and m[3] == tuple(map(type, o))
-            and m[2] == o[TENSOR_OPTIONS:] and m[0](*ts, *[o[i] for i in m[4]])
-            and (m[5] is None or m[5] == torch.is_grad_enabled())):
-        return m[6], m[7]
-    return None
-
-
 def _remember(key: tuple, plan: RoutePlan, selection: tuple[str, ...], ts: tuple[Tensor, ...],
               o: CallOptions) -> None:
-    given = [i for i in range(TENSOR_OPTIONS) if o[i] is not None]
-    check = tensor_check(*ts, *[o[i] for i in given])
-    if check is None:
+    """Remember this call (:func:`.guards.memo`) while its plan is the cached one."""
+    if len(_checks) >= 1024:  # a bound on memory, as the plans have
+        _checks.clear()
+    m = memo(_checks, key, plan, selection, ts, o)
+    if m is None:
         return
-    needs = any(t.requires_grad for t in ts + tuple(o[i] for i in given))
-    memo = (check, selection, o[TENSOR_OPTIONS:], tuple(map(type, o)), given,
-            torch.is_grad_enabled() if needs else None, key, plan)
     with _plans._lock:  # not a plan a fallback has just dropped
         if _plans.get(key) is plan:
-            _last[0] = memo
+            _last[0] = m
 
 
 def _run_plan(plan: RoutePlan, spec: CallSpec, q: Tensor, k_cache: Tensor,
