@@ -64,3 +64,20 @@ def skip_unless_usable(name: str, device: str = "cuda") -> None:
     if reasons:
         assert name != "math", reasons
         pytest.skip(f"{name} unavailable on {device}: {'; '.join(reasons)}")
+
+
+def cpu_backends(exclude: tuple[str, ...] = ()) -> list[str]:
+    """Registered backends whose probe accepts the CPU (math always does), in
+    registry order, except those named in ``exclude``; a backend that fails to
+    load is left out (explain() reports it, test_registry covers that)."""
+    out = []
+    for name in ad.list_backends():
+        if name in exclude:
+            continue
+        try:
+            if not ad.get_backend(name).probe(torch.device("cpu")):
+                out.append(name)
+        except ad.AttentionDispatchError:
+            continue
+    ad.clear_cache()
+    return out

@@ -142,17 +142,9 @@ COMPILED_BACKENDS = ("flex",)
 def cpu_backends() -> list[str]:
     """Registered backends whose probe accepts the CPU (math always does),
     except the compiled ones (:data:`COMPILED_BACKENDS`)."""
-    out = []
-    for name in ad.list_backends():
-        if name in COMPILED_BACKENDS:
-            continue
-        try:
-            if not ad.get_backend(name).probe(torch.device("cpu")):
-                out.append(name)
-        except ad.AttentionDispatchError:
-            continue  # failed to load: explain() reports it, test_registry covers that
-    ad.clear_cache()
-    return out
+    from _helpers import cpu_backends as available
+
+    return available(exclude=COMPILED_BACKENDS)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -51,6 +51,8 @@ import attention_dispatch as ad
 from attention_dispatch.testing import (MemoryDraw, atol, draw_memory, kpm_view, mask_view,
     poison_padded, qkv_makers, reference_attention)
 
+from _helpers import cpu_backends
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 HEAD_DIMS = (8, 16, 24, 32)
 EXAMPLES_PER_BACKEND = 300
@@ -60,18 +62,6 @@ EXAMPLES_OVERRIDE = {"flex": 16}
 MIN_TOTAL = 500
 
 FUZZ_COUNTS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-
-
-def cpu_backends() -> list[str]:
-    out = []
-    for name in ad.list_backends():
-        try:
-            if not ad.get_backend(name).probe(torch.device("cpu")):
-                out.append(name)
-        except ad.AttentionDispatchError:
-            continue
-    ad.clear_cache()
-    return out
 
 
 CPU_BACKENDS = cpu_backends()

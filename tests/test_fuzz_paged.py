@@ -61,6 +61,7 @@ from hypothesis import strategies as st
 
 import attention_dispatch as ad
 from attention_dispatch.testing import atol
+from _helpers import cpu_backends
 from _paged import PagedCase, make_case, max_err, paged_reference
 
 EXAMPLES = int(os.environ.get("PAGED_FUZZ_EXAMPLES", "80"))
@@ -76,19 +77,7 @@ NATIVE, GATHERED = "native", "gathered"
 
 
 
-def cpu_backends() -> list[str]:
-    """Registered backends that run on the CPU, flex last (its own test)."""
-    out = []
-    for name in ad.list_backends():
-        try:
-            if not ad.get_backend(name).probe(torch.device("cpu")):
-                out.append(name)
-        except ad.AttentionDispatchError:
-            continue
-    return sorted(out, key=lambda n: n == "flex")
-
-
-CPU_BACKENDS = cpu_backends()
+CPU_BACKENDS = sorted(cpu_backends(), key=lambda n: n == "flex")  # flex last: its own test
 PAGED_COUNTS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
 
