@@ -60,7 +60,10 @@ def _pair(auto: Callable[[], Any], direct: Callable[[], Any], torch_fn: Callable
 
 
 def _graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` captured in a CUDA graph (after warm-up calls on a side stream
+    that waits for the current one): its replay."""
     s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(3):
             fn()

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 import torch
 
 import attention_dispatch as ad
+import call_kinds_overhead
 from attention_dispatch._core.backend import Backend
 from attention_dispatch._core.capabilities import Capabilities
 
@@ -49,16 +50,10 @@ class NullPaged(Backend):
         return self.out, None
 
 
-def best_us(fn: Callable[[], Any], n: int = 3000, rounds: int = 5) -> float:
+def best_us(fn: Callable[[], Any]) -> float:
     for _ in range(20):
         fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - t) / n * 1e6)
-    return best
+    return call_kinds_overhead.best_us(fn, 3000, 5)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import attention_dispatch as ad
 from attention_dispatch.adapters import _triton_splitkv as tk
 from gpu_bench import interleaved
+from overhead import _graphed
 
 Tensor = torch.Tensor
 
@@ -110,16 +111,8 @@ def graphed_us(fn: Callable[[], Any], n: int = 20) -> "float | None":
     ``n`` times back to back (no host cost between kernels).  None for a call
     that cannot be captured (one that synchronises, e.g. a checked paged call)."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        graph.replay()
+        replay = _graphed(fn)
+        replay()
         torch.cuda.synchronize()
     except Exception:  # not capturable: no device-only figure
         torch.cuda.synchronize()
@@ -127,7 +120,7 @@ def graphed_us(fn: Callable[[], Any], n: int = 20) -> "float | None":
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(n):
-        graph.replay()
+        replay()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / n
