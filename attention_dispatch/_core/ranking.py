@@ -164,24 +164,18 @@ def table(family: str, spec: Optional[CallSpec]) -> tuple[str, ...]:
     return RANKINGS.get(family, RANKINGS["other"])
 
 
-def _flops(spec: CallSpec) -> int:
-    """Forward FLOPs, 4 * B * Hq * Sq * Sk * D, halved for causal."""
-    work = 4 * spec.batch * spec.heads_q * spec.seq_q * spec.seq_k * spec.head_dim
-    return work // 2 if spec.causal else work
-
-
 def shape_class(spec: CallSpec) -> str:
     """"paged", "tiny", "decode", "short" or "long" (see the module docstring)."""
     if spec.paged:
         return "paged"
-    if spec.device_type == "cuda" and (4 * spec.batch * spec.heads_q * spec.seq_q
-                                       * spec.seq_k * spec.head_dim <= TINY_FLOPS):
+    flops = 4 * spec.batch * spec.heads_q * spec.seq_q * spec.seq_k * spec.head_dim
+    if spec.device_type == "cuda" and flops <= TINY_FLOPS:
         return "tiny"
     if spec.seq_q == 1:
         return "decode"
     if spec.key_padding or spec.varlen:
         return "long"
-    if spec.requires_grad and _flops(spec) < HOST_BOUND_GRAD_FLOPS:
+    if spec.requires_grad and (flops // 2 if spec.causal else flops) < HOST_BOUND_GRAD_FLOPS:
         return "short"  # FA4's host cost per call outweighs its faster kernels
     longest = max(spec.seq_q, spec.seq_k)
     if longest <= (2048 if spec.head_dim >= 128 or not spec.requires_grad else 1024):

@@ -40,12 +40,16 @@ MAX_ROWS = 64  # query rows of one kv head's group (Sq * Hq / Hkv) in one tile
 # four shapes; 64 for the paged cache (block size 128)
 BLOCK_N = 128
 PAGED_BLOCK_N = 64
-
-
-def block_n_for(paged: bool) -> int:
-    """The default key tile of a dense or paged call."""
-    return PAGED_BLOCK_N if paged else BLOCK_N
 _OPEN = 1 << 30  # an open window side
+
+
+def block_n_for(paged: bool, block_size: int = 0, block_n: Optional[int] = None) -> int:
+    """The key tile of a call: ``block_n`` (default :data:`BLOCK_N`, paged
+    :data:`PAGED_BLOCK_N`), capped at a paged cache's ``block_size`` (a tile
+    lies in one block)."""
+    if not paged:
+        return block_n or BLOCK_N
+    return min(block_n or PAGED_BLOCK_N, block_size)
 
 
 @functools.lru_cache(maxsize=None)
@@ -206,8 +210,7 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal:
     max_blocks) int32 and ``cache_seqlens`` (B,) int32 given): k/v the caches
     (num_blocks, block_size, Hkv, D), block_size a power of two >= 16.
     Sq * Hq / Hkv <= :data:`MAX_ROWS`.  ``splits`` (default: :func:`num_splits`),
-    ``block_n`` (keys per tile, default :func:`block_n_for`, capped at the block
-    size), ``num_warps`` and
+    ``block_n`` (keys per tile, see :func:`block_n_for`), ``num_warps`` and
     ``num_stages``: launch parameters (bench/triton_decode_tune.py times them).
     Returns out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) float32 (see
     the module docstring): two launches, the split kernel and the combination.
@@ -218,8 +221,7 @@ def split_kv_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal:
     paged = block_table is not None
     page = k.shape[1] if paged else 0
     max_len = block_table.shape[1] * page if paged else k.shape[1]
-    block_n = block_n or block_n_for(paged)
-    block_n = min(block_n, page) if paged else block_n
+    block_n = block_n_for(paged, page, block_n)
     bm, bd = pow2(G * Sq), pow2(D)
     S = splits or num_splits(B, Hkv, max_len, block_n, _sms(q.device))
     chunk = -(-max(1, max_len) // S)

@@ -62,7 +62,7 @@ class TritonDecodeBackend(Backend):
         """The splits' partial outputs (float32, padded to the kernel's tiles)
         and their LSEs, for up to two programs per SM of a 132-SM device."""
         rows = spec.seq_q * (spec.heads_q // max(1, spec.heads_kv))
-        block_n = min(block_n_for(spec.paged), spec.block_size or 1 << 30)
+        block_n = block_n_for(spec.paged, spec.block_size)
         splits = num_splits(spec.batch, spec.heads_kv, spec.seq_k, block_n, 132)
         per = spec.batch * spec.heads_kv * splits * pow2(rows)
         return (Buffer("partial outputs of the key splits (float32)",
