@@ -17,6 +17,7 @@
 #   bash bench/gpu_run.sh gpu-tests          # every test marked gpu, in three concurrent shards
 #   bash bench/gpu_run.sh decode-tune        # triton-decode's tests and launch parameters, decode shapes
 #   bash bench/gpu_run.sh followup           # Llama 2k-8k, host cost, decode profile, paged, tune
+#   bash bench/gpu_run.sh recheck            # CUDA conformance, paged, triton, layouts beside the fuzzer
 # Logs and results go to $OUT (default ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -142,6 +143,27 @@ for stage in "$@"; do
       step decode-tune; python3 bench/triton_decode_tune.py --block-n 64 128 --warps 4 8 \
         --stages 2 3 --repeats 10 --out "$OUT/triton-decode-tune.json" 2>&1 | tail -90 \
         | tee -a "$LOG" ;;
+    recheck)
+      # after adapter or kernel changes, in about 7 minutes: both CUDA conformance
+      # suites, the paged and triton-decode tests and the CUDA layouts, beside the
+      # fuzzer (all correctness; no timing); then the host profile of decode calls
+      env_on
+      step "recheck (four test runs beside the fuzzer)"
+      t() { timeout 420 python3 -m pytest "$@" -q -p no:cacheprovider -rfE -W ignore 2>&1 \
+              | grep -v Warning; }
+      t tests/test_conformance.py -m gpu > "$OUT/recheck-conformance.txt" &
+      t tests/gpu/test_gpu_conformance.py -m gpu > "$OUT/recheck-gpu-conformance.txt" &
+      t tests/gpu/test_gpu_paged.py tests/test_triton_decode.py > "$OUT/recheck-paged-triton.txt" &
+      t tests/test_layouts.py -k cuda > "$OUT/recheck-layouts.txt" &
+      timeout 420 python3 bench/gpu_fuzz.py --examples 20000 --workers 10 --shape-pool 48 \
+        --max-seconds "${FUZZ_SECONDS:-300}" --backend-budget-s 100 --every flex:3 \
+        --paged-share "${PAGED_SHARE:-0.2}" --out "$OUT/fuzz.json" > "$OUT/fuzz.log" 2>&1 &
+      wait
+      for f in conformance gpu-conformance paged-triton layouts; do
+        tail -2 "$OUT/recheck-$f.txt" | tee -a "$LOG"; done
+      tail -25 "$OUT/fuzz.log" | tee -a "$LOG"
+      step host-profile; timeout 100 python3 bench/host_profile.py \
+        --out "$OUT/host-profile.json" 2>&1 | grep -v Warn | tee -a "$LOG" ;;
     gpu-tests)
       env_on
       step "gpu-tests (3 shards)"
