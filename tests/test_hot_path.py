@@ -12,6 +12,7 @@ check kept.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -139,6 +140,50 @@ def test_selection_context_is_keyed(spy_backend: Any) -> None:
     assert_close(out, _ref(q, k, v), tol=1e-5)
     ad.attention(q, k, v)
     assert len(spy_backend.calls) == 1
+
+
+def test_the_remembered_call_yields_to_every_ambient_setting() -> None:
+    # attention() checks the remembered plain signature inline: each context
+    # or flag that changes a decision must send the call past it
+    q, k, v = _qkv()
+    ad.attention(q, k, v)
+    ad.attention(q, k, v)
+    m = _dispatch._memo[0]
+    assert m is not None
+    ran: list[int] = []
+
+    def spy(*a: Tensor) -> Tensor:
+        ran.append(1)
+        return m[8](*a)
+
+    def install() -> None:
+        _dispatch._memo[0] = m[:8] + (spy,) + m[9:]
+
+    install()
+    ad.attention(q, k, v)
+    assert ran == [1]  # unchanged ambient state: the remembered call
+
+    @contextlib.contextmanager
+    def torch_deterministic() -> Any:
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(False)
+
+    settings = {"use_backend": lambda: ad.use_backend("math"),
+                "deterministic": lambda: ad.use_policy(deterministic=True),
+                "max_extra_bytes": lambda: ad.use_policy(max_extra_bytes=1 << 40),
+                "verify": lambda: ad.verify(1), "torch flag": torch_deterministic}
+    for name, setting in settings.items():
+        install()
+        with setting():
+            out = ad.attention(q, k, v)
+        assert ran == [1], name
+        assert_close(out, _ref(q, k, v), tol=1e-5)
+    install()
+    ad.attention(q, k, v, deterministic=False)  # set per call: the slower path
+    assert ran == [1]
 
 
 def test_clear_cache_forgets_the_remembered_signature() -> None:

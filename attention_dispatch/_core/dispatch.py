@@ -21,16 +21,18 @@ from . import autotuning as _autotune, compile as _compile, eventlog as _events
 from . import policy as _policy, quarantine as _quarantine
 from . import reliability as _reliability, verification as _verify
 from .backend import Backend
+from .binding import bhsd, bind, memory_for, plain_call
 from .caches import clear_all, register_cache
 from .decide import Plan, decide, takes_cut, tuned
 from .errors import BackendUnavailable
 from .guards import memo, never, recall, tensor_check
-from .layout import MemoryPlan, apply_memory, plan_memory
+from .layout import apply_memory
 from .masks import alive_rows, empty_result, sink_lse, zero_empty_rows
 from .maskvalues import cut_call, cut_padding
 from .registry import REGISTRY
 from .selfcheck import check_call
 from .select import AUTO, BackendArg, _context, env_selection, resolve
+from .select import _env as _select_env
 from .spec import (CallOptions, CallSpec, keyword_tensors, options_key,
                    validate)
 
@@ -42,8 +44,8 @@ _grad_enabled = torch.is_grad_enabled
 _plans: dict[tuple, Plan] = {}
 _lock = threading.Lock()
 # the last plain call's (check, selection, causal, dropout_p, scale, grad, key,
-# plan), see _plain, and the last other call's (see _general_hit); reset with
-# every change to _plans
+# plan, plan.plain, plan.align), see _plain, and the last other call's (see
+# _general_hit); reset with every change to _plans
 _memo: list[Optional[tuple]] = [None, None]
 _checks: dict[tuple, Callable[..., bool]] = {}
 
@@ -78,63 +80,11 @@ def call_key(selection: tuple[str, ...], q: Any, k: Any, v: Any, o: CallOptions)
             q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, grad, options_key(o))
 
 
-def _bhsd(o: CallOptions, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    if o.layout == "bshd":
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    return q, k, v
-
-
-def _memory_for(backend: Backend, spec: CallSpec, q: Tensor, k: Tensor, v: Tensor,
-                mask: Optional[Tensor]) -> MemoryPlan:
-    """The copies ``backend`` needs for these tensors (bhsd views)."""
-    caps = backend.capabilities
-    clean = spec.key_padding and caps.key_padding and not caps.padded_keys_unread
-    return plan_memory(backend.stride_requirements(spec), caps.native_layout, clean,
-                       q, k, v, mask)
-
-
-def _bind(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions) -> Plan:
-    """``plan`` for tensors with the strides of these (the caller's layout):
-    its memory plan, and the direct kernel call when nothing else is needed."""
-    q, k, v = _bhsd(o, q, k, v)
-    spec, inst = plan.spec, plan.backend
-    mp = _memory_for(inst, spec, q, k, v, o.mask)
-    simple = mp.idle and not (plan.empty or keyword_tensors(o) or (spec.key_padding and (
-        plan.fix_rows or not inst.capabilities.key_padding)))  # (mask rows fixed after it)
-    align = mp.req.pointer_alignment if mp.req.checks_pointers else 0
-    plain = None
-    if (simple and not plan.fix_rows and o.mask is None and o.key_padding_mask is None
-            and not o.return_lse):
-        plain = _plain_call(inst, spec, plan.scale, plan.dropout_p, q, k, v)
-    cut = (spec.key_padding and mp.copies_nothing and not (
-        align or plan.empty or o.mask is not None or o.return_lse or keyword_tensors(o)))
-    return plan._replace(memory=mp, direct=inst.forward if simple else None, align=align,
-                         plain=plain, cut=cut)
-
-
-def _plain_call(inst: Backend, spec: CallSpec, scale: float, dropout_p: float,
-                q: Tensor, k: Tensor, v: Tensor) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """``out = f(q, k, v)`` for a plan with nothing but the kernel to run and no
-    mask: the backend's own (``Backend.plain_call``) or its ``forward``.  A
-    ``forward`` replaced on the instance (a wrapper that records or profiles
-    calls) is always called: then the backend's own plain call is not used."""
-    own = None if "forward" in vars(inst) else inst.plain_call(spec, scale, dropout_p, q, k, v)
-    if own is not None:
-        return own
-    fwd = inst.forward
-
-    def plain(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return fwd(q, k, v, spec=spec, mask=None, key_padding_mask=None, dropout_p=dropout_p,
-                   scale=scale)[0]
-
-    return plain
-
-
 def timer(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions
           ) -> Callable[[str], Optional[float]]:
     """Autotune's ``timer(name)`` for this call: a small-call check against the
     float64 reference (``selfcheck``), then the time of this call on ``name``."""
-    qb, kb, vb = _bhsd(o, q, k, v)
+    qb, kb, vb = bhsd(o, q, k, v)
     spec = plan.spec
 
     def run(name: str) -> Any:
@@ -147,8 +97,8 @@ def timer(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions
 def copies_for(spec: CallSpec, q: Tensor, k: Tensor, v: Tensor, o: CallOptions
                ) -> Callable[[Backend], int]:
     """``copies(backend)``: the bytes its memory plan copies for these tensors."""
-    qb, kb, vb = _bhsd(o, q, k, v)
-    return lambda inst: _memory_for(inst, spec, qb, kb, vb, o.mask).nbytes
+    qb, kb, vb = bhsd(o, q, k, v)
+    return lambda inst: memory_for(inst, spec, qb, kb, vb, o.mask).nbytes
 
 
 def plan_call(key: Optional[tuple], selection: tuple[str, ...], q: Any, k: Any, v: Any,
@@ -158,7 +108,7 @@ def plan_call(key: Optional[tuple], selection: tuple[str, ...], q: Any, k: Any, 
     spec = validate(q, k, v, o)
     copies = copies_for(spec, q, k, v, o) if spec.max_extra_bytes is not None else None
     plan = decide(spec, selection, o.scale, o.dropout_p, copies)
-    plan = _bind(tuned(plan, selection, timer(plan, q, k, v, o)), q, k, v, o)
+    plan = bind(tuned(plan, selection, timer(plan, q, k, v, o)), q, k, v, o)
     _policy.warn_if_large(plan.backend, spec, selection)
     if key is not None:
         with _lock:
@@ -190,7 +140,7 @@ def _fallback(plan: Plan, exc: Exception, q: Tensor, k: Tensor, v: Tensor,
             _memo[0] = _memo[1] = None
         try:
             copies = None if plan.spec.max_extra_bytes is None else (  # bhsd views here
-                lambda inst: _memory_for(inst, plan.spec, q, k, v, o.mask).nbytes)
+                lambda inst: memory_for(inst, plan.spec, q, k, v, o.mask).nbytes)
             new = decide(plan.spec, plan.selection, plan.scale, plan.dropout_p, copies)
         except BackendUnavailable as unavailable:
             raise unavailable from exc
@@ -211,6 +161,14 @@ def _fallback(plan: Plan, exc: Exception, q: Tensor, k: Tensor, v: Tensor,
 _effective = _policy.effective
 _compiling = torch.compiler.is_compiling
 _verify_budget = _verify.budget
+# what the remembered plain signature needs of the ambient state, read inline
+# by attention(): no use_backend/use_policy/verify context, the environment's
+# selection, policies and verify count as read (unread: the slower path reads
+# them), neither policies nor verification set there, torch's flag off
+_sel_env, _pol_ctx, _pol_env = _select_env.get, _policy._context_get, _policy._env_get
+_NO_POLICY, _torch_det = _policy.Policy(), _policy._torch_deterministic
+_ver_ctx, _ver_env = _verify._var.get, _verify._env
+_UNREAD = ("<unread>",)  # equals no selection
 
 
 def call(selection: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor, o: CallOptions
@@ -260,7 +218,7 @@ def _call_planned(selection: tuple[str, ...], key: Optional[tuple], plan: Option
         qb, kb, vb = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)) if bshd else (
             q, k, v)
         try:
-            out = cut_call(plan, qb, kb, vb, o.key_padding_mask, _plain_call, takes_cut)
+            out = cut_call(plan, qb, kb, vb, o.key_padding_mask, plain_call, takes_cut)
         except Exception as exc:
             return _run(plan, q, k, v, o, failure=exc)
         if out is not None:
@@ -334,7 +292,7 @@ def _plain_lookup(selection: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor, c
             check = _checks[key] = tensor_check(q, k, v) or never
         if check is not never:
             memo = (check, selection, causal, dropout_p, scale, grad if needs else None,
-                    key, plan)
+                    key, plan, plan.plain, plan.align)
             with _lock:  # not a plan another thread just dropped
                 if _plans.get(key) is plan:
                     _memo[0] = memo
@@ -409,13 +367,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
         plan = getattr(_compile, _compile.plan_name(_compile.decide_constant(
             _compile.constant_key(q, k, v, o, backend))))
         return _run(plan, q, k, v, o)
-    deterministic, max_extra_bytes = _effective(deterministic, max_extra_bytes)
     if (mask is None and key_padding_mask is None and alibi_slopes is None and sinks is None
             and window is None and softcap is None and return_lse is False and layout == "bhsd"
             and (causal is False or causal is True) and type(dropout_p) is float
-            and (scale is None or type(scale) is float) and backend == "auto"
-            and (deterministic is None or deterministic is False) and max_extra_bytes is None):
-        return _plain(q, k, v, causal, dropout_p, scale)  # the common call: a shorter key
+            and (scale is None or type(scale) is float) and backend == "auto"):
+        m = _memo[0]  # the remembered plain signature, all of it checked inline
+        if (m is not None and deterministic is None and max_extra_bytes is None
+                and m[0](q, k, v) and m[2] is causal and m[3] == dropout_p and m[4] == scale
+                and m[1] == (_context.get() or _sel_env("sel", _UNREAD) or AUTO)
+                and (m[5] is None or m[5] == _grad_enabled())
+                and _pol_ctx() is None and _pol_env("p") == _NO_POLICY and not _torch_det()
+                and _ver_ctx() is None and _ver_env[0] == 0
+                and not (m[9] and (q.data_ptr() | k.data_ptr() | v.data_ptr()) % m[9])):
+            try:
+                return m[8](q, k, v)
+            except Exception as exc:
+                return _run(m[7], q, k, v, CallOptions(causal=causal, dropout_p=dropout_p,
+                                                       scale=scale), failure=exc)
+        deterministic, max_extra_bytes = _effective(deterministic, max_extra_bytes)
+        if (deterministic is None or deterministic is False) and max_extra_bytes is None:
+            return _plain(q, k, v, causal, dropout_p, scale)  # the common call: a shorter key
+    else:
+        deterministic, max_extra_bytes = _effective(deterministic, max_extra_bytes)
     o = CallOptions(mask, key_padding_mask, alibi_slopes, sinks, causal, dropout_p, scale,
                     layout, return_lse, window, softcap, deterministic, max_extra_bytes)
     if backend == "auto":
@@ -459,7 +432,7 @@ def _forward(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions,
     mask, kpm, spec = o.mask, o.key_padding_mask, plan.spec
     mp = plan.memory
     if mp is None:
-        mp = _memory_for(plan.backend, spec, q, k, v, mask)
+        mp = memory_for(plan.backend, spec, q, k, v, mask)
     if cut is None and kpm is not None:
         cut = cut_padding(spec, kpm, plan.backend, takes_cut)
     if cut:
@@ -487,7 +460,7 @@ def _run(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions,
     """Run a plan: layout views, the kernel, the empty-row fix, the result.
     ``failure``: the plan's kernel already raised this (bhsd): fall back at once."""
     spec = plan.spec
-    q, k, v = _bhsd(o, q, k, v)
+    q, k, v = bhsd(o, q, k, v)
     if plan.empty:
         out, lse = empty_result(q, k, v, spec)
     else:

@@ -9,7 +9,8 @@ import torch
 
 from .decide import explain_spec
 from .decision import Decision
-from .dispatch import _bhsd, _memory_for, copies_for
+from .binding import bhsd, memory_for
+from .dispatch import copies_for
 from .policy import effective as _effective
 from .registry import REGISTRY
 from .select import BackendArg, resolve
@@ -47,7 +48,7 @@ def explain_options(backend: BackendArg, q: Tensor, k: Tensor, v: Tensor, o: Cal
     if decision.backend is None:
         return decision
     inst, _ = REGISTRY.load(decision.backend)
-    q, k, v = _bhsd(o, q, k, v)
-    notes = _memory_for(inst, spec, q, k, v, o.mask).notes  # type: ignore[arg-type]
+    q, k, v = bhsd(o, q, k, v)
+    notes = memory_for(inst, spec, q, k, v, o.mask).notes  # type: ignore[arg-type]
     return dataclasses.replace(decision, copies=notes) if notes else decision
 
