@@ -104,3 +104,10 @@ def test_cudnn_refusals_found_on_the_gpu() -> None:
     why = backend.check(dataclasses.replace(masked, requires_grad=True))
     assert why and "non-finite gradients" in why[0]
     assert backend.check(dataclasses.replace(base, seq_k=1))[0].startswith("Sq = Sk = 1")
+    # torch's own call (the "sdpa" backend) picks cuDNN there: the same refusal
+    # (found by bench/gpu_fuzz.py on an H200: dq/dk/dv inf for a dead row)
+    sdpa = ad.get_backend("sdpa")
+    assert sdpa.check(masked) == []
+    why = sdpa.check(dataclasses.replace(masked, requires_grad=True))
+    assert why and "non-finite gradients" in why[0]
+    assert sdpa.check(dataclasses.replace(masked, requires_grad=True, seq_q=2)) == []

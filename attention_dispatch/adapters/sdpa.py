@@ -114,6 +114,14 @@ class SdpaBackend(Backend):
             out.append(f"gradients in {str(spec.dtype).replace('torch.', '')} on CPU; "
                        "allowed: float32/float64 (torch's CPU flash backward is inexact in "
                        "half precision)")
+        if (spec.device_type == "cuda" and spec.seq_q == 1 and spec.requires_grad
+                and spec.may_have_empty_rows):
+            # measured (bench/gpu_fuzz.py, H200, torch 2.11, cuDNN 9.19): torch picks
+            # cuDNN here, whose backward gives non-finite dq/dk/dv for a fully
+            # masked row at Sq = 1 (as sdpa-cudnn refuses)
+            out.append("gradients at Sq = 1 with a mask or key padding on CUDA; torch's "
+                       "choice there (cuDNN) gives non-finite gradients for a fully "
+                       "masked row")
         return out
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
