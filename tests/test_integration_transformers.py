@@ -190,6 +190,19 @@ def test_registered_function_ran_with_exact_structured_arguments():
     assert all(s.mask_kind == "none" for s in specs)
 
 
+def test_left_padded_prefill_reads_no_lengths_per_layer(monkeypatch):
+    """The packed prefill's cu_seqlens are built from the mask once per forward
+    and handed over unchecked: no host read (synchronisation) per layer."""
+    from attention_dispatch._core import varlen as core_varlen
+
+    reads: list[int] = []
+    check = core_varlen._check_cu_values
+    monkeypatch.setattr(core_varlen, "_check_cu_values",
+                        lambda *a: reads.append(1) or check(*a))
+    specs = _specs("llama")
+    assert any(s.varlen for s in specs) and reads == []
+
+
 def test_static_cache_prefill_reads_only_filled_slots():
     """A static cache hands max_cache_len keys; the prefill reads the first Sq
     (square causal, no mask), decode steps one query over the cache with the

@@ -61,6 +61,24 @@ def test_equals_one_dense_call_per_sequence(causal):
         torch.testing.assert_close(out[cq[b]:cq[b + 1]], want)
 
 
+def test_check_values_false_skips_the_host_read(monkeypatch):
+    """check_values=False: the same answer on valid values, cu_seqlens never
+    read on the host (no synchronisation per layer); shapes still checked."""
+    q, k, v, cq, ck, mq, mk = _packed()
+    checked = ad.attention_varlen(q, k, v, cq, ck, mq, mk, causal=True)
+
+    def read(*a, **kw):
+        raise AssertionError("the values were read")
+
+    monkeypatch.setattr(_varlen, "_check_cu_values", read)
+    got = ad.attention_varlen(q, k, v, cq, ck, mq, mk, causal=True, check_values=False)
+    assert torch.equal(got, checked)
+    with pytest.raises(AssertionError, match="values were read"):
+        ad.attention_varlen(q, k, v, cq, ck, mq, mk, causal=True)
+    with pytest.raises(ad.AttentionInputError, match="cu_seqlens_k"):
+        ad.attention_varlen(q, k, v, cq, ck[:-1], mq, mk, check_values=False)
+
+
 def test_routes_native_and_padded(register_temp):
     """A varlen backend gets forward_varlen; any other the padded dense call."""
     seen: dict[str, list] = {"varlen": [], "dense": []}

@@ -174,11 +174,13 @@ def _plan(key: Optional[tuple], spec: CallSpec, selection: tuple[str, ...],
 
 def varlen_call(selection: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor,
                 cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
-                max_seqlen_k: int, o: CallOptions) -> Union[Tensor, tuple[Tensor, Tensor]]:
+                max_seqlen_k: int, o: CallOptions, check_values: bool = True
+                ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """A packed variable-length call (``attention_varlen``'s arguments, the
-    selection resolved): validated, decided once per signature, run."""
+    selection resolved): validated (cu_seqlens' values too, if
+    ``check_values``), decided once per signature, run."""
     spec = validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, o,
-                           check_values=not torch.compiler.is_compiling())
+                           check_values=check_values and not torch.compiler.is_compiling())
     key = (selection, spec, o.scale, type(o.scale))
     plan = _plans.get(key)
     if plan is None:

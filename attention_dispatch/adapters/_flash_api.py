@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import functools
 import inspect
 import os
 import sys
@@ -177,6 +178,7 @@ def version(api: FlashApi, module: Optional[ModuleType] = None) -> Optional[str]
     return v if isinstance(v, str) and v != "0.0.0" else None
 
 
+@functools.lru_cache(maxsize=64)  # asked per call (paged, lse): inspect costs ~100 us
 def _params(fn: Any) -> frozenset[str]:
     try:
         return frozenset(inspect.signature(fn).parameters)

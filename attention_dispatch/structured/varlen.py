@@ -30,7 +30,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                      softcap: Optional[float] = None, alibi_slopes: Optional[Tensor] = None,
                      sinks: Optional[Tensor] = None, backend: BackendArg = "auto",
                      return_lse: bool = False, deterministic: Optional[bool] = None,
-                     max_extra_bytes: Optional[int] = None
+                     max_extra_bytes: Optional[int] = None, check_values: bool = True
                      ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention over a packed batch of variable-length sequences.
 
@@ -50,6 +50,11 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     are the policies of :func:`attention` (docs/selection.md "Policies").
     Validating cu_seqlens reads them on the host (one
     synchronisation per call; skipped while torch.compile traces).
+    ``check_values=False`` skips that read (shapes, dtypes and devices are
+    still checked): for callers that built cu_seqlens themselves and call once
+    per layer (a read per layer stalls the host on the GPU).  The caller then
+    vouches for the values: 0 first, non-decreasing, the packed totals last, no
+    sequence longer than max_seqlen_q/k.
 
     Backends that declare ``capabilities.varlen`` run the packed tensors; any
     other runs the equivalent padded dense batch (see the module docstring).
@@ -69,4 +74,4 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                     scale=scale, layout="bshd", return_lse=return_lse, window=window,
                     softcap=softcap, deterministic=det, max_extra_bytes=limit)
     return varlen_call(selection_of(backend), q, k, v, cu_seqlens_q, cu_seqlens_k,
-                       max_seqlen_q, max_seqlen_k, o)
+                       max_seqlen_q, max_seqlen_k, o, check_values=check_values)
