@@ -62,6 +62,8 @@ def calls(x: dict[str, Tensor]) -> dict[str, Callable[[], Any]]:
                                                                **kw),
             "paged:flash-attn unchecked": lambda: ad.attention_paged(
                 q, k, v, check_values=False, backend="flash-attn", **kw),
+            "paged:triton-decode unchecked": lambda: ad.attention_paged(
+                q, k, v, check_values=False, backend="triton-decode", **kw),
         }
     out: dict[str, Callable[[], Any]] = {
         "torch-default": lambda: F.scaled_dot_product_attention(

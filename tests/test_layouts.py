@@ -249,9 +249,9 @@ def test_layout_checks_are_decided_once_per_signature(monkeypatch: pytest.Monkey
     calls = []
     real = _layout.plan_memory
     monkeypatch.setattr(_layout, "plan_memory", lambda *a, **k: calls.append(1) or real(*a, **k))
-    import attention_dispatch._core.dispatch as dispatch
+    import attention_dispatch._core.binding as binding
 
-    monkeypatch.setattr(dispatch, "plan_memory", _layout.plan_memory)
+    monkeypatch.setattr(binding, "plan_memory", _layout.plan_memory)
     q, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
     k = torch.randn(1, 2, 16, 8).transpose(-1, -2)
     for _ in range(5):

@@ -53,6 +53,9 @@ class StrideRequirements:
     def violation(self, t: Tensor) -> Optional[str]:
         """Why ``t``'s strides break the rule (None if they do not).  Pointer
         alignment is judged separately (:meth:`misaligned`): it changes per call."""
+        if t.is_contiguous() and (  # every stride a multiple of the last axis' bytes
+                not t.dim() or (t.shape[-1] * t.element_size()) % self.stride_alignment == 0):
+            return None
         shape, strides = t.shape, t.stride()
         if t.dim() and self.unit_last_stride and shape[-1] > 1 and strides[-1] != 1:
             return f"last-dim stride {strides[-1]}; the kernel needs 1"
