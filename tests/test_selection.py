@@ -405,6 +405,13 @@ def test_shape_classes_of_the_ranking() -> None:
                                            requires_grad=True)) == "long"
     assert shape_class(dataclasses.replace(base, seq_q=1024, seq_k=1024,
                                            key_padding=True)) == "long"
+    # paged: FA4 first once (row, kv head) tiles fill the device, triton's split-KV below
+    paged = dataclasses.replace(base, paged=True, block_size=128, seq_q=1, seq_k=8192,
+                                heads_q=32, heads_kv=8, batch=32)
+    assert shape_class(paged) == "paged-wide"
+    assert SHAPE_RANKINGS[("sm90", "paged-wide")][:2] == ("flash-attn", "triton-decode")
+    assert shape_class(dataclasses.replace(paged, batch=8)) == "paged"
+    assert SHAPE_RANKINGS[("sm90", "paged")][0] == "triton-decode"
     h128 = dataclasses.replace(base, head_dim=128, head_dim_v=128, seq_q=8192, seq_k=8192)
     assert shape_class(h128) == "short"  # forward at 8k, head dim 128: cuDNN
     assert shape_class(dataclasses.replace(h128, head_dim=64, head_dim_v=64)) == "long"

@@ -59,6 +59,13 @@ bench/gpu_bench.py (bf16, hdim 128, interleaved CUDA-event timing):
   sdpa-flash 496 us, sdpa-mem-efficient 526 us, FA4 598 us, xformers 771 us.
 * "paged" (attention_paged calls): ``triton-decode`` first (declared by the
   backend for every CUDA family, in the sm90 table here), then the decode order.
+  "paged-wide": paged calls with B * Hkv * ceil(Sq * Hq / Hkv / 128) >= 128,
+  enough (row, kv head) tiles for FA4's paged kernel, which takes no key split
+  on sm90, to fill the device: FA4 first there.  Measured with
+  bench/decode_profile.py (H200, 2026-12-03, B=32, Hkv=8, Sk=8192, block size
+  128): FA4's paged kernel 239 us of device time, as cuDNN's dense one (237 us),
+  triton-decode's 398 us; FA4's host cost per paged call was 530 us until its
+  signature stopped being inspected per call.
   Calls with gradients whose forward needs under 2**37 FLOPs (halved for
   causal; e.g. B=1, H=16, causal S=4096, D=128) are "short" too: there the
   host's cost per call decides, and FA4's (0.2-0.3 ms per forward call,
@@ -112,10 +119,14 @@ _SM90_SHORT = ("sdpa-cudnn", "flash-attn", "xformers", "sdpa-flash", "flex",
                "sdpa-mem-efficient", "triton-decode", "math")
 _SM90_DECODE = ("sdpa-cudnn", "sdpa-flash", "sdpa-mem-efficient", "flash-attn", "xformers",
                 "flex", "triton-decode", "math")
-# paged calls: triton-decode's split-KV route first (FA4's paged route measured
-# 0.33x of dense decode on an H200, docs/results/paged-full-h200-2026-12-03.json;
-# triton-decode's place here is not measured yet), then the decode order
+# paged calls: triton-decode's split-KV route first where FA4's one split per
+# (row, kv head) leaves SMs idle, then the decode order; FA4's paged route first
+# where those splits fill the device ("paged-wide", see the module docstring)
 _SM90_PAGED = ("triton-decode",) + tuple(n for n in _SM90_DECODE if n != "triton-decode")
+_SM90_PAGED_WIDE = ("flash-attn", "triton-decode") + tuple(
+    n for n in _SM90_DECODE if n not in ("flash-attn", "triton-decode"))
+#: a paged call with at least this many (row, kv head, 128 query rows) tiles is "paged-wide"
+PAGED_WIDE_TILES = 128
 _SM90_TINY = ("sdpa-flash",) + tuple(n for n in _SM90_SHORT if n != "sdpa-flash")
 #: 4 * B * Hq * Sq * Sk * D at or below this is a "tiny" call (host-bound)
 TINY_FLOPS = 1 << 26
@@ -127,8 +138,9 @@ SHAPE_RANKINGS: dict[tuple[str, str], tuple[str, ...]] = {
     ("sm90", "short"): _SM90_SHORT,
     ("sm90", "decode"): _SM90_DECODE,
     ("sm90", "paged"): _SM90_PAGED,
+    ("sm90", "paged-wide"): _SM90_PAGED_WIDE,
 }
-SHAPE_CLASSES = ("decode", "short", "long", "paged", "tiny")
+SHAPE_CLASSES = ("decode", "short", "long", "paged", "paged-wide", "tiny")
 
 _lock = threading.Lock()
 _registered: dict[tuple[str, Optional[str]], tuple[str, ...]] = {}
@@ -165,9 +177,11 @@ def table(family: str, spec: Optional[CallSpec]) -> tuple[str, ...]:
 
 
 def shape_class(spec: CallSpec) -> str:
-    """"paged", "tiny", "decode", "short" or "long" (see the module docstring)."""
+    """"paged", "paged-wide", "tiny", "decode", "short" or "long" (see the
+    module docstring)."""
     if spec.paged:
-        return "paged"
+        rows = -(-spec.seq_q * (spec.heads_q // max(1, spec.heads_kv)) // 128)
+        return "paged-wide" if spec.batch * spec.heads_kv * rows >= PAGED_WIDE_TILES else "paged"
     flops = 4 * spec.batch * spec.heads_q * spec.seq_q * spec.seq_k * spec.head_dim
     if spec.device_type == "cuda" and flops <= TINY_FLOPS:
         return "tiny"

@@ -10,8 +10,9 @@ causal (bottom-right), sliding windows, softcap, sinks and the LSE are exact.
 float16/bfloat16 on CUDA sm80+, head dims up to 256, Dv == D, and at most 64
 query rows per kv head (Sq * Hq / Hkv).
 
-Ranking: first for paged calls (its reason to exist: FA4's paged route
-measured 0.33x of dense decode on an H200, bench/paged_bench.py, 2026-12-03);
+Ranking: first for paged calls with few (row, kv head) pairs, where FA4's
+paged route (one split each on sm90) leaves SMs idle; second behind FA4 on
+sm90 where those pairs fill the device (``ranking.shape_class``);
 for dense calls it ranks just before ``math`` until measured, i.e. it is
 chosen by name or when the kernels ahead refuse.
 
@@ -32,7 +33,8 @@ from .._core.spec import CallSpec
 from ._triton_splitkv import MAX_ROWS, block_n_for, num_splits, pow2, split_kv_attention
 
 Tensor = torch.Tensor
-_PAGED_FIRST = {f"{family}/paged": "first" for family in ("sm80", "sm90", "sm100", "cuda")}
+_PAGED_FIRST = {f"{family}/{cls}": "first" for family in ("sm80", "sm90", "sm100", "cuda")
+                for cls in ("paged", "paged-wide")}  # sm90's tables place it themselves
 
 
 class TritonDecodeBackend(Backend):
