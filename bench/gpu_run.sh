@@ -19,6 +19,7 @@
 #   bash bench/gpu_run.sh followup           # Llama 2k-8k, host cost, decode profile, paged, tune
 #   bash bench/gpu_run.sh recheck            # CUDA conformance, paged, triton, layouts beside the fuzzer
 #   bash bench/gpu_run.sh measure            # Llama 2k-16k and prefill, paged vs dense, decode profile, scattered
+#   bash bench/gpu_run.sh cudnn-bias         # sdpa-cudnn conformance, the grid's key-padding cases
 # Logs and results go to $OUT (default ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -182,6 +183,19 @@ for stage in "$@"; do
         2>&1 | grep -v Warn | tee -a "$LOG"
       step scattered; python3 bench/scattered_padding_bench.py \
         --out "$OUT/scattered-padding.json" 2>&1 | tail -20 | tee -a "$LOG" ;;
+    cudnn-bias)
+      # sdpa-cudnn with its causal flag beside a bias (Sq == Sk): its CUDA
+      # conformance, then the default grid's key-padding cases (B=4, H=16, S=8192)
+      env_on
+      step cudnn-conformance
+      python3 -m pytest tests/test_conformance.py tests/gpu/test_gpu_conformance.py -m gpu \
+        -k "sdpa-cudnn" -q -p no:cacheprovider -rfE 2>&1 | grep -v Warn | tail -6 \
+        | tee "$OUT/cudnn-conformance.txt" | tee -a "$LOG"
+      step padding-bench
+      python3 -m attention_dispatch bench --device cuda --shapes "4,16,8192,128" --dtype bf16 \
+        --causal true --mask padding --mode fwd,fwd+bwd \
+        --backends sdpa-cudnn,sdpa-mem-efficient --out "$OUT/padding-bench" 2>&1 | tail -14 \
+        | tee -a "$LOG" ;;
     gpu-tests)
       env_on
       step "gpu-tests (3 shards)"

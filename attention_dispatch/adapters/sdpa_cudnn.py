@@ -57,7 +57,7 @@ class SdpaCudnnBackend(Backend):
         """The additive bias (built, then copied onto 8-aligned rows) and K/V
         expanded for GQA where the operator has no native GQA and folding is
         not exact."""
-        _, in_bias = top_left_causal_flag(spec, spec.mask_kind != "none" or spec.key_padding)
+        _, in_bias = top_left_causal_flag(spec, False)
         gqa = gqa_buffers(spec, native_gqa_cuda(spec))
         return est.listed(est.bias(spec, in_bias, copies=2), *gqa)
 
@@ -104,8 +104,14 @@ class SdpaCudnnBackend(Backend):
 
 def _kernel(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec, *, mask: Optional[Tensor],
             kpm: Optional[Tensor], dropout_p: float, scale: float) -> AttentionResult:
-    """One cuDNN call on (B, H, S, D) views (Hkv < Hq where native, see with_gqa)."""
-    is_causal, in_bias = top_left_causal_flag(spec, mask is not None or kpm is not None)
+    """One cuDNN call on (B, H, S, D) views (Hkv < Hq where native, see with_gqa).
+
+    The operator takes its causal flag together with a bias (unlike torch's
+    F.scaled_dot_product_attention front end): with Sq == Sk a mask or key
+    padding goes into the bias while causal stays the flag, so the kernel
+    skips the blocks above the diagonal and the bias stays (B, 1, 1, Sk) for
+    key padding instead of a materialised (B, 1, Sq, Sk) causal bias."""
+    is_causal, in_bias = top_left_causal_flag(spec, False)
     bias = torch_bias(spec, mask, kpm, q.dtype, in_bias)
     if bias is not None:
         bias = aligned_bias(bias, spec, 8)
