@@ -53,7 +53,10 @@ bench/gpu_bench.py (bf16, hdim 128, interleaved CUDA-event timing):
   Refined from the full bench grid (``attention-dispatch bench --shapes default``,
   H100, 2026-11-26, bf16 and fp16): forward at S=8192 with head dim 128 cuDNN
   beats FA4 by 1-6 % (B=2, H=16: 1.02 vs 1.08 ms causal), so "short" reaches
-  8192 there; causal GQA forwards (32/8) go to FA4 from S=4096 (1.09 vs 1.25 ms);
+  8192 there (causal GQA forwards too: the H100 grid sent 32/8 at S=4096 to FA4,
+  1.09 vs 1.25 ms, while cuDNN read expanded K/V; with GQA passed natively the
+  H200 grid of 2026-12-03, docs/results/bench-grid-h200-2026-12-03.json, has
+  cuDNN ahead, B=4 causal 0.988 vs 1.034 ms, and FA4 ahead from 16384);
   forward+backward with head dim 64 at S=2048 goes to FA4 (2.21 vs 2.34 ms, B=8, H=32).
 * "decode" (Sq == 1; B=32, Hq=32, Hkv=8, Sk=8192): sdpa-cudnn 484 us,
   sdpa-flash 496 us, sdpa-mem-efficient 526 us, FA4 598 us, xformers 771 us.
@@ -194,8 +197,8 @@ def shape_class(spec: CallSpec) -> str:
     longest = max(spec.seq_q, spec.seq_k)
     if longest <= (2048 if spec.head_dim >= 128 or not spec.requires_grad else 1024):
         return "short"
-    if spec.requires_grad or (spec.causal and spec.heads_q != spec.heads_kv):
-        return "long"  # cuDNN's causal GQA forward reads expanded K/V
+    if spec.requires_grad:
+        return "long"
     return "short" if longest <= (8192 if spec.head_dim >= 128 else 4096) else "long"
 
 
