@@ -471,6 +471,8 @@ def _run(plan: Plan, q: Tensor, k: Tensor, v: Tensor, o: CallOptions,
                 raise failure
             out, lse = _forward(plan, q, k, v, o, cut)
         except Exception as exc:
+            if _compiling():  # tracing: the trace's own error, no fallback traced
+                raise
             plan, out, lse = _fallback(plan, exc, q, k, v, o)
         # a cut leaves no row without a key unless a mask does
         if plan.fix_rows and not (cut and o.mask is None):
