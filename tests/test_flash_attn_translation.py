@@ -518,6 +518,12 @@ def test_fa4_key_padding_not_prefix_gathers_real_keys(flash_env: Callable) -> No
     _, args, kw = fake.last
     assert kw["seqused_k"].tolist() == [4, 7]
     assert torch.equal(args[1][0, :4], k[0, kpm[0]].detach())  # real keys moved to the front
+    # FA4 loads a row's last key tile whole: what follows row 0's 4 keys in the
+    # gathered copy (7 positions, the longest row) is zero, not a padded key
+    assert args[1].shape[1] == 7 and not args[1][0, 4:].any() and not args[2][0, 4:].any()
+    # ... zeroed in that copy: no second, full-size cleaning copy of K and V
+    dec = ad.explain(q, k, v, key_padding_mask=kpm, layout="bshd", backend="flash-attn")
+    assert not any("zeroed" in c for c in dec.copies), dec.copies
     out.float().sum().backward()
     leaves = [t.detach().double().transpose(1, 2).requires_grad_(True) for t in (q, k, v)]
     ref, _ = testing.reference_attention(*leaves, key_padding_mask=kpm)

@@ -282,6 +282,35 @@ def test_prefix_kv_gathers_only_up_to_the_longest_row() -> None:
     assert k3.shape == k.shape and k3.data_ptr() == k.data_ptr()  # right padding: no copy
 
 
+def test_prefix_kv_zero_tail_leaves_nothing_but_zeros_past_each_row() -> None:
+    """zero_tail (FA4 loads a row's last key tile whole): past each row's
+    length only zeros, whatever the padded slots held (NaN); the real keys and
+    their gradients unchanged, zero gradient for padded slots; no copy when no
+    key is padding, only the gathered copy when the real keys are scattered."""
+    from attention_dispatch._core.packing import prefix_kv
+
+    g = torch.Generator().manual_seed(4)
+    k = torch.randn(3, 12, 2, 4, generator=g)
+    v = torch.randn(3, 12, 2, 4, generator=g)
+    right = torch.arange(12)[None, :] < torch.tensor([[12], [7], [3]])
+    scattered = torch.rand(3, 12, generator=g) < 0.5
+    scattered[:, 5] = True
+    for kpm in (right, scattered):
+        kn, vn = (t.masked_fill(~kpm[:, :, None, None], float("nan")).requires_grad_()
+                  for t in (k, v))
+        k2, v2, lengths = prefix_kv(kn, vn, kpm, zero_tail=True)
+        for b in range(3):
+            n = int(lengths[b])
+            assert torch.equal(k2[b, :n], k[b][kpm[b]]) and torch.equal(v2[b, :n], v[b][kpm[b]])
+            assert not k2[b, n:].any() and not v2[b, n:].any()  # zeros, no NaN
+        gk, gv = torch.autograd.grad((k2 + v2).sum(), (kn, vn))
+        want = kpm[:, :, None, None].expand_as(k).to(gk.dtype)
+        assert torch.equal(gk, want) and torch.equal(gv, want)
+    full = torch.ones(3, 12, dtype=torch.bool)
+    k4, _, _ = prefix_kv(k, v, full, zero_tail=True)
+    assert k4.data_ptr() == k.data_ptr()  # nothing padded: no copy
+
+
 def _recorded(monkeypatch: pytest.MonkeyPatch, op_name: str) -> list:
     """torch.<op_name> replaced by a recorder: each call's arguments, bound to
     the operator's schema (positional and keyword spellings compare equal)."""

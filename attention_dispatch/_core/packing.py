@@ -83,7 +83,7 @@ def zero_grad_outside(t: Tensor, lengths: Tensor) -> Tensor:
     return _ZeroGradOutside.apply(t, keep)
 
 
-def prefix_kv(k: Tensor, v: Tensor, key_padding_mask: Tensor
+def prefix_kv(k: Tensor, v: Tensor, key_padding_mask: Tensor, zero_tail: bool = False
               ) -> tuple[Tensor, Tensor, Tensor]:
     """K/V (B, Sk, H, D) in "prefix" form for ``seqused_k``-style kernels.
 
@@ -94,13 +94,36 @@ def prefix_kv(k: Tensor, v: Tensor, key_padding_mask: Tensor
     holds (B, max(lengths), H, D) of K and of V, not (B, Sk, H, D) (half the
     memory when half the keys are padding).  Gradients of key positions
     >= lengths are forced to 0.
+
+    ``zero_tail``: for kernels that load a row's last key tile whole (and so
+    multiply zero weights with whatever follows its keys: NaN there gives NaN),
+    the positions >= lengths[b] hold 0 - zeroed in place in the gathered copy,
+    or, for prefix rows with padding, in one masked copy of K and V (none when
+    no row is padded).  One host read decides both (prefix or not, padded or not).
     """
     lengths = key_lengths(key_padding_mask)
-    if not is_prefix(key_padding_mask, lengths):
+    prefix, full = _prefix_state(key_padding_mask, lengths)
+    if not prefix:
         keep = max(int(lengths.max()), 1) if lengths.numel() else 1
         order = real_keys_first(key_padding_mask)[:, :keep]
         k, v = gather_keys(k, order), gather_keys(v, order)
+        if zero_tail:  # a fresh copy: zeroed in place (its gradient there is 0)
+            tail = (torch.arange(keep, device=k.device)[None, :] >= lengths[:, None])
+            k, v = (t.masked_fill_(tail[:, :, None, None], 0.0) for t in (k, v))
+    elif zero_tail and not full:
+        pad = ~key_padding_mask[:, :, None, None]
+        k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
     return zero_grad_outside(k, lengths), zero_grad_outside(v, lengths), lengths
+
+
+def _prefix_state(key_padding_mask: Tensor, lengths: Tensor) -> tuple[bool, bool]:
+    """(every row's real keys are its first lengths[b], no key is padding):
+    one host read."""
+    idx = torch.arange(key_padding_mask.shape[-1], device=key_padding_mask.device)
+    flags = torch.stack([(key_padding_mask == (idx[None, :] < lengths[:, None])).all(),
+                         key_padding_mask.all()])
+    prefix, full = flags.tolist()
+    return bool(prefix), bool(full)
 
 
 def cu_seqlens(lengths: Tensor) -> Tensor:

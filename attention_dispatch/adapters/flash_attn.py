@@ -118,10 +118,14 @@ class FlashAttnBackend(Backend):
         min_compute_capability=(8, 0),
         mask_kinds=frozenset(),
         native_layout="bshd",
-        # key padding goes in as lengths (FA4 seqused_k), but FA4 still loads the
-        # whole last key tile and multiplies its zero weights with what the padded
-        # slots hold (NaN there gave NaN outputs on an H200): the dispatcher
-        # zeroes those slots first (padded_keys_unread stays False)
+        # key padding goes in as lengths: FA4 seqused_k over K/V with each row's
+        # real keys first (gathered there when they are not), FA3/FA2 varlen over
+        # the real keys alone.  FA4 still loads a row's whole last key tile and
+        # multiplies its zero weights with what follows the row's keys (NaN there
+        # gave NaN outputs on an H200): prefix_kv(zero_tail=True) zeroes those
+        # slots itself, in the gathered copy or in one masked copy of K/V (none
+        # without padding), so the dispatcher makes no cleaning copy of its own
+        padded_keys_unread=True,
         window=True,   # FA4 path; see call reasons
         softcap=True,  # FA4 path
         varlen=True,   # forward_varlen: packed sequences, cu_seqlens on both sides
@@ -201,7 +205,8 @@ class FlashAttnBackend(Backend):
 
     def buffers(self, spec: CallSpec) -> tuple[Buffer, ...]:
         """Key padding: K/V gathered to the front (FA4, when the real keys are
-        not each row's first) or unpadded (FA3/FA2): at most one copy of K/V."""
+        not each row's first; else, with padding, K/V copied with the padded
+        slots zeroed) or unpadded (FA3/FA2): at most one copy of K/V."""
         if not spec.key_padding:
             return ()
         return (est.kv_copy(spec, spec.heads_kv, "K/V gathered/unpadded for key padding "
@@ -323,7 +328,7 @@ def _call(api: FlashApi, mod: ModuleType, spec: CallSpec, q: Tensor, k: Tensor, 
     if kpm is None:
         return api_mod.call_dense(api, mod, q, k, v, dropout_p=dropout_p, **kw)
     if api is FA4:
-        k2, v2, lengths = prefix_kv(k, v, kpm)
+        k2, v2, lengths = prefix_kv(k, v, kpm, zero_tail=True)
         return api_mod.call_seqused(mod, q, k2, v2, lengths, **kw)
     return _varlen(api, mod, q, k, v, kpm, dropout_p, kw)
 
