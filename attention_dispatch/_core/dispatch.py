@@ -32,7 +32,6 @@ from .maskvalues import cut_call, cut_padding
 from .registry import REGISTRY
 from .selfcheck import check_call
 from .select import AUTO, BackendArg, _context, env_selection, resolve
-from .select import _env as _select_env
 from .spec import (CallOptions, CallSpec, keyword_tensors, options_key,
                    validate)
 
@@ -44,8 +43,10 @@ _grad_enabled = torch.is_grad_enabled
 _plans: dict[tuple, Plan] = {}
 _lock = threading.Lock()
 # the last plain call's (check, selection, causal, dropout_p, scale, grad, key,
-# plan, plan.plain, plan.align), see _plain, and the last other call's (see
-# _general_hit); reset with every change to _plans
+# plan, plan.plain, plan.align, use_backend's selection or None), see _plain, made
+# only while the environment sets no policy and no verification (see _neutral),
+# and the last other call's (see _general_hit); reset with every change to
+# _plans and by clear_cache, which also re-reads the environment
 _memo: list[Optional[tuple]] = [None, None]
 _checks: dict[tuple, Callable[..., bool]] = {}
 
@@ -162,13 +163,19 @@ _effective = _policy.effective
 _compiling = torch.compiler.is_compiling
 _verify_budget = _verify.budget
 # what the remembered plain signature needs of the ambient state, read inline
-# by attention(): no use_backend/use_policy/verify context, the environment's
-# selection, policies and verify count as read (unread: the slower path reads
-# them), neither policies nor verification set there, torch's flag off
-_sel_env, _pol_ctx, _pol_env = _select_env.get, _policy._context_get, _policy._env_get
+# by attention(): the same use_backend selection (or none) as when it was made,
+# no use_policy or verify context, torch's flag off.  The environment's
+# selection, policies and verify count are read once per process (until
+# clear_cache, which forgets the signature too): a signature is remembered only
+# while they set no policy and no verification (_neutral)
+_pol_ctx, _pol_env = _policy._context_get, _policy._env_get
 _NO_POLICY, _torch_det = _policy.Policy(), _policy._torch_deterministic
 _ver_ctx, _ver_env = _verify._var.get, _verify._env
-_UNREAD = ("<unread>",)  # equals no selection
+
+
+def _neutral() -> bool:
+    """No policy or verification from the environment (both read) or use_policy."""
+    return _pol_env("p") == _NO_POLICY and _ver_env[0] == 0 and _pol_ctx() is None
 
 
 def call(selection: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor, o: CallOptions
@@ -290,9 +297,9 @@ def _plain_lookup(selection: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor, c
         check = _checks.get(key)
         if check is None:
             check = _checks[key] = tensor_check(q, k, v) or never
-        if check is not never:
+        if check is not never and _neutral():
             memo = (check, selection, causal, dropout_p, scale, grad if needs else None,
-                    key, plan, plan.plain, plan.align)
+                    key, plan, plan.plain, plan.align, _context.get())
             with _lock:  # not a plan another thread just dropped
                 if _plans.get(key) is plan:
                     _memo[0] = memo
@@ -374,10 +381,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
         m = _memo[0]  # the remembered plain signature, all of it checked inline
         if (m is not None and deterministic is None and max_extra_bytes is None
                 and m[0](q, k, v) and m[2] is causal and m[3] == dropout_p and m[4] == scale
-                and m[1] == (_context.get() or _sel_env("sel", _UNREAD) or AUTO)
-                and (m[5] is None or m[5] == _grad_enabled())
-                and _pol_ctx() is None and _pol_env("p") == _NO_POLICY and not _torch_det()
-                and _ver_ctx() is None and _ver_env[0] == 0
+                and _context.get() is m[10] and (m[5] is None or m[5] == _grad_enabled())
+                and _pol_ctx() is None and _ver_ctx() is None and not _torch_det()
                 and not (m[9] and (q.data_ptr() | k.data_ptr() | v.data_ptr()) % m[9])):
             try:
                 return m[8](q, k, v)
