@@ -90,4 +90,7 @@ def main(argv: Any = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from attention_dispatch._core.autotuning import isolated_cache
+
+    with isolated_cache():  # stored tuning decisions neither apply nor change
+        raise SystemExit(main())

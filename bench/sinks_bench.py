@@ -84,4 +84,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from attention_dispatch._core.autotuning import isolated_cache
+
+    with isolated_cache():  # stored tuning decisions neither apply nor change
+        main()
