@@ -20,6 +20,7 @@
 #   bash bench/gpu_run.sh recheck            # CUDA conformance, paged, triton, layouts beside the fuzzer
 #   bash bench/gpu_run.sh measure            # Llama 2k-16k and prefill, paged vs dense, decode profile, scattered
 #   bash bench/gpu_run.sh cudnn-bias         # sdpa-cudnn conformance, the grid's key-padding cases
+#   bash bench/gpu_run.sh pending            # what changed after the last GPU run: compile, FA4 padding, GQA 4k
 # Logs and results go to $OUT (default ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -196,6 +197,26 @@ for stage in "$@"; do
         --causal true --mask padding --mode fwd,fwd+bwd \
         --backends sdpa-cudnn,sdpa-mem-efficient --out "$OUT/padding-bench" 2>&1 | tail -14 \
         | tee -a "$LOG" ;;
+    pending)
+      # the changes made after the last measurements, in about 5 minutes:
+      # torch.compile on CUDA; FA4's key padding zeroing its own copies (CUDA
+      # conformance and layout tests with poisoned padded slots); scattered
+      # padding memory; the causal GQA forward at 4k now ranked to cuDNN
+      env_on
+      step pending-tests
+      t() { timeout 300 python3 -m pytest "$@" -q -p no:cacheprovider -p no:logging -rfE \
+              -W ignore 2>&1 | grep -v Warning | tail -8; }
+      t tests/gpu/test_gpu_compile.py -m gpu > "$OUT/pending-compile.txt" &
+      t tests/test_conformance.py tests/gpu/test_gpu_conformance.py -m gpu -k "flash-attn" \
+        > "$OUT/pending-fa4-conformance.txt" &
+      t tests/test_layouts.py -k "cuda" > "$OUT/pending-layouts.txt" &
+      wait
+      for f in compile fa4-conformance layouts; do tail -3 "$OUT/pending-$f.txt" | tee -a "$LOG"; done
+      step scattered; python3 bench/scattered_padding_bench.py \
+        --out "$OUT/scattered-padding.json" 2>&1 | tail -10 | tee -a "$LOG"
+      step gqa-4k; python3 -m attention_dispatch bench --device cuda --shapes "4,32,4096,128" \
+        --kv-heads 8 --dtype bf16 --causal true --mode fwd,fwd+bwd \
+        --backends flash-attn,sdpa-cudnn --out "$OUT/gqa-4k" 2>&1 | tail -8 | tee -a "$LOG" ;;
     gpu-tests)
       env_on
       step "gpu-tests (3 shards)"
