@@ -186,6 +186,32 @@ def test_the_remembered_call_yields_to_every_ambient_setting() -> None:
     assert ran == [1]
 
 
+@pytest.mark.parametrize("env, remembered", [
+    ({}, True), ({"ATTENTION_DISPATCH_DETERMINISTIC": "0"}, True),
+    ({"ATTENTION_DISPATCH_DETERMINISTIC": "1"}, False),
+    ({"ATTENTION_DISPATCH_MAX_EXTRA_BYTES": "1GiB"}, False),
+    ({"ATTENTION_DISPATCH_VERIFY": "2"}, False)])
+def test_signature_is_remembered_only_under_a_neutral_environment(
+        monkeypatch: pytest.MonkeyPatch, env: dict, remembered: bool) -> None:
+    # the inline check reads no environment: a policy or verify count set
+    # there keeps every call on the path that applies it
+    for name in ("ATTENTION_DISPATCH_DETERMINISTIC", "ATTENTION_DISPATCH_MAX_EXTRA_BYTES",
+                 "ATTENTION_DISPATCH_VERIFY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    ad.clear_cache()
+    try:
+        q, k, v = _qkv()
+        for _ in range(3):
+            out = ad.attention(q, k, v)
+        assert (_dispatch._memo[0] is not None) is remembered
+        assert_close(out, _ref(q, k, v), tol=1e-5)
+    finally:
+        monkeypatch.undo()
+        ad.clear_cache()
+
+
 def test_clear_cache_forgets_the_remembered_signature() -> None:
     q, k, v = _qkv()
     ad.attention(q, k, v)

@@ -169,13 +169,17 @@ _verify_budget = _verify.budget
 # clear_cache, which forgets the signature too): a signature is remembered only
 # while they set no policy and no verification (_neutral)
 _pol_ctx, _pol_env = _policy._context_get, _policy._env_get
-_NO_POLICY, _torch_det = _policy.Policy(), _policy._torch_deterministic
+_torch_det = _policy._torch_deterministic
 _ver_ctx, _ver_env = _verify._var.get, _verify._env
 
 
 def _neutral() -> bool:
-    """No policy or verification from the environment (both read) or use_policy."""
-    return _pol_env("p") == _NO_POLICY and _ver_env[0] == 0 and _pol_ctx() is None
+    """No constraining policy or verification from the environment (both read)
+    and no use_policy: ATTENTION_DISPATCH_DETERMINISTIC unset or false, no
+    memory cap, no verify count."""
+    env = _pol_env("p")
+    return (env is not None and not env.deterministic and env.max_extra_bytes is None
+            and _ver_env[0] == 0 and _pol_ctx() is None)
 
 
 def call(selection: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor, o: CallOptions
