@@ -76,7 +76,7 @@ class StrideRequirements:
         dynamo can trace or guards on): False, the graph's tensors are taken as
         aligned - torch's allocators align every storage far beyond 16 bytes,
         so only a graph input that is a view starting off a 16-byte boundary
-        escapes the copy eager calls make (docs/layouts.md, "Under torch.compile")."""
+        escapes the copy eager calls make (docs/contract.md, "Any memory layout")."""
         if self.pointer_alignment <= 1 or torch.compiler.is_compiling():
             return False
         return t.data_ptr() % self.pointer_alignment != 0

@@ -38,15 +38,6 @@ def key_lengths(key_padding_mask: Tensor) -> Tensor:
     return key_padding_mask.sum(-1, dtype=torch.int32)
 
 
-def is_prefix(key_padding_mask: Tensor, lengths: Tensor) -> bool:
-    """Whether every row's real keys are its first ``lengths[b]`` keys.
-
-    One host synchronisation (a tiny reduction).
-    """
-    idx = torch.arange(key_padding_mask.shape[-1], device=key_padding_mask.device)
-    return bool(torch.equal(key_padding_mask, idx[None, :] < lengths[:, None]))
-
-
 def real_keys_first(key_padding_mask: Tensor) -> Tensor:
     """(B, Sk) int64 gather index that moves each row's real keys to its front,
     in their original order (a stable sort on "is padding")."""
@@ -99,12 +90,13 @@ def prefix_kv(k: Tensor, v: Tensor, key_padding_mask: Tensor, zero_tail: bool = 
     multiply zero weights with whatever follows its keys: NaN there gives NaN),
     the positions >= lengths[b] hold 0 - zeroed in place in the gathered copy,
     or, for prefix rows with padding, in one masked copy of K and V (none when
-    no row is padded).  One host read decides both (prefix or not, padded or not).
+    no row is padded).  One host read decides all of it (prefix or not, padded
+    or not, the longest row).
     """
     lengths = key_lengths(key_padding_mask)
-    prefix, full = _prefix_state(key_padding_mask, lengths)
+    prefix, full, longest = _key_layout(key_padding_mask, lengths)
     if not prefix:
-        keep = max(int(lengths.max()), 1) if lengths.numel() else 1
+        keep = max(longest, 1)
         order = real_keys_first(key_padding_mask)[:, :keep]
         k, v = gather_keys(k, order), gather_keys(v, order)
         if zero_tail:  # a fresh copy: zeroed in place (its gradient there is 0)
@@ -116,14 +108,15 @@ def prefix_kv(k: Tensor, v: Tensor, key_padding_mask: Tensor, zero_tail: bool = 
     return zero_grad_outside(k, lengths), zero_grad_outside(v, lengths), lengths
 
 
-def _prefix_state(key_padding_mask: Tensor, lengths: Tensor) -> tuple[bool, bool]:
-    """(every row's real keys are its first lengths[b], no key is padding):
-    one host read."""
+def _key_layout(key_padding_mask: Tensor, lengths: Tensor) -> tuple[bool, bool, int]:
+    """(every row's real keys are its first lengths[b], no key is padding, the
+    longest row's real keys; 0 for an empty batch): one host read."""
     idx = torch.arange(key_padding_mask.shape[-1], device=key_padding_mask.device)
-    flags = torch.stack([(key_padding_mask == (idx[None, :] < lengths[:, None])).all(),
-                         key_padding_mask.all()])
-    prefix, full = flags.tolist()
-    return bool(prefix), bool(full)
+    prefix = (key_padding_mask == (idx[None, :] < lengths[:, None])).all()
+    longest = lengths.max() if lengths.numel() else lengths.new_zeros(())
+    flags = torch.stack([prefix.long(), key_padding_mask.all().long(), longest.long()])
+    prefix_, full, n = flags.tolist()
+    return bool(prefix_), bool(full), int(n)
 
 
 def cu_seqlens(lengths: Tensor) -> Tensor:
