@@ -75,6 +75,19 @@ def aligned_bias(bias: Tensor, spec: CallSpec, align: int) -> Tensor:
     return store[..., : spec.seq_k].expand(spec.batch, spec.heads_q, spec.seq_q, spec.seq_k)
 
 
+def cudnn_dead_row_grads(spec: CallSpec, kernel: str = "cuDNN's backward") -> list[str]:
+    """cuDNN's backward gives non-finite dq/dk/dv for a fully masked query row
+    at Sq = 1 where the answer is 0 (measured by GPU fuzzing: H100, cuDNN 9.19;
+    H200, torch 2.11, cuDNN 9.19, also through torch's own call, which picks
+    cuDNN there): the reason against such calls, for every CUDA path that
+    reaches cuDNN (``kernel`` names it)."""
+    if (spec.device_type == "cuda" and spec.seq_q == 1 and spec.requires_grad
+            and spec.may_have_empty_rows):
+        return [f"gradients at Sq = 1 with a mask or key padding on CUDA; {kernel} gives "
+                "non-finite gradients for a fully masked row there"]
+    return []
+
+
 def half_only_on_cuda(spec: CallSpec) -> list[str]:
     """The fused CUDA kernels take float16/bfloat16 only."""
     if spec.device_type == "cuda" and spec.dtype not in (torch.float16, torch.bfloat16):

@@ -34,7 +34,8 @@ from .._core.layout import ANY_STRIDES, CUDA_ALIGNED, Buffer, StrideRequirements
 from .._core.masks import expand_kv
 from .._core.spec import CallSpec
 from . import _estimates as est
-from ._torch_common import aligned_bias, top_left_causal_flag, torch_bias
+from ._torch_common import (aligned_bias, cudnn_dead_row_grads, top_left_causal_flag,
+                            torch_bias)
 
 Tensor = torch.Tensor
 #: torch's function as it was when this module was imported (``patch_sdpa``
@@ -114,15 +115,7 @@ class SdpaBackend(Backend):
             out.append(f"gradients in {str(spec.dtype).replace('torch.', '')} on CPU; "
                        "allowed: float32/float64 (torch's CPU flash backward is inexact in "
                        "half precision)")
-        if (spec.device_type == "cuda" and spec.seq_q == 1 and spec.requires_grad
-                and spec.may_have_empty_rows):
-            # measured (bench/gpu_fuzz.py, H200, torch 2.11, cuDNN 9.19): torch picks
-            # cuDNN here, whose backward gives non-finite dq/dk/dv for a fully
-            # masked row at Sq = 1 (as sdpa-cudnn refuses)
-            out.append("gradients at Sq = 1 with a mask or key padding on CUDA; torch's "
-                       "choice there (cuDNN) gives non-finite gradients for a fully "
-                       "masked row")
-        return out
+        return out + cudnn_dead_row_grads(spec, "torch's choice there (cuDNN)")
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, spec: CallSpec,
                 mask: Optional[Tensor], key_padding_mask: Optional[Tensor],

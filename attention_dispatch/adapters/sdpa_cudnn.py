@@ -23,8 +23,8 @@ from .._core.capabilities import Capabilities
 from .._core.layout import CUDA_ALIGNED, Buffer
 from .._core.spec import CallSpec
 from . import _estimates as est
-from ._torch_common import (aligned_bias, gqa_buffers, native_gqa_cuda, top_left_causal_flag,
-                            torch_bias, with_gqa)
+from ._torch_common import (aligned_bias, cudnn_dead_row_grads, gqa_buffers, native_gqa_cuda,
+                            top_left_causal_flag, torch_bias, with_gqa)
 
 Tensor = torch.Tensor
 
@@ -74,12 +74,7 @@ class SdpaCudnnBackend(Backend):
                        "for attn_bias")
         if spec.seq_q == 1 and spec.seq_k == 1:  # measured: "s_q = s_kv = 1 is not supported"
             out.append("Sq = Sk = 1; cuDNN's frontend refuses it")
-        if spec.seq_q == 1 and spec.requires_grad and spec.may_have_empty_rows:
-            # measured (GPU fuzzing, H100, cuDNN 9.19): a fully masked query row at
-            # Sq = 1 gives non-finite dq/dk/dv where the answer is 0
-            out.append("gradients at Sq = 1 with a mask or key padding; cuDNN's backward "
-                       "gives non-finite gradients for a fully masked row there")
-        return out
+        return out + cudnn_dead_row_grads(spec)
 
     def plain_call(self, spec: CallSpec, scale: float, dropout_p: float, q: Tensor, k: Tensor,
                    v: Tensor) -> Optional[Callable[[Tensor, Tensor, Tensor], Tensor]]:
