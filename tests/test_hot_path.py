@@ -321,13 +321,19 @@ def test_prefix_kv_zero_tail_leaves_nothing_but_zeros_past_each_row() -> None:
     right = torch.arange(12)[None, :] < torch.tensor([[12], [7], [3]])
     scattered = torch.rand(3, 12, generator=g) < 0.5
     scattered[:, 5] = True
-    for kpm in (right, scattered):
-        kn, vn = (t.masked_fill(~kpm[:, :, None, None], float("nan")).requires_grad_()
-                  for t in (k, v))
+    def stored_transposed(t: Tensor) -> Tensor:  # the same values, heads-major storage
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+    for kpm, view in ((right, False), (scattered, False), (right, True), (scattered, True)):
+        kn, vn = (t.masked_fill(~kpm[:, :, None, None], float("nan")) for t in (k, v))
+        if view:  # K transposed in storage, V one head expanded (stride 0)
+            kn, vn = stored_transposed(kn), vn[:, :, :1].expand(-1, -1, 2, -1)
+        kn, vn = kn.requires_grad_(), vn.detach().requires_grad_()
+        vv = vn.detach()
         k2, v2, lengths = prefix_kv(kn, vn, kpm, zero_tail=True)
         for b in range(3):
             n = int(lengths[b])
-            assert torch.equal(k2[b, :n], k[b][kpm[b]]) and torch.equal(v2[b, :n], v[b][kpm[b]])
+            assert torch.equal(k2[b, :n], k[b][kpm[b]]) and torch.equal(v2[b, :n], vv[b][kpm[b]])
             assert not k2[b, n:].any() and not v2[b, n:].any()  # zeros, no NaN
         gk, gv = torch.autograd.grad((k2 + v2).sum(), (kn, vn))
         want = kpm[:, :, None, None].expand_as(k).to(gk.dtype)
