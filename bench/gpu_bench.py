@@ -16,7 +16,11 @@ repeats in interleaved rounds.  bfloat16, head dim 128.
     call (a write of 512 MiB), and the row has a bandwidth ceiling measured in
     the same run: a read-only pass (a sum) over a buffer of the bytes of K+V;
     ``ceiling`` is its time, ``<name>/ceiling`` the achieved fraction of it
-    (the ceiling's time over the call's).
+    (the ceiling's time over the call's).  ``--decode-timing queued``
+    (default) issues each call while the flush still runs, so the events time
+    its device work with a cold L2 (a decode loop's host runs ahead);
+    ``alone`` times it from an idle GPU, host latency included
+    (bench/decode_profile.py reports both, with host and kernel times).
 
 ``auto/best`` is the fastest forced backend's time over auto's (a throughput
 ratio: 1.0 means auto ran the best kernel; the goal is >= 0.97);
@@ -93,32 +97,46 @@ def flush_l2() -> None:
     _FLUSH[0].zero_()
 
 
-def time_one(fn: Callable[[], Any], flush: bool) -> float:
-    """Milliseconds of one call (CUDA events), after an L2 flush when ``flush``."""
-    if flush:
-        flush_l2()
-    return time_ms(fn, 0, 1)
+def time_one(fn: Callable[[], Any], flush: bool, queued: bool = False) -> float:
+    """Milliseconds of one call (CUDA events), after an L2 flush when ``flush``.
+    From an idle GPU (host latency counted), or, when ``queued``, issued
+    while the flush still runs: the events then time the call's device work
+    with a cold L2, as in a decode loop whose host runs ahead of the GPU (the
+    call's host time is hidden up to the flush's, about 150 us)."""
+    if not (flush and queued):
+        if flush:
+            flush_l2()
+        return time_ms(fn, 0, 1)
+    torch.cuda.synchronize()
+    flush_l2()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, flush: bool
-                ) -> dict[str, float]:
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, flush: bool,
+                queued: bool = False) -> dict[str, float]:
     """Median milliseconds of each function over ``repeats`` rounds, in a fresh
     random order per round (no entry always follows the same, e.g. power-hungry,
-    kernel), the L2 flushed before each call when ``flush``."""
+    kernel), the L2 flushed before each call when ``flush`` (see
+    :func:`time_one` for ``queued``)."""
     samples: dict[str, list[float]] = {n: [] for n in fns}
     order = list(fns)
     rng = random.Random(0)
     for _ in range(repeats):
         rng.shuffle(order)
         for n in order:
-            samples[n].append(time_one(fns[n], flush))
+            samples[n].append(time_one(fns[n], flush, queued))
     return {n: statistics.median(t) for n, t in samples.items()}
 
 
 def measure(names: list[str], q: Tensor, k: Tensor, v: Tensor, kw: dict, bwd: bool,
             args: argparse.Namespace, torch_default: Optional[Callable[[], Any]] = None,
-            extra: Optional[dict[str, Callable[[], Any]]] = None, flush: bool = False
-            ) -> dict[str, Any]:
+            extra: Optional[dict[str, Callable[[], Any]]] = None, flush: bool = False,
+            queued: bool = False) -> dict[str, Any]:
     """{backend: ms or "refused: ..." / "error: ..."}, plus auto's choice and torch's
     default.  Every runnable entry is warmed up, then all are timed in interleaved
     rounds (CUDA events, median per entry), so clock drift hits them alike."""
@@ -142,7 +160,7 @@ def measure(names: list[str], q: Tensor, k: Tensor, v: Tensor, kw: dict, bwd: bo
         except Exception as exc:  # e.g. out of memory for a dense mask
             res["torch-default"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     fns.update(extra or {})
-    res.update(interleaved(fns, args.repeats, flush))
+    res.update(interleaved(fns, args.repeats, flush, queued))
     torch.cuda.empty_cache()
     res["auto_choice"] = ad.explain(q, k, v, **kw).backend
     best = [res[n] for n in names if isinstance(res.get(n), float)]
@@ -230,7 +248,7 @@ def decode_rows(args: argparse.Namespace, names: list[str]) -> list[dict[str, An
         ceiling = {"ceiling": lambda buf=buf: buf.sum(dtype=torch.float32)}  # reads K+V once
         res = measure(names, q, k, v, dict(layout=args.layout), False, args,
                       sdpa_runner(q, k, v, args.layout, False, enable_gqa=True), ceiling,
-                      flush=True)
+                      flush=True, queued=args.decode_timing == "queued")
         res["torch_choice"] = torch_choice(qb, kb, vb, enable_gqa=True)
         if isinstance(res.get("ceiling"), float):
             res["kv_GB"] = nbytes / 1e9
@@ -286,6 +304,9 @@ def main(argv: Any = None) -> int:
     p.add_argument("--sections", default="long,padding,decode")
     p.add_argument("--decode", default="1x4096,8x4096,32x4096,1x32768,8x32768,32x32768,"
                    "1x131072,8x131072,32x131072", help="B x Sk for section (c)")
+    p.add_argument("--decode-timing", default="queued", choices=("queued", "alone"),
+                   help="section (c): each call issued behind the L2 flush (device time, "
+                        "cold L2) or from an idle GPU (host latency counted)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
@@ -296,7 +317,7 @@ def main(argv: Any = None) -> int:
     print_table(rows, names)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 cuda=torch.version.cuda, layout=args.layout, dtype="bfloat16",
-                repeats=args.repeats, warmup=args.warmup,
+                repeats=args.repeats, warmup=args.warmup, decode_timing=args.decode_timing,
                 describe={n: ad.get_backend(n).describe() for n in names})
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1, default=str)

@@ -21,6 +21,7 @@
 #   bash bench/gpu_run.sh measure            # Llama 2k-16k and prefill, paged vs dense, decode profile, scattered
 #   bash bench/gpu_run.sh cudnn-bias         # sdpa-cudnn conformance, the grid's key-padding cases
 #   bash bench/gpu_run.sh pending            # what changed after the last GPU run: compile, FA4 padding, GQA 4k
+#   bash bench/gpu_run.sh host-bound         # decode vs read ceiling, fwd+bwd step split, padded step, host cost
 # Logs and results go to $OUT (default ./gpu-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -217,6 +218,26 @@ for stage in "$@"; do
       step gqa-4k; python3 -m attention_dispatch bench --device cuda --shapes "4,32,4096,128" \
         --kv-heads 8 --dtype bf16 --causal true --mode fwd,fwd+bwd \
         --backends flash-attn,sdpa-cudnn --out "$OUT/gqa-4k" 2>&1 | tail -8 | tee -a "$LOG" ;;
+    host-bound)
+      # the rows where auto runs torch's own kernel and host time decides, in
+      # about 4 minutes: decode against the read ceiling (queued behind the L2
+      # flush, then from an idle GPU), the grid's causal fwd+bwd rows split into
+      # host and kernels, a padded training step (host read vs copy for rows
+      # without a key), host cost per call, the decode profile
+      env_on
+      step decode-ceiling; python3 bench/gpu_bench.py --sections decode \
+        --out "$OUT/gpu-bench-decode.json" 2>&1 | tail -24 | tee -a "$LOG"
+      python3 bench/gpu_bench.py --sections decode --decode-timing alone --repeats 10 \
+        --backends sdpa-cudnn,triton-decode --out "$OUT/gpu-bench-decode-alone.json" 2>&1 \
+        | tail -24 > "$OUT/gpu-bench-decode-alone.txt"
+      step step-profile; python3 bench/step_profile.py --out "$OUT/step-profile.json" 2>&1 \
+        | grep -v Warn | tee -a "$LOG"
+      step dead-rows; python3 bench/dead_rows_bench.py --out "$OUT/dead-rows.json" 2>&1 \
+        | grep -v Warn | tail -20 | tee -a "$LOG"
+      step overhead; python3 bench/overhead.py --device cuda --repeats 5000 \
+        --json "$OUT/overhead-cuda.json" 2>&1 | tee -a "$LOG"
+      step decode-profile; python3 bench/decode_profile.py --shapes 32x8192x0,8x4096x0,1x32768x0 \
+        --out "$OUT/decode-profile.json" 2>&1 | grep -v Warn | tee -a "$LOG" ;;
     gpu-tests)
       env_on
       step "gpu-tests (3 shards)"

@@ -71,6 +71,71 @@ def test_plain_path_equals_the_general_path_bit_for_bit(case: dict) -> None:
     assert_close(again, _ref(q, k, v, **ref_kw), tol=1e-5)
 
 
+def _bshd(t: Tensor) -> Tensor:
+    """``t`` (B, H, S, D) stored as (B, S, H, D), given in layout "bshd"."""
+    return t.transpose(1, 2).contiguous()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
+def test_bshd_plain_path_equals_the_general_path_bit_for_bit(case: dict) -> None:
+    # layout="bshd" plain calls take the bhsd plain path on transposed views
+    kw = case.get("kw", {})
+    shape = {n: case[n] for n in ("hq", "hkv", "sq", "sk", "d") if n in case}
+    q, k, v = (_bshd(t) for t in _qkv(**shape))
+    first = ad.attention(q, k, v, layout="bshd", **kw)
+    again = ad.attention(q, k, v, layout="bshd", **kw)  # the remembered signature
+    general = _generic(q, k, v, layout="bshd", **kw)
+    assert torch.equal(first, general) and torch.equal(again, general)
+    assert again.shape == q.shape[:3] + v.shape[3:]
+    ref_kw = {"causal": kw.get("causal", False), "scale": kw.get("scale")}
+    views = [t.transpose(1, 2) for t in (q, k, v)]
+    assert_close(again.transpose(1, 2), _ref(*views, **ref_kw), tol=1e-5)
+
+
+def test_bshd_plain_calls_use_the_remembered_signature(monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    q, k, v = (_bshd(t) for t in _qkv(seed=3))
+    ad.attention(q, k, v, layout="bshd")
+    ad.attention(q, k, v, layout="bshd")
+    assert _dispatch._memo[0] is not None
+    lookups: list[int] = []
+    lookup = _dispatch._plain_lookup
+
+    def counted(*a: Any) -> Any:
+        lookups.append(1)
+        return lookup(*a)
+
+    monkeypatch.setattr(_dispatch, "_plain_lookup", counted)
+    out = ad.attention(q, k, v, layout="bshd")
+    assert lookups == []  # the remembered signature, no cache key built
+    ad.attention(q, k, v[:, :, :, :8].contiguous(), layout="bshd")  # another Dv
+    assert lookups == [1]
+    views = [t.transpose(1, 2) for t in (q, k, v)]
+    assert_close(out.transpose(1, 2), _ref(*views), tol=1e-5)
+
+
+def test_bshd_plain_calls_yield_to_a_policy(spy_backend: Any) -> None:
+    q, k, v = (_bshd(t) for t in _qkv(seed=4))
+    ad.attention(q, k, v, layout="bshd")
+    ad.attention(q, k, v, layout="bshd")
+    with ad.use_backend(spy_backend.name):
+        out = ad.attention(q, k, v, layout="bshd")
+    assert spy_backend.calls, "use_backend must reach a remembered bshd signature"
+    views = [t.transpose(1, 2) for t in (q, k, v)]
+    assert_close(out.transpose(1, 2), _ref(*views), tol=1e-5)
+
+
+def test_bshd_bad_input_is_worded_in_the_callers_layout() -> None:
+    q, k, v = (_bshd(t) for t in _qkv(hq=2, hkv=2))
+    ad.attention(q, k, v, layout="bshd")
+    with pytest.raises(ad.AttentionInputError, match="got 2 heads"):
+        ad.attention(q[:, :, :1], k, v, layout="bshd")  # 1 query head, 2 kv heads
+    with pytest.raises(ad.AttentionInputError, match="q"):
+        ad.attention(q[0], k, v, layout="bshd")  # 3-d
+    with pytest.raises(ad.AttentionTypeError, match="q"):
+        ad.attention([1.0], k, v, layout="bshd")  # type: ignore[arg-type]
+
+
 def test_gradients_equal_the_general_path() -> None:
     q, k, v = (t.requires_grad_() for t in _qkv(sq=6, sk=10))
     grads = []

@@ -24,7 +24,7 @@ from .backend import Backend
 from .binding import bhsd, bind, memory_for, plain_call
 from .caches import clear_all, register_cache
 from .decide import Plan, decide, takes_cut, tuned
-from .errors import BackendUnavailable
+from .errors import AttentionInputError, AttentionTypeError, BackendUnavailable
 from .guards import memo, never, recall, tensor_check
 from .layout import apply_memory
 from .masks import alive_rows, empty_result, sink_lse, zero_empty_rows
@@ -287,6 +287,30 @@ def _plain(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float,
     return _call_planned(selection, key, plan, q, k, v, o)
 
 
+def _plain_bshd(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float,
+                scale: Optional[float]) -> Optional[Tensor]:
+    """:func:`attention` for the plain call in layout "bshd": the "bhsd" plain
+    call (:func:`_plain`, its remembered signature) on q, k, v with the head and
+    sequence axes swapped (views), its output swapped back.  None where that
+    call is not the whole story: not 4-d tensors, a policy in effect, or bad
+    input (the bshd path then validates and words the error in
+    the caller's layout; nothing has run)."""
+    try:
+        qb, kb, vb = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    except (AttributeError, TypeError, IndexError, RuntimeError):
+        return None
+    if qb.dim() != 4 or kb.dim() != 4 or vb.dim() != 4:
+        return None
+    det, cap = _effective(None, None)
+    if not ((det is None or det is False) and cap is None):
+        return None
+    try:
+        out = _plain(qb, kb, vb, causal, dropout_p, scale)
+    except (AttentionInputError, AttentionTypeError):
+        return None
+    return out.transpose(1, 2)
+
+
 def _plain_lookup(selection: tuple[str, ...], q: Tensor, k: Tensor, v: Tensor, causal: bool,
                   dropout_p: float, scale: Optional[float]) -> tuple[tuple, Optional[Plan]]:
     """The plain call's cache key and plan (None: a miss); a hit with a plain
@@ -396,6 +420,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Optional[Tensor] = None,
         deterministic, max_extra_bytes = _effective(deterministic, max_extra_bytes)
         if (deterministic is None or deterministic is False) and max_extra_bytes is None:
             return _plain(q, k, v, causal, dropout_p, scale)  # the common call: a shorter key
+    elif (layout == "bshd" and mask is None and key_padding_mask is None and alibi_slopes is None
+            and sinks is None and window is None and softcap is None and return_lse is False
+            and (causal is False or causal is True) and type(dropout_p) is float
+            and (scale is None or type(scale) is float) and backend == "auto"
+            and deterministic is None and max_extra_bytes is None):
+        out = _plain_bshd(q, k, v, causal, dropout_p, scale)
+        if out is not None:
+            return out
+        deterministic, max_extra_bytes = _effective(deterministic, max_extra_bytes)
     else:
         deterministic, max_extra_bytes = _effective(deterministic, max_extra_bytes)
     o = CallOptions(mask, key_padding_mask, alibi_slopes, sinks, causal, dropout_p, scale,
