@@ -158,3 +158,27 @@ def with_gqa(kernel: Callable[..., tuple[Tensor, Optional[Tensor]]], q: Tensor, 
     out, lse = kernel(q.reshape(b, spec.heads_kv, folded.seq_q, d), k, v, folded, **kw)
     out = out.reshape(b, hq, sq, out.shape[-1])
     return out, (None if lse is None else lse.reshape(b, hq, sq))
+
+
+def traced_sdpa(q: Tensor, k: Tensor, v: Tensor, kind: str, *, bias: Optional[Tensor],
+                is_causal: bool, dropout_p: float, scale: float) -> Tensor:
+    """Under ``torch.compile``: torch's ``F.scaled_dot_product_attention``
+    inside ``sdpa_kernel([kind])`` ("cudnn" or "efficient"), the form dynamo and
+    inductor trace forward and backward.  Measured on an H200 (torch 2.11,
+    bench/compile_probe.py, docs/results/compile-probe-h200-2026-12-03.json):
+    dynamo cannot wrap the outputs of the operators' generated bindings
+    (``torch._scaled_dot_product_cudnn_attention``: ``AssertionError`` in
+    ``handle_traced_output``), and inductor's meta function of
+    ``_efficient_attention_backward`` breaks (``got multiple values for
+    argument 'scale'``).  ``is_causal`` is top-left here: callers pass it only
+    where Sq == Sk and no bias is given (else causal is in ``bias``).  K/V with
+    fewer heads than q are expanded (a copy: F.sdpa's ``enable_gqa`` is not
+    taken by every kernel it may be restricted to)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = SDPBackend.CUDNN_ATTENTION if kind == "cudnn" else SDPBackend.EFFICIENT_ATTENTION
+    if k.shape[1] != q.shape[1]:
+        k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+    with sdpa_kernel([backend]):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=dropout_p, is_causal=is_causal, scale=scale)

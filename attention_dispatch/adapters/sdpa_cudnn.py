@@ -24,7 +24,7 @@ from .._core.layout import CUDA_ALIGNED, Buffer
 from .._core.spec import CallSpec
 from . import _estimates as est
 from ._torch_common import (aligned_bias, cudnn_dead_row_grads, gqa_buffers, native_gqa_cuda,
-                            top_left_causal_flag, torch_bias, with_gqa)
+                            top_left_causal_flag, torch_bias, traced_sdpa, with_gqa)
 
 Tensor = torch.Tensor
 
@@ -107,6 +107,8 @@ def _kernel(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec, *, mask: Optional[T
     skips the blocks above the diagonal and the bias stays (B, 1, 1, Sk) for
     key padding instead of a materialised (B, 1, Sq, Sk) causal bias."""
     is_causal, in_bias = top_left_causal_flag(spec, False)
+    if torch.compiler.is_compiling():
+        return _traced(q, k, v, spec, mask, kpm, dropout_p, scale, is_causal, in_bias)
     bias = torch_bias(spec, mask, kpm, q.dtype, in_bias)
     if bias is not None:
         bias = aligned_bias(bias, spec, 8)
@@ -117,3 +119,21 @@ def _kernel(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec, *, mask: Optional[T
     if spec.return_lse:
         lse = lse.reshape(spec.batch, spec.heads_q, spec.seq_q).float()
     return out, (lse if spec.return_lse else None)
+
+
+def _traced(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec, mask: Optional[Tensor],
+            kpm: Optional[Tensor], dropout_p: float, scale: float, is_causal: bool,
+            in_bias: bool) -> AttentionResult:
+    """:func:`_kernel` under torch.compile: F.sdpa restricted to cuDNN (causal
+    into the bias beside a mask, which F.sdpa takes no flag with), or, for
+    the LSE, the operator's ``torch.ops.aten`` overload (see ``traced_sdpa``)."""
+    if spec.return_lse:
+        bias = torch_bias(spec, mask, kpm, q.dtype, in_bias)
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention.default(
+            q, k, v, None if bias is None else aligned_bias(bias, spec, 8), True, dropout_p,
+            is_causal, False, scale=scale)
+        return res[0], res[1].reshape(spec.batch, spec.heads_q, spec.seq_q).float()
+    with_mask = mask is not None or kpm is not None or in_bias
+    bias = torch_bias(spec, mask, kpm, q.dtype, in_bias or (is_causal and with_mask))
+    return traced_sdpa(q, k, v, "cudnn", bias=bias, is_causal=is_causal and not with_mask,
+                       dropout_p=dropout_p, scale=scale), None

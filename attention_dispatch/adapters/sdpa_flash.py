@@ -233,8 +233,10 @@ def _drop_padded_tail(k: Tensor, v: Tensor, mask: Optional[Tensor], kpm: Tensor,
 def _cuda_kernel(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec, *, dropout_p: float,
                  scale: float) -> AttentionResult:
     """torch's CUDA flash kernel on (B, H, S, D) views (Hkv < Hq where native,
-    see with_gqa); its is_causal is bottom-right."""
-    res = torch._scaled_dot_product_flash_attention(
-        q, k, v, dropout_p=dropout_p, is_causal=spec.causal, return_debug_mask=False,
-        scale=scale)
+    see with_gqa); its is_causal is bottom-right.  Under torch.compile through
+    its ``torch.ops.aten`` overload: dynamo cannot wrap the outputs of the
+    generated binding on CUDA (see ``_torch_common.traced_sdpa``)."""
+    op = (torch.ops.aten._scaled_dot_product_flash_attention.default
+          if torch.compiler.is_compiling() else torch._scaled_dot_product_flash_attention)
+    res = op(q, k, v, dropout_p, spec.causal, False, scale=scale)
     return res[0], (res[1].float() if spec.return_lse else None)

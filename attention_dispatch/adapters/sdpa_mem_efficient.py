@@ -22,7 +22,7 @@ from .._core.capabilities import Capabilities
 from .._core.layout import CUDA_ALIGNED, Buffer
 from .._core.spec import CallSpec
 from . import _estimates as est
-from ._torch_common import _folded_spec, aligned_bias, torch_bias, with_gqa
+from ._torch_common import _folded_spec, aligned_bias, torch_bias, traced_sdpa, with_gqa
 
 Tensor = torch.Tensor
 
@@ -70,6 +70,12 @@ def _kernel(q: Tensor, k: Tensor, v: Tensor, spec: CallSpec, *, mask: Optional[T
             kpm: Optional[Tensor], dropout_p: float, scale: float) -> AttentionResult:
     """One kernel call on (B, H, S, D) views with Hq == Hkv."""
     causal_in_bias = spec.causal and spec.seq_q > spec.seq_k
+    if torch.compiler.is_compiling() and spec.requires_grad and not spec.return_lse:
+        # F.sdpa (top-left is_causal): the flag only where Sq == Sk and no mask
+        flag = spec.causal and spec.seq_q == spec.seq_k and mask is None and kpm is None
+        bias = torch_bias(spec, mask, kpm, q.dtype, spec.causal and not flag)
+        return traced_sdpa(q, k, v, "efficient", bias=bias, is_causal=flag,
+                           dropout_p=dropout_p, scale=scale), None
     bias = torch_bias(spec, mask, kpm, q.dtype, causal_in_bias)
     if bias is not None:
         bias = aligned_bias(bias, spec, 16)
