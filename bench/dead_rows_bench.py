@@ -12,7 +12,10 @@ issued back to back (``--steps`` steps, then one synchronisation), beside
 the same stack with torch's own ``F.scaled_dot_product_attention`` and the
 (B, 1, 1, S) bool mask, and without padding.
 
-    python bench/dead_rows_bench.py [--shapes 8x16x1024x128,...] [--out dead-rows.json]
+    python bench/dead_rows_bench.py [--shapes 8x16x1024x128,...] [--profile] [--out dead-rows.json]
+
+``--profile`` adds, for torch's call and the read-back variants, the device
+time per step by kernel and the host's waits per step (torch.profiler).
 """
 
 from __future__ import annotations
@@ -84,7 +87,32 @@ def pipelined_ms(fn: Callable[[], Any], steps: int) -> float:
     return (time.perf_counter() - t0) / steps * 1e3
 
 
-def run_shape(b: int, h: int, s: int, d: int, layers: int, steps: int) -> dict[str, Any]:
+def profile(fn: Callable[[], Any], steps: int = 3) -> dict[str, Any]:
+    """Device time per step by kernel (the 8 longest, with launch counts) and
+    the host's waits (synchronisations, device-to-host copies) per step."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    kernels, waits = [], {}
+    for e in p.key_averages():
+        dev = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if e.key.startswith(("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                             "cudaMemcpyAsync", "cudaEventSynchronize", "aten::item",
+                             "aten::_local_scalar_dense")):
+            waits[e.key] = round(e.count / steps, 1)
+        elif dev and not e.key.startswith(("aten::", "autograd::", "cuda", "Memcpy", "Memset")):
+            kernels.append((e.key[:80], round(dev / steps, 1), round(e.count / steps, 1)))
+    kernels.sort(key=lambda x: -x[1])
+    return {"device_us": round(sum(k[1] for k in kernels), 1), "top": kernels[:8],
+            "waits_per_step": waits}
+
+
+def run_shape(b: int, h: int, s: int, d: int, layers: int, steps: int,
+              profiled: bool = False) -> dict[str, Any]:
     torch.manual_seed(0)
     model = Stack(layers, h, d).cuda().bfloat16()
     x = torch.randn(b, s, h * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -107,6 +135,13 @@ def run_shape(b: int, h: int, s: int, d: int, layers: int, steps: int) -> dict[s
                                       requires_grad=True) for _ in range(3)),
                         key_padding_mask=kpm, layout="bshd").backend
     print(f"B={b} H={h} S={s} D={d}, {layers} layers: auto -> {chosen}")
+    if profiled:
+        for n in ("torch, bool mask", "auto, read back", "sdpa-cudnn, read back"):
+            rows[n]["profile"] = prof_n = profile(fns[n])
+            print(f"  profile {n}: device {prof_n['device_us']} us/step, waits "
+                  f"{prof_n['waits_per_step']}")
+            for name, us, count in prof_n["top"]:
+                print(f"      {us:9.1f} us  x{count:<5} {name}")
     for n, r in rows.items():
         print(f"  {n:<24} pipelined {r['pipelined_ms']:8.3f} ms   alone {r['isolated_ms']:8.3f} ms")
     return dict(B=b, H=h, S=s, D=d, layers=layers, auto_choice=chosen, rows=rows)
@@ -118,8 +153,10 @@ def main(argv: Any = None) -> int:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default="dead-rows.json")
+    p.add_argument("--profile", action="store_true",
+                   help="also the kernels and host waits of a step (torch.profiler)")
     args = p.parse_args(argv)
-    res = [run_shape(*(int(v) for v in sh.split("x")), args.layers, args.steps)
+    res = [run_shape(*(int(v) for v in sh.split("x")), args.layers, args.steps, args.profile)
            for sh in args.shapes.split(",")]
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 date=time.strftime("%Y-%m-%d"))
