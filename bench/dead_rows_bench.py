@@ -12,7 +12,8 @@ issued back to back (``--steps`` steps, then one synchronisation), beside
 the same stack with torch's own ``F.scaled_dot_product_attention`` and the
 (B, 1, 1, S) bool mask, and without padding.
 
-    python bench/dead_rows_bench.py [--shapes 8x16x1024x128,...] [--profile] [--out dead-rows.json]
+    python bench/dead_rows_bench.py [--shapes 8x16x1024x128,...] [--profile] [--device cpu]
+                                    [--out dead-rows.json]
 
 ``--profile`` adds, for torch's call and the read-back variants, the device
 time per step by kernel and the host's waits per step (torch.profiler).
@@ -78,12 +79,17 @@ def step(model: Stack, x: Tensor, kpm: Optional[Tensor], attend: str,
     return run
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def pipelined_ms(fn: Callable[[], Any], steps: int) -> float:
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     return (time.perf_counter() - t0) / steps * 1e3
 
 
@@ -92,11 +98,11 @@ def profile(fn: Callable[[], Any], steps: int = 3) -> dict[str, Any]:
     the host's waits (synchronisations, device-to-host copies) per step."""
     from torch.profiler import ProfilerActivity, profile as prof
 
-    torch.cuda.synchronize()
+    _sync()
     with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
         for _ in range(steps):
             fn()
-        torch.cuda.synchronize()
+        _sync()
     kernels, waits = [], {}
     for e in p.key_averages():
         dev = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
@@ -112,26 +118,27 @@ def profile(fn: Callable[[], Any], steps: int = 3) -> dict[str, Any]:
 
 
 def run_shape(b: int, h: int, s: int, d: int, layers: int, steps: int,
-              profiled: bool = False) -> dict[str, Any]:
+              profiled: bool = False, device: str = "cuda") -> dict[str, Any]:
     torch.manual_seed(0)
-    model = Stack(layers, h, d).cuda().bfloat16()
-    x = torch.randn(b, s, h * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    lens = torch.randint(s // 2, s + 1, (b,), device="cuda")
-    kpm = torch.arange(s, device="cuda")[None, :] < lens[:, None]  # right padding, no dead row
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    model = Stack(layers, h, d).to(device, dt)
+    x = torch.randn(b, s, h * d, device=device, dtype=dt, requires_grad=True)
+    lens = torch.randint(s // 2, s + 1, (b,), device=device)
+    kpm = torch.arange(s, device=device)[None, :] < lens[:, None]  # right padding, no dead row
     fns = {"torch, bool mask": step(model, x, kpm, "torch", False),
            "torch, no padding": step(model, x, None, "torch", False),
            "auto, no padding": step(model, x, None, "auto", False)}
-    for name in ("auto", "sdpa-cudnn"):
+    for name in ("auto", "sdpa-cudnn") if device == "cuda" else ("auto",):
         fns[f"{name}, read back"] = step(model, x, kpm, name, False)
         fns[f"{name}, copy"] = step(model, x, kpm, name, True)
     for fn in fns.values():
         for _ in range(2):
             fn()
     rows = {n: {"pipelined_ms": pipelined_ms(fn, steps)} for n, fn in fns.items()}
-    iso = time_interleaved(fns, torch.device("cuda"), rounds=10)
+    iso = time_interleaved(fns, torch.device(device), rounds=10)
     for n in fns:
         rows[n]["isolated_ms"] = iso[n]
-    chosen = ad.explain(*(torch.empty(b, s, h, d, device="cuda", dtype=torch.bfloat16,
+    chosen = ad.explain(*(torch.empty(b, s, h, d, device=device, dtype=dt,
                                       requires_grad=True) for _ in range(3)),
                         key_padding_mask=kpm, layout="bshd").backend
     print(f"B={b} H={h} S={s} D={d}, {layers} layers: auto -> {chosen}")
@@ -153,12 +160,15 @@ def main(argv: Any = None) -> int:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default="dead-rows.json")
+    p.add_argument("--device", default="cuda", help="cuda (bfloat16) or cpu (float32)")
     p.add_argument("--profile", action="store_true",
                    help="also the kernels and host waits of a step (torch.profiler)")
     args = p.parse_args(argv)
-    res = [run_shape(*(int(v) for v in sh.split("x")), args.layers, args.steps, args.profile)
+    res = [run_shape(*(int(v) for v in sh.split("x")), args.layers, args.steps, args.profile,
+                     args.device)
            for sh in args.shapes.split(",")]
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    meta = dict(device=name, torch=torch.__version__,
                 date=time.strftime("%Y-%m-%d"))
     with open(args.out, "w") as f:
         json.dump(dict(meta=meta, shapes=res), f, indent=1)

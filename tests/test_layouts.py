@@ -458,3 +458,36 @@ def test_varlen_views_reach_the_kernel_in_memory_it_reads(kind: str) -> None:
         ad.unregister_backend("strict-varlen")
     ref, _ = reference_varlen(q, k, v, cu, cu, causal=True)
     assert (out.double() - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("store", ["bshd", "packed", "bhsd", "expanded"])
+def test_cleaning_copy_keeps_the_callers_axis_order(store: str) -> None:
+    """The masked copy of K (padded slots zeroed) is laid out in K's own order
+    of heads and sequence, so its gradient reaches a bshd or packed K without
+    a transposing copy; values and gradients are those of the plain masked copy."""
+    from attention_dispatch._core.layout import clean_padded
+
+    g = torch.Generator().manual_seed(7)
+    b, s, h, d = 2, 12, 3, 8
+    if store == "packed":
+        t = torch.randn(b, s, 3, h, d, generator=g).unbind(2)[1].transpose(1, 2)
+    elif store == "bshd":
+        t = torch.randn(b, s, h, d, generator=g).transpose(1, 2)
+    elif store == "expanded":
+        t = torch.randn(b, 1, s, d, generator=g).expand(b, h, s, d)
+    else:
+        t = torch.randn(b, h, s, d, generator=g)
+    t = t.detach().requires_grad_()
+    kpm = torch.rand(b, s, generator=g) > 0.4
+    kpm[:, 0] = True
+    if store != "expanded":  # NaN in the padded slots (an expanded tensor has one slot per key)
+        t.data.masked_fill_(~kpm[:, None, :, None], float("nan"))
+    out = clean_padded(t, kpm, False)
+    want = t.detach().masked_fill(~kpm[:, None, :, None], 0)
+    assert torch.equal(out.detach(), want)
+    assert out.stride(-1) == 1
+    bshd_order = store in ("bshd", "packed")
+    assert (out.stride(1) < out.stride(2)) == bshd_order
+    go = torch.randn(out.shape, generator=g)
+    out.backward(go)
+    assert torch.equal(t.grad, go.masked_fill(~kpm[:, None, :, None], 0))
