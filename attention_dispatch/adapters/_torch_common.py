@@ -162,8 +162,9 @@ def with_gqa(kernel: Callable[..., tuple[Tensor, Optional[Tensor]]], q: Tensor, 
 
 def traced_sdpa(q: Tensor, k: Tensor, v: Tensor, kind: str, *, bias: Optional[Tensor],
                 is_causal: bool, dropout_p: float, scale: float) -> Tensor:
-    """Under ``torch.compile``: torch's ``F.scaled_dot_product_attention``
-    inside ``sdpa_kernel([kind])`` ("cudnn" or "efficient"), the form dynamo and
+    """Under ``torch.compile``: torch's own SDPA function (the binding
+    ``torch._C._nn.scaled_dot_product_attention``, which stays torch's when a
+    user routes ``F.scaled_dot_product_attention`` to this package) inside ``sdpa_kernel([kind])`` ("cudnn" or "efficient"), the form dynamo and
     inductor trace forward and backward.  Measured on an H200 (torch 2.11,
     bench/compile_probe.py, docs/results/compile-probe-h200-2026-12-03.json):
     dynamo cannot wrap the outputs of the operators' generated bindings
@@ -180,5 +181,5 @@ def traced_sdpa(q: Tensor, k: Tensor, v: Tensor, kind: str, *, bias: Optional[Te
     if k.shape[1] != q.shape[1]:
         k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     with sdpa_kernel([backend]):
-        return torch.nn.functional.scaled_dot_product_attention(
+        return torch._C._nn.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
